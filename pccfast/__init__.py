@@ -1,0 +1,30 @@
+"""pccfast: tensor-native PCC segmentation (Stable Diffusion attention -> pixel masks).
+
+Heavy modules (diffusers, transformers) load lazily, so the labeller can be used alone.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .config import PCCConfig
+from .labelset import LabelSet, get_label_set
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "label_images": "pccfast.labeller",
+    "LabelResult": "pccfast.labeller",
+    "load_pipeline": "pccfast.pipeline",
+    "build_tiny_pipeline": "pccfast.tiny",
+    "read_capture": "pccfast.capture_io",
+    "write_capture": "pccfast.capture_io",
+}
+
+__all__ = ["PCCConfig", "LabelSet", "get_label_set", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pccfast' has no attribute {name!r}")

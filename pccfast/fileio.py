@@ -1,0 +1,128 @@
+"""Atomic file writing and image/mask I/O (the edge of the package, not the core).
+
+Every file pccfast writes goes through :func:`atomic_write`: it is written to a temporary
+file in the same directory, flushed, fsync'ed and renamed over the target, so a run killed
+at any moment leaves either the old file, the whole new file, or nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "save_mask_png",
+    "save_image",
+    "load_image",
+    "load_mask",
+    "check_id",
+    "append_line",
+    "read_jsonl",
+]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """Context manager yielding a file object; the target appears only if the block succeeds."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=d)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line (with fsync). A kill mid-write can leave at most one torn last line,
+    which readers skip (see ``read_jsonl``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records of a JSON Lines file, skipping a torn (unparseable) line left by a crash."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def save_mask_png(path: str, mask: np.ndarray, palette: list[int]) -> None:
+    """8-bit palette PNG. ``mask``: (H, W) uint8 label values; ``palette``: 768 ints."""
+    if mask.ndim != 2:
+        raise ValueError(f"`mask` has to be (H, W) but has shape {tuple(mask.shape)}")
+    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    img.putpalette(palette)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_image(path: str, image: np.ndarray, quality: int = 95) -> None:
+    """RGB image (H, W, 3) uint8 to JPEG or PNG by the file's extension."""
+    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="RGB")
+    buf = io.BytesIO()
+    if path.lower().endswith((".jpg", ".jpeg")):
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_mask(path: str) -> np.ndarray:
+    """(H, W) uint8 label values of a palette (or greyscale) PNG."""
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            raise ValueError(f"{path}: a mask has to be a palette or greyscale PNG but has mode {im.mode}")
+        return np.asarray(im)
+
+
+_BAD_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def check_id(value) -> str:
+    """An image id as a safe file name; ValueError if it could leave the output folder."""
+    s = str(value)
+    if not s or s in (".", "..") or _BAD_ID.search(s) or s.startswith(".") or len(s) > 200:
+        raise ValueError(
+            f"id {s!r} is not a plain file name (no path separators, no leading '.', no control characters, 1-200 chars)"
+        )
+    return s

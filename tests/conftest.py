@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+SHARED_PROMPTS = os.path.abspath(os.path.join(SHARED, "data", "datadif_prompts_voc.json"))
+
+
+def _devices():
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    return devs
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def shared_prompts():
+    """Path of the shared 44k-prompt file; skips where ../shared is absent (a user's clone)."""
+    if not os.path.exists(SHARED_PROMPTS):
+        pytest.skip(f"needs ../shared/data/datadif_prompts_voc.json (not found at {SHARED_PROMPTS})")
+    return SHARED_PROMPTS
