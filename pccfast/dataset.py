@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fileio import append_line, atomic_write_bytes, check_id, read_jsonl, save_image, save_mask_png
+from .fileio import append_line, atomic_write_bytes, check_id, clean_stale_temps, read_jsonl, save_image, save_mask_png
 from .labelset import LabelSet
 
 __all__ = ["DatasetWriter", "MergeReport", "merge_datasets", "dataset_paths"]
@@ -85,6 +85,8 @@ class DatasetWriter:
         os.makedirs(os.path.join(self.out, IMAGES), exist_ok=True)
         os.makedirs(os.path.join(self.out, MASKS), exist_ok=True)
         _write_labelset(self.out, self.label_set)
+        for sub in (IMAGES, MASKS, BLOCKY, CAPTURES, SHARDS, os.path.dirname(SPLIT), "."):
+            clean_stale_temps(os.path.join(self.out, sub))
 
     # --- manifest -------------------------------------------------------------------------
     @property

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import socket
 import tempfile
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "check_id",
     "append_line",
     "read_jsonl",
+    "clean_stale_temps",
 ]
 
 
@@ -34,7 +36,7 @@ def atomic_write(path: str, mode: str = "wb"):
     """Context manager yielding a file object; the target appears only if the block succeeds."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix="-" + os.path.basename(path), dir=d)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -47,6 +49,43 @@ def atomic_write(path: str, mode: str = "wb"):
         raise
 
 
+def _tmp_prefix() -> str:
+    # host and pid in the name let a later run tell a dead writer's leftovers from a live one's
+    return f".tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str) -> int:
+    """Remove temporary files left in ``directory`` by killed writers of this host.
+
+    Temporaries of live processes, and of other hosts (shared storage), are left alone.
+    Returns how many were removed.
+    """
+    removed = 0
+    if not os.path.isdir(directory):
+        return 0
+    host = socket.gethostname()
+    for name in os.listdir(directory):
+        if not name.startswith(f".tmp-{host}-"):
+            continue
+        rest = name[len(f".tmp-{host}-"):]
+        pid = rest.split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+    return removed
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     with atomic_write(path, "wb") as f:
         f.write(data)
@@ -56,8 +95,13 @@ def append_line(path: str, line: str) -> None:
     """Append one line (with fsync). A kill mid-write can leave at most one torn last line,
     which readers skip (see ``read_jsonl``)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
+        if f.tell() > 0:  # a torn last line (killed writer) must not swallow this record
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
