@@ -1,0 +1,252 @@
+"""Capture files: the attention tensors of one generated image, saved for later relabelling.
+
+One safetensors file per image, ``<id>.safetensors``:
+
+- tensors ``features`` (D, h, w) float32 (head-wise PCA features, not normalised) and
+  ``class_attention`` (K, h, w) float32 (one map per class of the label set; index 0 =
+  background from the start token; all-zero maps for classes not in the image);
+- string metadata ``format_version`` ("1"), ``label_set`` (the label set's name),
+  ``label_classes`` (JSON list of the set's class names), ``prompt``, ``classes`` (JSON list
+  of the image's class names, may repeat), ``seed`` and ``steps`` (decimal ints, "" if
+  unknown) and ``model``.
+
+:func:`read_capture` validates everything it reads and raises :class:`CaptureError`, a
+one-line ``ValueError`` that starts with the file's path and says what was expected.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from .fileio import atomic_write_bytes
+from .labelset import LabelSet, get_label_set
+
+__all__ = ["FORMAT_VERSION", "Capture", "CaptureError", "write_capture", "read_capture"]
+
+FORMAT_VERSION = "1"
+_TENSORS = ("features", "class_attention")
+_META = ("format_version", "label_set", "label_classes", "prompt", "classes", "seed", "model", "steps")
+
+
+class CaptureError(ValueError):
+    """A capture file that cannot be used; the message is one line starting with the path."""
+
+
+@dataclass
+class Capture:
+    """One capture file's content, validated.
+
+    ``metadata`` holds every string of the file, with ``label_classes`` and ``classes``
+    parsed to lists of str and ``seed`` and ``steps`` to int (None if unknown).
+    """
+
+    path: str
+    features: torch.Tensor  # (D, h, w) float32, CPU
+    class_attention: torch.Tensor  # (K, h, w) float32, CPU
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the capture grid."""
+        return tuple(self.features.shape[-2:])
+
+
+def _check_tensor(where: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CaptureError(f"{where}: '{name}' has to be a torch.Tensor but is {type(t).__name__}")
+    if t.ndim != 3:
+        what = "(D, h, w)" if name == "features" else "(K, h, w)"
+        raise CaptureError(f"{where}: '{name}' has to be {what} (3 dims) but has shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise CaptureError(f"{where}: '{name}' has an empty dimension: shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise CaptureError(f"{where}: '{name}' has to be a floating-point tensor but has dtype {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise CaptureError(f"{where}: '{name}' has to be finite but holds {n_nan} NaN and {n_inf} inf values")
+
+
+def _check_pair(where: str, features: torch.Tensor, class_attention: torch.Tensor, label_set: LabelSet | None) -> None:
+    _check_tensor(where, "features", features)
+    _check_tensor(where, "class_attention", class_attention)
+    if features.shape[-2:] != class_attention.shape[-2:]:
+        fh, fw = features.shape[-2:]
+        ch, cw = class_attention.shape[-2:]
+        raise CaptureError(
+            f"{where}: 'features' and 'class_attention' have to share one grid but are {fh}x{fw} and {ch}x{cw}"
+        )
+    if label_set is not None and class_attention.shape[0] != label_set.num_classes:
+        raise CaptureError(
+            f"{where}: 'class_attention' has {class_attention.shape[0]} classes "
+            f"but label set {label_set.name!r} has {label_set.num_classes}"
+        )
+
+
+def _resolve_label_set(where: str, label_set) -> LabelSet:
+    try:
+        return get_label_set(label_set)
+    except (TypeError, ValueError, OSError) as e:
+        raise CaptureError(f"{where}: {e}") from None
+
+
+def write_capture(
+    path: str,
+    features: torch.Tensor,
+    class_attention: torch.Tensor,
+    *,
+    label_set: "str | LabelSet",
+    prompt: str,
+    classes: "list[str] | tuple[str, ...]",
+    seed: "int | None",
+    model: str,
+    steps: "int | None",
+) -> None:
+    """Write one capture file atomically (a crash leaves the old file or none, never half).
+
+    Args:
+        path: target file, normally ``<id>.safetensors``.
+        features: (D, h, w) float, any device (saved as CPU float32).
+        class_attention: (K, h, w) float, K = ``label_set.num_classes``.
+        label_set: name, file or :class:`LabelSet` the class maps follow.
+        prompt: the generation prompt.
+        classes: the image's class names (may repeat).
+        seed, steps: generation seed and number of denoising steps (None if unknown).
+        model: the model id or path.
+    Raises:
+        CaptureError: the tensors break the format (message names ``path``).
+    """
+    ls = _resolve_label_set(path, label_set)
+    _check_pair(path, features, class_attention, ls)
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        raise CaptureError(f"{path}: `classes` has to be a list of class names but is {classes!r}")
+    for name, v in (("seed", seed), ("steps", steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise CaptureError(f"{path}: `{name}` has to be an int or None but is {v!r}")
+    tensors = {
+        "features": features.detach().to("cpu", torch.float32).contiguous(),
+        "class_attention": class_attention.detach().to("cpu", torch.float32).contiguous(),
+    }
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "label_set": ls.name,
+        "label_classes": json.dumps(list(ls.classes)),
+        "prompt": str(prompt),
+        "classes": json.dumps(list(classes)),
+        "seed": "" if seed is None else str(seed),
+        "model": str(model),
+        "steps": "" if steps is None else str(steps),
+    }
+    atomic_write_bytes(path, _st_save(tensors, metadata=metadata))
+
+
+def _header_metadata(where: str, data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors byte string (8-byte little-endian header
+    length, then a JSON header)."""
+    if len(data) < 8:
+        raise CaptureError(f"{where}: not a safetensors file (only {len(data)} bytes)")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise CaptureError(
+            f"{where}: not a safetensors file or truncated (header of {n} bytes but the file has {len(data)})"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CaptureError(f"{where}: not a safetensors file (the header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CaptureError(f"{where}: not a safetensors file (the header is not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CaptureError(f"{where}: '__metadata__' has to be a string map but is {type(meta).__name__}")
+    return meta
+
+
+def _json_str_list(where: str, key: str, text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise CaptureError(f"{where}: metadata {key!r} has to be a JSON list of strings but is {text[:80]!r}")
+    return value
+
+
+def _opt_int(where: str, key: str, text: str) -> "int | None":
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise CaptureError(f"{where}: metadata {key!r} has to be an integer or empty but is {text[:40]!r}") from None
+
+
+def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Capture:
+    """Read and validate one capture file.
+
+    Args:
+        path: a ``.safetensors`` capture.
+        label_set: if given, the capture has to follow it (same class count and names).
+    Returns:
+        :class:`Capture` with CPU float32 ``features`` (D, h, w) and ``class_attention`` (K, h, w).
+    Raises:
+        CaptureError: one line starting with ``path`` that says what was expected.
+    """
+    ls = None if label_set is None else _resolve_label_set(path, label_set)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CaptureError(f"{path}: cannot read the capture: {e.strerror or e}") from None
+
+    meta = _header_metadata(path, data)
+    version = meta.get("format_version")
+    if version is None:
+        raise CaptureError(f"{path}: metadata 'format_version' is missing (expected {FORMAT_VERSION!r})")
+    if version != FORMAT_VERSION:
+        raise CaptureError(f"{path}: unknown format_version {version!r} (this pccfast reads {FORMAT_VERSION!r})")
+    missing = [k for k in _META if k not in meta]
+    if missing:
+        raise CaptureError(f"{path}: metadata {', '.join(repr(k) for k in missing)} missing (a capture holds {', '.join(_META)})")
+
+    try:
+        tensors = _st_load(data)
+    except Exception as e:  # safetensors raises its own error types for broken files
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CaptureError(f"{path}: corrupt safetensors file: {first}") from None
+    missing = [k for k in _TENSORS if k not in tensors]
+    if missing:
+        raise CaptureError(
+            f"{path}: tensor {', '.join(repr(k) for k in missing)} missing "
+            f"(a capture holds 'features' and 'class_attention'; found {sorted(tensors) or 'none'})"
+        )
+    features, class_attention = tensors["features"], tensors["class_attention"]
+    _check_pair(path, features, class_attention, ls)
+
+    metadata = dict(meta)
+    label_classes = _json_str_list(path, "label_classes", meta["label_classes"])
+    metadata["label_classes"] = label_classes
+    metadata["classes"] = _json_str_list(path, "classes", meta["classes"])
+    metadata["seed"] = _opt_int(path, "seed", meta["seed"])
+    metadata["steps"] = _opt_int(path, "steps", meta["steps"])
+    k = class_attention.shape[0]
+    if len(label_classes) != k:
+        raise CaptureError(
+            f"{path}: 'class_attention' has {k} classes but metadata 'label_classes' lists {len(label_classes)}"
+        )
+    if ls is not None and tuple(label_classes) != tuple(ls.classes):
+        i = next(i for i, (a, b) in enumerate(zip(label_classes, ls.classes)) if a != b)
+        raise CaptureError(
+            f"{path}: 'label_classes' disagree with label set {ls.name!r} at index {i}: "
+            f"{label_classes[i]!r} in the file, {ls.classes[i]!r} in the set"
+        )
+    return Capture(
+        path=path,
+        features=features.to(torch.float32).contiguous(),
+        class_attention=class_attention.to(torch.float32).contiguous(),
+        metadata=metadata,
+    )
