@@ -1,0 +1,87 @@
+"""Input checks and local random generators shared by the labeller core.
+
+``check_tensor`` is the one shape/dtype check of the core: every public function of
+``pca``, ``kmeans``, ``components``, ``blocky``, ``refine`` and ``labeller`` validates its
+tensors through it, so the messages read the same everywhere.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_tensor", "local_generator"]
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    ndim: Union[int, Sequence[int], None] = None,
+    *,
+    floating: bool = False,
+    integer: bool = False,
+    finite: bool = False,
+    batch: Optional[int] = None,
+    min_size: Optional[Sequence[Optional[int]]] = None,
+) -> Tensor:
+    """Check a tensor argument and return it unchanged.
+
+    Args:
+        x: the argument.
+        name: its parameter name (used in the message).
+        ndim: required number of dimensions (an int or a collection of allowed ints).
+        floating: require a floating-point dtype.
+        integer: require an integer (or bool) dtype.
+        finite: require every element to be finite (no NaN or inf; floating dtypes only).
+        batch: required size of dimension 0.
+        min_size: per-dimension minimum sizes (``None`` entries are not checked).
+
+    Raises:
+        TypeError: ``x`` is not a tensor or has the wrong dtype kind.
+        ValueError: wrong number of dimensions, batch size, size or non-finite values.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` has to be a torch.Tensor but is {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"`{name}` has to have {want} dimensions but has shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"`{name}` has to be a floating-point tensor but has dtype {x.dtype}")
+    if integer and (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"`{name}` has to be an integer tensor but has dtype {x.dtype}")
+    if batch is not None and (x.ndim == 0 or x.shape[0] != batch):
+        raise ValueError(
+            f"`{name}` has to have batch size {batch} (dimension 0) but has shape {tuple(x.shape)}"
+        )
+    if min_size is not None:
+        for dim, lo in enumerate(min_size):
+            if lo is not None and dim < x.ndim and x.shape[dim] < lo:
+                raise ValueError(
+                    f"`{name}` has to have at least {lo} entries in dimension {dim} "
+                    f"but has shape {tuple(x.shape)}"
+                )
+    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"`{name}` has to be finite but holds {bad} NaN or inf values")
+    return x
+
+
+def local_generator(
+    generator: Optional[torch.Generator], seed: int, device: torch.device
+) -> torch.Generator:
+    """The caller's generator, or a fresh one on ``device`` seeded with ``seed``.
+
+    Random tensors are drawn on the generator's own device and then moved (see
+    ``randn``/``rand`` usage in the core), so a CPU generator also drives CUDA work.
+    """
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` has to be a torch.Generator but is {type(generator).__name__}")
+        return generator
+    dev = torch.device(device)
+    g = torch.Generator(device=dev.type if dev.type != "cpu" else "cpu")
+    g.manual_seed(int(seed))
+    return g

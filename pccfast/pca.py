@@ -1,0 +1,171 @@
+"""Head-wise PCA of attention outputs (reference section 1), batched over heads and images.
+
+Every batch item is one attention head of one image: its (N, d) matrix of per-pixel outputs
+is centred and projected on its first principal components. Two solvers:
+
+* ``"lowrank"``: a randomised range finder (Halko et al.) with ``q = n_components +
+  oversample`` columns and ``niter`` power iterations, QR-orthonormalised, drawn from a
+  local ``torch.Generator`` (``torch.pca_lowrank`` would use the global RNG).
+* ``"eigh"``: exact, from the (d x d) covariance matrix, eigen-decomposed in float64.
+
+Signs are made deterministic: each component's largest-|loading| coordinate is positive.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_tensor, local_generator
+from .config import PCCConfig
+
+__all__ = ["headwise_pca", "headwise_features", "pca_components"]
+
+
+def _flip_signs(components: Tensor) -> Tensor:
+    """Make each component's largest-|loading| coordinate positive.
+
+    components: (B, c, d) -> (B, c, d)
+    """
+    idx = components.abs().argmax(dim=-1, keepdim=True)  # (B, c, 1)
+    sign = torch.sign(torch.gather(components, -1, idx))  # (B, c, 1)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return components * sign
+
+
+def _components_eigh(xc: Tensor, n_components: int) -> Tensor:
+    """Exact leading eigenvectors of the covariance. xc: (B, N, d) centred -> (B, c, d)."""
+    cov = xc.transpose(1, 2) @ xc  # (B, d, d), unnormalised: only the vectors are needed
+    evals, evecs = torch.linalg.eigh(cov.double())  # ascending eigenvalues, (B, d), (B, d, d)
+    top = evecs[..., -n_components:].flip(-1)  # (B, d, c), descending
+    return top.transpose(1, 2).to(xc.dtype)  # (B, c, d)
+
+
+def _components_lowrank(
+    xc: Tensor, n_components: int, oversample: int, niter: int, generator: torch.Generator
+) -> Tensor:
+    """Randomised leading right singular vectors. xc: (B, N, d) centred -> (B, c, d)."""
+    b, n, d = xc.shape
+    q = min(n_components + oversample, n, d)
+    omega = torch.randn((b, d, q), generator=generator, device=generator.device, dtype=torch.float32)
+    omega = omega.to(device=xc.device, dtype=xc.dtype)  # (B, d, q)
+    basis = torch.linalg.qr(xc @ omega).Q  # (B, N, q), range of xc
+    xt = xc.transpose(1, 2)  # (B, d, N)
+    for _ in range(niter):  # power iterations, re-orthonormalised each half step
+        basis = torch.linalg.qr(xt @ basis).Q  # (B, d, q)
+        basis = torch.linalg.qr(xc @ basis).Q  # (B, N, q)
+    small = basis.transpose(1, 2) @ xc  # (B, q, d)
+    _, _, vh = torch.linalg.svd(small, full_matrices=False)  # vh: (B, q, d)
+    return vh[:, :n_components]  # (B, c, d)
+
+
+def pca_components(
+    x: Tensor,
+    n_components: int = 3,
+    *,
+    method: str = "lowrank",
+    oversample: int = 3,
+    niter: int = 7,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
+    """Principal axes and means of a batch of data matrices.
+
+    Args:
+        x: (B, N, d) data, one matrix per batch item.
+        n_components: components kept (at most min(N, d)).
+        method: "lowrank" (randomised) or "eigh" (exact).
+        oversample, niter: randomised solver settings (``q = n_components + oversample``).
+        generator: local generator of the randomised solver (default: seeded with 0).
+
+    Returns:
+        components (B, n_components, d) float32 with deterministic signs, mean (B, 1, d).
+    """
+    check_tensor(x, "x", 3, floating=True)
+    b, n, d = x.shape
+    if not 1 <= n_components <= min(n, d):
+        raise ValueError(
+            f"`n_components` has to lie in [1, min(N, d)] = [1, {min(n, d)}] but is {n_components}"
+        )
+    if method not in ("lowrank", "eigh"):
+        raise ValueError(f"`method` has to be 'lowrank' or 'eigh' but is {method!r}")
+    if oversample < 0 or niter < 0:
+        raise ValueError(f"`oversample` and `niter` have to be >= 0 but are {oversample} and {niter}")
+    x = x.float()
+    mean = x.mean(dim=1, keepdim=True)  # (B, 1, d)
+    xc = x - mean  # (B, N, d)
+    if method == "eigh":
+        comps = _components_eigh(xc, n_components)
+    else:
+        gen = local_generator(generator, 0, x.device)
+        comps = _components_lowrank(xc, n_components, oversample, niter, gen)
+    return _flip_signs(comps), mean
+
+
+def headwise_pca(
+    x: Tensor,
+    n_components: int = 3,
+    *,
+    method: str = "lowrank",
+    oversample: int = 3,
+    niter: int = 7,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Centred PCA projections of every batch item (one item = one head of one image).
+
+    Args:
+        x: (B, N, d) per-head data (N pixels, d head dimensions), any float dtype.
+        n_components, method, oversample, niter, generator: see ``pca_components``.
+
+    Returns:
+        (B, N, n_components) float32 projections on the leading principal axes.
+    """
+    comps, mean = pca_components(
+        x, n_components, method=method, oversample=oversample, niter=niter, generator=generator
+    )
+    return (x.float() - mean) @ comps.transpose(1, 2)  # (B, N, c)
+
+
+def headwise_features(
+    x: Tensor,
+    grid: int,
+    cfg: Optional[PCCConfig] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """One layer's head-wise PCA features, upsampled to the labelling grid.
+
+    Args:
+        x: (B, heads, S*S, d) per-head attention outputs of B images (row-major pixels).
+        grid: output side (64 in the reference); nearest-neighbour upsampling from S.
+        cfg: supplies ``pca_components``, ``pca_method``, ``pca_oversample``, ``pca_niter``
+            and ``pca_seed`` (reference defaults when None).
+        generator: overrides the generator seeded with ``cfg.pca_seed``.
+
+    Returns:
+        (B, heads * n_components, grid, grid) float32, head-major channels
+        (head0 comp0..c-1, head1 comp0..c-1, ...).
+    """
+    cfg = cfg or PCCConfig()
+    check_tensor(x, "x", 4, floating=True)
+    b, heads, n, d = x.shape
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"`x` has to hold a square number of pixels (dimension 2) but holds {n}")
+    if grid < 1:
+        raise ValueError(f"`grid` has to be at least 1 but is {grid}")
+    c = cfg.pca_components
+    gen = local_generator(generator, cfg.pca_seed, x.device)
+    proj = headwise_pca(
+        x.reshape(b * heads, n, d),  # (B*heads, S*S, d)
+        c,
+        method=cfg.pca_method,
+        oversample=cfg.pca_oversample,
+        niter=cfg.pca_niter,
+        generator=gen,
+    )  # (B*heads, S*S, c)
+    proj = proj.reshape(b, heads, side, side, c)  # (B, heads, S, S, c)
+    proj = proj.permute(0, 1, 4, 2, 3).reshape(b, heads * c, side, side)  # (B, heads*c, S, S)
+    if side != grid:
+        proj = F.interpolate(proj, size=(grid, grid), mode="nearest")  # (B, heads*c, grid, grid)
+    return proj.contiguous()

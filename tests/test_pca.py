@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from pccfast.config import PCCConfig
+from pccfast.pca import headwise_features, headwise_pca, pca_components
+
+
+def _gapped(b, n, d, c, gen, gap=20.0):
+    """Data with a clear spectral gap after c components: (b, n, d) float64."""
+    basis = torch.linalg.qr(torch.randn(b, d, d, generator=gen, dtype=torch.float64)).Q
+    scales = torch.ones(d, dtype=torch.float64)
+    scales[:c] = gap * torch.arange(c, 0, -1, dtype=torch.float64)
+    z = torch.randn(b, n, d, generator=gen, dtype=torch.float64) * scales
+    return z @ basis.transpose(1, 2) + 3.0
+
+
+def _svd_components(x, c):
+    xc = x - x.mean(dim=1, keepdim=True)
+    return torch.linalg.svd(xc, full_matrices=False).Vh[:, :c]  # (B, c, d)
+
+
+def _captured_variance(x, comps):
+    xc = x - x.mean(dim=1, keepdim=True)
+    return ((xc @ comps.transpose(1, 2).to(x.dtype)) ** 2).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("method", ["lowrank", "eigh"])
+def test_smoke(method, device):
+    x = torch.randn(6, 256, 64, device=device)
+    y = headwise_pca(x, 3, method=method)
+    assert y.shape == (6, 256, 3) and y.dtype == torch.float32 and y.device.type == device.type
+    assert torch.allclose(y.mean(dim=1), torch.zeros(6, 3, device=device), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "eigh"])
+def test_subspace_matches_svd_with_gap(method):
+    gen = torch.Generator().manual_seed(1)
+    x = _gapped(8, 1024, 64, 3, gen)
+    ref = _svd_components(x, 3)  # (B, 3, d) float64
+    comps, _ = pca_components(x.float(), 3, method=method)
+    p_ref = ref.transpose(1, 2) @ ref  # projection matrices (B, d, d)
+    p = comps.double().transpose(1, 2) @ comps.double()
+    dist = torch.linalg.matrix_norm(p - p_ref, ord=2)  # sin of the largest principal angle
+    assert dist.max() < 1e-3
+    # each component matches up to sign, and the sign rule holds
+    cos = (comps.double() * ref).sum(-1).abs()
+    assert cos.min() > 0.999
+    top = comps.gather(-1, comps.abs().argmax(-1, keepdim=True))
+    assert (top > 0).all()
+
+
+def test_flat_spectrum_variance_close_to_optimal():
+    """q = n_components + 3 keeps nearly the optimal 3-D variance on a slowly decaying spectrum
+    (like a random model's heads), clearly better than q = n_components."""
+    gen = torch.Generator().manual_seed(2)
+    scales = (1.0 + torch.arange(64, dtype=torch.float64)) ** -0.5
+    x = torch.randn(16, 1024, 64, generator=gen, dtype=torch.float64) * scales
+    best = _captured_variance(x, _svd_components(x, 3))
+    comps, _ = pca_components(x.float(), 3, method="lowrank", oversample=3, niter=7)
+    ratio = _captured_variance(x, comps) / best
+    assert ratio.min() > 0.999
+    assert ratio.max() <= 1.0 + 1e-4
+    comps0, _ = pca_components(x.float(), 3, method="lowrank", oversample=0, niter=7)
+    assert (_captured_variance(x, comps0) / best).min() < ratio.min()
+
+
+def test_eigh_exact_projection():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 300, 16, generator=gen, dtype=torch.float64)
+    best = _captured_variance(x, _svd_components(x, 3))
+    y = headwise_pca(x, 3, method="eigh")
+    assert torch.allclose((y.double() ** 2).sum(dim=(1, 2)), best, rtol=1e-4)
+
+
+def test_deterministic_and_generator_local():
+    x = torch.randn(4, 256, 64, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    a = headwise_pca(x, 3)
+    torch.manual_seed(123)
+    b = headwise_pca(x, 3)
+    assert torch.equal(a, b)
+    state = torch.get_rng_state()
+    headwise_pca(x, 3)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
+
+
+def test_constant_head_gives_zeros():
+    x = torch.full((2, 64, 8), 5.0)
+    for method in ("lowrank", "eigh"):
+        y = headwise_pca(x, 3, method=method)
+        assert torch.isfinite(y).all() and y.abs().max() == 0
+
+
+def test_headwise_features_layout():
+    """Channel order is head-major and pixels row-major; nearest upsampling repeats 4x4 blocks."""
+    gen = torch.Generator().manual_seed(5)
+    b, heads, s, d = 2, 3, 16, 64
+    x = torch.randn(b, heads, s * s, d, generator=gen)
+    cfg = PCCConfig(pca_method="eigh")
+    f = headwise_features(x, 64, cfg)
+    assert f.shape == (b, heads * 3, 64, 64)
+    direct = headwise_pca(x[1, 2][None], 3, method="eigh")[0]  # (S*S, 3) for image 1, head 2
+    comp1 = direct[:, 1].reshape(s, s)
+    expect = comp1.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert torch.allclose(f[1, 2 * 3 + 1], expect, atol=1e-5)
+    # same grid: no resampling
+    assert headwise_features(x, 16, cfg).shape == (b, 9, 16, 16)
+
+
+def test_exceptions():
+    with pytest.raises(ValueError, match=r"`x` has to have 3 dimensions but has shape \(4, 5\)"):
+        headwise_pca(torch.zeros(4, 5))
+    with pytest.raises(ValueError, match=r"`n_components` has to lie in \[1, min\(N, d\)\] = \[1, 4\] but is 5"):
+        headwise_pca(torch.zeros(1, 10, 4), 5)
+    with pytest.raises(ValueError, match="`method` has to be 'lowrank' or 'eigh' but is 'svd'"):
+        headwise_pca(torch.zeros(1, 10, 4), 2, method="svd")
+    with pytest.raises(ValueError, match="square number of pixels .* but holds 10"):
+        headwise_features(torch.zeros(1, 2, 10, 4), 64)
+    with pytest.raises(TypeError, match="`x` has to be a floating-point tensor but has dtype torch.int64"):
+        headwise_pca(torch.zeros(1, 10, 4, dtype=torch.long))
