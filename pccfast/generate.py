@@ -18,7 +18,7 @@ from .config import PCCConfig
 from .dataset import DatasetWriter
 from .labelset import LabelSet, get_label_set
 
-__all__ = ["GenerationConfig", "BatchRunner", "GenerationReport", "run_generation", "select_shard", "main"]
+__all__ = ["GenerationConfig", "BatchRunner", "ModelLoadError", "GenerationReport", "run_generation", "select_shard", "main"]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
@@ -112,6 +112,10 @@ class BatchRunner:
         return records
 
 
+class ModelLoadError(RuntimeError):
+    """The pipeline could not be loaded (message: one line saying what to do)."""
+
+
 @dataclass
 class GenerationReport:
     done: int = 0  # samples finished in this run
@@ -156,7 +160,11 @@ def run_generation(
     if not todo:
         writer.finalize()
         return report
-    runner = runner or BatchRunner(gen, cfg, label_set, writer)
+    if runner is None:
+        try:
+            runner = BatchRunner(gen, cfg, label_set, writer)
+        except Exception as exc:  # a model that cannot be loaded ends the run with one line
+            raise ModelLoadError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="generate")
     for batch in batches(todo, gen.batch):
@@ -276,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             report = run_generation(entries, gen, cfg, label_set, writer, progress=not args.no_progress)
-        except (OSError, ValueError) as exc:  # e.g. a model that cannot be loaded
-            fail(str(exc).splitlines()[0])
+        except ModelLoadError as exc:
+            fail(str(exc))
     print(
         f"{report.done} images written, {report.skipped} already done, {sum(len(i) for i, _ in report.failed)} failed"
         f" -> {args.out}",
