@@ -16,6 +16,7 @@ one-line ``ValueError`` that starts with the file's path and says what was expec
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -124,8 +125,13 @@ def write_capture(
     _check_pair(path, features, class_attention, ls)
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
         raise CaptureError(f"{path}: `classes` has to be a list of class names but is {classes!r}")
+    ints = {}
     for name, v in (("seed", seed), ("steps", steps)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        try:  # ints of any kind (Python, NumPy, 0-dim tensor), not bools or floats
+            ints[name] = None if v is None else operator.index(v)
+        except TypeError:
+            ints[name] = v
+        if isinstance(v, bool) or not (ints[name] is None or isinstance(ints[name], int)):
             raise CaptureError(f"{path}: `{name}` has to be an int or None but is {v!r}")
     tensors = {
         "features": features.detach().to("cpu", torch.float32).contiguous(),
@@ -137,9 +143,9 @@ def write_capture(
         "label_classes": json.dumps(list(ls.classes)),
         "prompt": str(prompt),
         "classes": json.dumps(list(classes)),
-        "seed": "" if seed is None else str(seed),
+        "seed": "" if ints["seed"] is None else str(ints["seed"]),
         "model": str(model),
-        "steps": "" if steps is None else str(steps),
+        "steps": "" if ints["steps"] is None else str(ints["steps"]),
     }
     atomic_write_bytes(path, _st_save(tensors, metadata=metadata))
 

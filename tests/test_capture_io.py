@@ -173,3 +173,17 @@ def test_write_rejects_bad_tensors(tmp_path):
     with pytest.raises(CaptureError, match=r"`label_set` has to be one of voc, coco"):
         write_capture(path, f, c, label_set="nonexistent", **kw)
     assert not os.path.exists(path) and os.listdir(tmp_path) == []
+
+
+def test_write_seed_kinds(tmp_path):
+    """Seeds and steps may be NumPy or 0-dim tensor ints; floats and bools are refused."""
+    import numpy as np
+
+    f, c = _pair()
+    path = str(tmp_path / "s.safetensors")
+    write_capture(path, f, c, label_set="voc", prompt="", classes=[], seed=np.int64(5), model="m", steps=torch.tensor(3))
+    meta = read_capture(path).metadata
+    assert (meta["seed"], meta["steps"]) == (5, 3)
+    for bad in (1.5, True, "7"):
+        with pytest.raises(CaptureError, match=r"`seed` has to be an int or None but is "):
+            write_capture(path, f, c, label_set="voc", prompt="", classes=[], seed=bad, model="m", steps=1)

@@ -1,0 +1,200 @@
+"""argparse helpers shared by pccfast's command-line tools.
+
+- :func:`add_config_arguments` / :func:`config_from_args`: one ``--field-name`` option per
+  :class:`~pccfast.config.PCCConfig` field; only options given on the command line override
+  the reference defaults.
+- :func:`add_device_arguments` / :func:`device_from_args` / :func:`dtype_from_args`.
+- :func:`add_label_set_argument` / :func:`label_set_from_args`.
+- :func:`fail`: ``error: <one line>`` on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+import torch
+
+from .config import PCCConfig
+from .labelset import LabelSet, get_label_set
+
+__all__ = [
+    "CONFIG_HELP",
+    "add_config_arguments",
+    "config_from_args",
+    "add_device_arguments",
+    "device_from_args",
+    "dtype_from_args",
+    "add_label_set_argument",
+    "label_set_from_args",
+    "positive_int",
+    "fail",
+]
+
+# One line per PCCConfig field; the default is appended from the dataclass.
+CONFIG_HELP = {
+    "pca_components": "principal components kept per attention head",
+    "pca_method": "PCA solver per head: 'lowrank' (randomised) or 'eigh' (exact, from the covariance)",
+    "pca_oversample": "extra columns of the randomised PCA solver (q = components + oversample)",
+    "pca_niter": "power iterations of the randomised PCA solver",
+    "pca_seed": "seed of the randomised PCA solver",
+    "cluster_ks": "k-means cluster counts on the attention features, comma-separated",
+    "kmeans_max_iter": "maximum Lloyd iterations of k-means",
+    "kmeans_tol": "k-means tolerance, relative to the mean feature variance",
+    "kmeans_seed": "seed of the k-means++ initialisation",
+    "kmeans_n_init": "k-means++ restarts (the lowest inertia is kept)",
+    "kmeans_backend": "k-means implementation: 'torch' or 'cuml' (RAPIDS)",
+    "connectivity": "pixel connectivity when clusters are split into pieces: 4 or 8",
+    "components_backend": "connected-components implementation: 'torch' or 'cupy' (RAPIDS)",
+    "thresholds": "class-map thresholds, comma-separated",
+    "background_factor": "the background's threshold is this factor times each threshold",
+    "vote_min_share": "share of the votes a pixel's majority label needs, else it is uncertain",
+    "refine": "refine the blocky mask with the image (--no-refine: upsampled blocky mask)",
+    "refine_k": "k-means clusters on the image's (R, G, B, x, y) points",
+    "refine_position_range": "x and y of the refinement points are scaled to [0, this]",
+    "min_piece_pixels": "image pieces smaller than this many pixels are pooled into one",
+    "dominance_ratio": "a piece takes its most frequent label if it beats the runner-up by this factor",
+    "erode_first": "clean-up: 3x3 erosions first",
+    "dilate_iters": "clean-up: 3x3 dilations next",
+    "erode_after": "clean-up: 3x3 erosions last",
+    "band_dilations": "width (in 3x3 dilations) of the uncertain band around each class",
+    "ignore_index": "label of uncertain pixels",
+}
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(PCCConfig)
+
+
+def _scalar_parser(kind):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"has to be {'an int' if kind is int else 'a number'} but is {text!r}") from None
+
+    return parse
+
+
+def _tuple_parser(kind):
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            if not parts:
+                raise ValueError
+            return tuple(kind(p) for p in parts)
+        except ValueError:
+            what = "ints" if kind is int else "numbers"
+            raise argparse.ArgumentTypeError(f"has to be comma-separated {what} (e.g. 4,7,10) but is {text!r}") from None
+
+    return parse
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, title: str = "labeller settings (PCCConfig)") -> argparse._ArgumentGroup:
+    """Add ``--<field-name>`` for every :class:`PCCConfig` field (default None = keep the
+    config's value). Tuples are comma-separated (``--cluster-ks 4,7,10``); bools are
+    ``--refine`` / ``--no-refine``. Returns the argument group."""
+    group = parser.add_argument_group(title)
+    hints = _field_types()
+    defaults = PCCConfig()
+    for f in dataclasses.fields(PCCConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_text = f"{CONFIG_HELP.get(f.name, 'PCCConfig.' + f.name)} (default: {_show(getattr(defaults, f.name))})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            inner = typing.get_args(kind)[0]
+            group.add_argument(flag, dest=f.name, type=_tuple_parser(inner), default=None,
+                               metavar=("K,K,..." if inner is int else "T,T,..."), help=help_text)
+        elif kind in (int, float):
+            group.add_argument(flag, dest=f.name, type=_scalar_parser(kind), default=None,
+                               metavar=("N" if kind is int else "X"), help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar="NAME", help=help_text)
+    return group
+
+
+def config_from_args(args: argparse.Namespace, base: PCCConfig | None = None) -> PCCConfig:
+    """``base`` (default: the reference ``PCCConfig()``) with every option given on the
+    command line applied. Raises ValueError (from PCCConfig's checks) on an invalid value."""
+    base = PCCConfig() if base is None else base
+    changes = {
+        name: getattr(args, name)
+        for name in PCCConfig.field_names()
+        if getattr(args, name, None) is not None
+    }
+    return base.replace(**changes)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True, default_dtype: str = "float32") -> None:
+    """``--device`` (default: cuda if available, else cpu) and, with ``dtype``, ``--dtype``."""
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="torch device: cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    if dtype:
+        parser.add_argument("--dtype", default=default_dtype, choices=["float32", "float16", "bfloat16"],
+                            help="floating-point precision (default: %(default)s)")
+
+
+def device_from_args(args: argparse.Namespace) -> torch.device:
+    """The device of ``--device``; ValueError if it cannot be used here."""
+    name = getattr(args, "device", None)
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"`--device` has to be a torch device such as cpu, cuda or cuda:1 but is {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`--device` is {name!r} but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"`--device` is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`--device` is {name!r} but MPS is not available here")
+    return dev
+
+
+def dtype_from_args(args: argparse.Namespace) -> torch.dtype:
+    """The torch dtype of ``--dtype`` (float32 if the option is absent)."""
+    return getattr(torch, getattr(args, "dtype", None) or "float32")
+
+
+def add_label_set_argument(parser: argparse.ArgumentParser, default: str = "voc") -> None:
+    """``--label-set NAME|FILE``: a built-in set (voc, coco) or a JSON/YAML label-set file."""
+    parser.add_argument("--label-set", default=default, metavar="NAME|FILE",
+                        help="label set: voc, coco, or a JSON/YAML file with 'classes' (background first) "
+                        "and optional 'texts', 'palette', 'ignore_index' (default: %(default)s)")
+
+
+def label_set_from_args(args: argparse.Namespace) -> LabelSet:
+    """The :class:`LabelSet` of ``--label-set``; ValueError with a one-line message otherwise."""
+    try:
+        return get_label_set(args.label_set)
+    except OSError as e:
+        raise ValueError(f"`--label-set` {args.label_set!r} cannot be read: {e.strerror or e}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"has to be a positive integer but is {text!r}")
+    return value
+
+
+def fail(msg: str, code: int = 2) -> typing.NoReturn:
+    """Print ``error: msg`` as one line on stderr and exit with ``code`` (default 2, as argparse)."""
+    line = "; ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(code)
