@@ -4,8 +4,9 @@ Every batch item is one attention head of one image: its (N, d) matrix of per-pi
 is centred and projected on its first principal components. Two solvers:
 
 * ``"lowrank"``: a randomised range finder (Halko et al.) with ``q = n_components +
-  oversample`` columns and ``niter`` power iterations, QR-orthonormalised, drawn from a
-  local ``torch.Generator`` (``torch.pca_lowrank`` would use the global RNG).
+  oversample`` columns and ``niter`` power iterations, QR-orthonormalised, started from a
+  local ``torch.Generator`` (``torch.pca_lowrank`` would use the global RNG); run on the
+  small (d x d) scatter matrix, see ``_components_lowrank``.
 * ``"eigh"``: exact, from the (d x d) covariance matrix, eigen-decomposed in float64.
 
 Signs are made deterministic: each component's largest-|loading| coordinate is positive.
@@ -35,10 +36,14 @@ def _flip_signs(components: Tensor) -> Tensor:
     return components * sign
 
 
+def _gram(xc: Tensor) -> Tensor:
+    """Scatter matrix of centred data. xc: (B, N, d) -> (B, d, d) float64 (computed in xc's dtype)."""
+    return (xc.transpose(1, 2) @ xc).double()  # (B, d, d)
+
+
 def _components_eigh(xc: Tensor, n_components: int) -> Tensor:
     """Exact leading eigenvectors of the covariance. xc: (B, N, d) centred -> (B, c, d)."""
-    cov = xc.transpose(1, 2) @ xc  # (B, d, d), unnormalised: only the vectors are needed
-    evals, evecs = torch.linalg.eigh(cov.double())  # ascending eigenvalues, (B, d), (B, d, d)
+    _, evecs = torch.linalg.eigh(_gram(xc))  # ascending eigenvalues; evecs (B, d, d)
     top = evecs[..., -n_components:].flip(-1)  # (B, d, c), descending
     return top.transpose(1, 2).to(xc.dtype)  # (B, c, d)
 
@@ -46,19 +51,25 @@ def _components_eigh(xc: Tensor, n_components: int) -> Tensor:
 def _components_lowrank(
     xc: Tensor, n_components: int, oversample: int, niter: int, generator: torch.Generator
 ) -> Tensor:
-    """Randomised leading right singular vectors. xc: (B, N, d) centred -> (B, c, d)."""
+    """Randomised leading right singular vectors. xc: (B, N, d) centred -> (B, c, d).
+
+    The randomised subspace iteration of ``torch.pca_lowrank`` (Halko et al., algorithm 4.4)
+    applied through the (d x d) scatter matrix G = xc^T xc: ``torch.pca_lowrank(niter=n)``
+    spans G^(n+1) Omega, so here Q <- orth(G Q) runs n+1 times, followed by Rayleigh-Ritz on
+    Q^T G Q. With d = 64 this costs one (N d^2) matmul per head plus tiny float64 work, instead
+    of 2n+2 passes over the (N x d) data with tall QRs.
+    """
     b, n, d = xc.shape
     q = min(n_components + oversample, n, d)
-    omega = torch.randn((b, d, q), generator=generator, device=generator.device, dtype=torch.float32)
-    omega = omega.to(device=xc.device, dtype=xc.dtype)  # (B, d, q)
-    basis = torch.linalg.qr(xc @ omega).Q  # (B, N, q), range of xc
-    xt = xc.transpose(1, 2)  # (B, d, N)
-    for _ in range(niter):  # power iterations, re-orthonormalised each half step
-        basis = torch.linalg.qr(xt @ basis).Q  # (B, d, q)
-        basis = torch.linalg.qr(xc @ basis).Q  # (B, N, q)
-    small = basis.transpose(1, 2) @ xc  # (B, q, d)
-    _, _, vh = torch.linalg.svd(small, full_matrices=False)  # vh: (B, q, d)
-    return vh[:, :n_components]  # (B, c, d)
+    gram = _gram(xc)  # (B, d, d)
+    omega = torch.randn((b, d, q), generator=generator, device=generator.device, dtype=torch.float64)
+    basis = torch.linalg.qr(omega.to(xc.device)).Q  # (B, d, q)
+    for _ in range(niter + 1):  # power iterations, re-orthonormalised each step
+        basis = torch.linalg.qr(gram @ basis).Q  # (B, d, q)
+    small = basis.transpose(1, 2) @ gram @ basis  # (B, q, q)
+    _, evecs = torch.linalg.eigh(small)  # ascending; (B, q, q)
+    top = basis @ evecs[..., -n_components:].flip(-1)  # (B, d, c), descending
+    return top.transpose(1, 2).to(xc.dtype)  # (B, c, d)
 
 
 def pca_components(
