@@ -1,0 +1,321 @@
+import argparse
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from fixtures import make_dataset, make_scene
+from PIL import Image
+
+from pccfast import cli_common
+from pccfast.cli_common import (
+    CONFIG_HELP,
+    add_config_arguments,
+    add_device_arguments,
+    add_label_set_argument,
+    config_from_args,
+    device_from_args,
+    fail,
+    label_set_from_args,
+)
+from pccfast.capture_io import read_capture
+from pccfast.config import PCCConfig
+from pccfast.fileio import load_mask, save_image
+from pccfast.labelset import get_label_set, voc_palette
+from pccfast.relabel import find_inputs, main, relabel_dir
+
+
+# ------------------------------------------------------------------------------------------
+# a stand-in labeller (the contract of pccfast.labeller.label_images) with a known answer
+# ------------------------------------------------------------------------------------------
+class FakeLabeller:
+    """blocky = argmax of the class maps; mask = blocky upsampled, with the top-left image
+    pixel set to 255 (so the uncertain value is exercised). Records every call's batch size."""
+
+    def __init__(self, fail_batches=False, fail_marker=None):
+        self.calls = []
+        self.fail_batches = fail_batches  # RuntimeError (as out of memory) for any batch > 1
+        self.fail_marker = fail_marker  # ValueError for a capture whose features[0, 0, 0] equals this
+
+    def label_images(self, features, class_attention, images, cfg=None, *, return_blocky=True):
+        assert features.ndim == 4 and class_attention.ndim == 4 and images.shape[1] == 3
+        assert images.dtype == torch.uint8 and isinstance(cfg, PCCConfig)
+        if self.fail_batches and features.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (pretend)\nsecond line")
+        if self.fail_marker is not None and bool((features[:, 0, 0, 0] == self.fail_marker).any()):
+            raise ValueError("`features` pretend problem")
+        self.calls.append(features.shape[0])
+        blocky = class_attention.argmax(1).to(torch.uint8)  # (B, h, w)
+        sy, sx = images.shape[2] // blocky.shape[1], images.shape[3] // blocky.shape[2]
+        full = blocky.repeat_interleave(sy, 1).repeat_interleave(sx, 2)  # (B, H, W)
+        mask = full.clone()
+        mask[:, 0, 0] = cfg.ignore_index
+        return types.SimpleNamespace(mask=mask, blocky=blocky if return_blocky else None,
+                                     blocky_full=full if return_blocky else None)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    lab = FakeLabeller()
+    module = types.ModuleType("pccfast.labeller")
+    module.label_images = lab.label_images
+    monkeypatch.setitem(sys.modules, "pccfast.labeller", module)
+    return lab
+
+
+def expected_mask(scene):
+    top, left, bottom, right = (v * scene.scale for v in scene.box)
+    size = 16 * scene.scale
+    m = np.zeros((size, size), np.uint8)
+    m[top:bottom, left:right] = scene.cls
+    return m
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+VOC_FLAT = [v for rgb in voc_palette(256)[:255] for v in rgb] + [224, 224, 192]
+
+
+# ------------------------------------------------------------------------------------------
+# relabel
+# ------------------------------------------------------------------------------------------
+def test_cli_end_to_end(tmp_path, fake, capsys):
+    captures, images, scenes = make_dataset(str(tmp_path), n=3)
+    out = str(tmp_path / "out")
+    code = main(["--captures", captures, "--images", images, "--out", out, "--batch", "2", "--save-blocky",
+                 "--device", "cpu", "--no-progress"])
+    assert code == 0
+    assert fake.calls == [2, 1]  # three same-size captures in batches of 2
+    assert all_files(out) == ["SegmentationClass/0.png", "SegmentationClass/1.png", "SegmentationClass/2.png",
+                              "SegmentationClassBlocky/0.png", "SegmentationClassBlocky/1.png",
+                              "SegmentationClassBlocky/2.png", "labelset.json"]
+    for s in scenes:
+        with Image.open(os.path.join(out, "SegmentationClass", f"{s.id}.png")) as im:
+            assert im.mode == "P" and im.size == (64, 64)
+            assert im.getpalette()[: 256 * 3] == VOC_FLAT
+        mask = load_mask(os.path.join(out, "SegmentationClass", f"{s.id}.png"))
+        want = expected_mask(s)
+        want[0, 0] = 255
+        np.testing.assert_array_equal(mask, want)
+        assert set(np.unique(mask)) <= set(range(21)) | {255}
+        np.testing.assert_array_equal(load_mask(os.path.join(out, "SegmentationClassBlocky", f"{s.id}.png")),
+                                      expected_mask(s))
+    err = capsys.readouterr().err
+    assert "3 masks written, 0 already done, 0 failed" in err
+
+
+def test_bad_inputs_reported_and_skipped(tmp_path, fake, capsys):
+    """One broken capture, one missing image, one image of the wrong size, one unreadable image:
+    the good captures are written, every failure is one line naming its file, exit status 1,
+    no temporary or partial files."""
+    captures, images, scenes = make_dataset(str(tmp_path), n=2)
+    make_scene(captures, images, "broken", seed=5)
+    path = os.path.join(captures, "broken.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    make_scene(captures, images, "noimage", seed=6)
+    os.remove(os.path.join(images, "noimage.png"))
+    make_scene(captures, images, "size", seed=7)
+    save_image(os.path.join(images, "size.png"), np.zeros((64, 72, 3), np.uint8))
+    make_scene(captures, images, "unreadable", seed=8, image_ext=".jpg")
+    open(os.path.join(images, "unreadable.jpg"), "wb").write(b"not a jpeg at all")
+
+    out = str(tmp_path / "out")
+    code = main(["--captures", captures, "--images", images, "--out", out, "--device", "cpu", "--no-progress"])
+    assert code == 1
+    assert all_files(out) == ["SegmentationClass/0.png", "SegmentationClass/1.png", "labelset.json"]
+    err = capsys.readouterr().err.splitlines()
+    live = [line for line in err if line.startswith("error: ")]
+    listed = [line.strip() for line in err[err.index("4 failed:") + 1 :]]
+    assert [line[len("error: "):] for line in live] == listed  # printed as it happened, listed at the end
+    assert listed[0].startswith(path + ": not a safetensors file or truncated") or listed[0].startswith(
+        path + ": corrupt safetensors file")
+    assert listed[1] == (f"{os.path.join(captures, 'noimage.safetensors')}: no image for it in {images} "
+                         "(expected one of noimage.jpg, noimage.jpeg, noimage.png)")
+    assert listed[2] == (f"{os.path.join(images, 'size.png')}: image is 72x64 (width x height) but has to be a "
+                         f"multiple of the capture grid 16x16 of {os.path.join(captures, 'size.safetensors')}")
+    assert listed[3].startswith(f"{os.path.join(images, 'unreadable.jpg')}: cannot read the image: ")
+    assert any("2 masks written, 0 already done, 4 failed" in line for line in err)
+
+
+def test_resume_and_overwrite(tmp_path, fake):
+    captures, images, scenes = make_dataset(str(tmp_path), n=3)
+    out = str(tmp_path / "out")
+    args = ["--captures", captures, "--images", images, "--out", out, "--device", "cpu", "--no-progress"]
+    assert main(args + ["--limit", "2"]) == 0
+    assert fake.calls == [2] and len(os.listdir(os.path.join(out, "SegmentationClass"))) == 2
+    assert main(args) == 0
+    assert fake.calls == [2, 1]  # only the third id was left
+    before = os.stat(os.path.join(out, "SegmentationClass", "0.png")).st_mtime_ns
+    assert main(args) == 0 and fake.calls == [2, 1]  # everything done: nothing labelled
+    assert os.stat(os.path.join(out, "SegmentationClass", "0.png")).st_mtime_ns == before
+    assert main(args + ["--save-blocky"]) == 0 and fake.calls == [2, 1, 3]  # blocky masks missing: redone
+    os.remove(os.path.join(out, "SegmentationClass", "1.png"))
+    report = relabel_dir(captures, images, out, device="cpu")
+    assert report.written == ["1"] and report.skipped == ["0", "2"] and report.ok
+    assert main(args + ["--overwrite"]) == 0 and fake.calls[-1] == 3
+
+
+def test_api_buckets_sizes_and_retries(tmp_path, fake):
+    """Captures of different sizes go to different batches; a batch the labeller refuses is
+    retried one capture at a time, and only a capture that fails alone is reported."""
+    captures, images, _ = make_dataset(str(tmp_path), n=2)
+    make_scene(captures, images, "big", grid=16, scale=8, seed=3, image_ext=".jpg")
+    make_scene(captures, images, "small", grid=8, scale=4, dim=12, seed=4)
+    out = str(tmp_path / "out")
+    report = relabel_dir(captures, images, out, batch=4, device="cpu", workers=0)
+    assert report.ok and sorted(report.written) == ["0", "1", "big", "small"]
+    assert sorted(fake.calls) == [1, 1, 2]
+    assert load_mask(os.path.join(out, "SegmentationClass", "big.png")).shape == (128, 128)
+    assert load_mask(os.path.join(out, "SegmentationClass", "small.png")).shape == (32, 32)
+
+    fake.calls.clear()
+    fake.fail_batches = True
+    fake.fail_marker = float(read_capture(os.path.join(captures, "1.safetensors")).features[0, 0, 0])
+    report = relabel_dir(captures, images, str(tmp_path / "out2"), batch=4, device="cpu", workers=1)
+    assert sorted(report.written) == ["0", "big", "small"]
+    assert report.failures == [("1", f"{os.path.join(captures, '1.safetensors')}: labelling failed: "
+                                      "`features` pretend problem")]
+
+
+def test_label_set_checked(tmp_path, fake, capsys):
+    ls = {"name": "fruit", "classes": ["background", "apple", "pear"]}
+    make_scene(str(tmp_path / "c"), str(tmp_path / "i"), "a", cls=2, label_set=ls)
+    args = ["--captures", str(tmp_path / "c"), "--images", str(tmp_path / "i"), "--out", str(tmp_path / "o"),
+            "--no-progress", "--device", "cpu"]
+    assert main(args) == 1
+    assert "a.safetensors: 'class_attention' has 3 classes but label set 'voc' has 21" in capsys.readouterr().err
+    (tmp_path / "fruit.json").write_text(json.dumps(ls))
+    assert main(args + ["--label-set", str(tmp_path / "fruit.json")]) == 0
+    assert set(np.unique(load_mask(str(tmp_path / "o" / "SegmentationClass" / "a.png")))) == {0, 2, 255}
+
+
+def test_cli_usage_errors(tmp_path, fake, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "captures").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["--captures", str(tmp_path / "empty"), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: `--captures` ")
+    assert "holds no .safetensors files (did you mean" in err
+    with pytest.raises(SystemExit) as info:
+        main(["--captures", str(tmp_path / "nope"), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: `--captures` has to be a directory but {str(tmp_path / 'nope')!r} is not one\n"
+    with pytest.raises(SystemExit) as info:
+        main(["--captures", str(tmp_path), "--images", str(tmp_path), "--out", "o", "--batch", "0"])
+    assert info.value.code == 2 and "--batch: has to be a positive integer but is '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--captures", str(tmp_path), "--images", str(tmp_path), "--out", "o", "--connectivity", "5"])
+    assert capsys.readouterr().err == "error: `connectivity` has to be 4 or 8 but is 5\n"
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--captures", "--images", "--out", "--batch", "--device", "--save-blocky", "--label-set", "--limit",
+                "--overwrite", "--workers", "--no-progress", "--cluster-ks", "--no-refine", "--thresholds"):
+        assert opt in text, opt
+    assert "python -m pccfast.relabel" in text
+
+
+def test_find_inputs_prefers_jpg(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "i").mkdir()
+    for name in ("b.safetensors", "a.safetensors", ".tmp-x-a.safetensors", "notes.txt"):
+        (tmp_path / "c" / name).write_bytes(b"")
+    for name in ("a.png", "a.JPG", "b.png", "c.jpg"):
+        (tmp_path / "i" / name).write_bytes(b"")
+    got = find_inputs(str(tmp_path / "c"), str(tmp_path / "i"))
+    assert got == [("a", str(tmp_path / "c" / "a.safetensors"), str(tmp_path / "i" / "a.JPG")),
+                   ("b", str(tmp_path / "c" / "b.safetensors"), str(tmp_path / "i" / "b.png"))]
+
+
+def test_real_labeller_end_to_end(tmp_path):
+    """With the real pccfast.labeller: palette PNGs, values in the label set or 255, and the
+    rectangle of each scene mostly labelled with its class."""
+    pytest.importorskip("pccfast.labeller")
+    captures, images, scenes = make_dataset(str(tmp_path), n=2)
+    out = str(tmp_path / "out")
+    report = relabel_dir(captures, images, out, device="cpu", save_blocky=True, batch=2)
+    assert report.ok and report.written == ["0", "1"]
+    for s in scenes:
+        mask = load_mask(os.path.join(out, "SegmentationClass", f"{s.id}.png"))
+        assert mask.shape == (64, 64)
+        assert set(np.unique(mask)) <= set(range(21)) | {255}
+        inside = expected_mask(s) == s.cls
+        labels, counts = np.unique(mask[inside], return_counts=True)
+        assert labels[np.argmax(counts)] == s.cls
+        blocky = load_mask(os.path.join(out, "SegmentationClassBlocky", f"{s.id}.png"))
+        assert (blocky[inside] == s.cls).mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------
+# cli_common
+# ------------------------------------------------------------------------------------------
+def _parser():
+    p = argparse.ArgumentParser(prog="t")
+    add_config_arguments(p)
+    add_device_arguments(p)
+    add_label_set_argument(p)
+    return p
+
+
+def test_config_arguments():
+    p = _parser()
+    assert config_from_args(p.parse_args([])) == PCCConfig()
+    args = p.parse_args(["--cluster-ks", "4, 5", "--thresholds", "0.25,0.5", "--no-refine", "--kmeans-tol", "1e-3",
+                         "--pca-method", "eigh", "--refine-k", "7"])
+    cfg = config_from_args(args)
+    assert cfg == PCCConfig(cluster_ks=(4, 5), thresholds=(0.25, 0.5), refine=False, kmeans_tol=1e-3,
+                            pca_method="eigh", refine_k=7)
+    assert config_from_args(p.parse_args(["--refine"]), PCCConfig(refine=False)).refine is True
+    assert config_from_args(p.parse_args([]), PCCConfig(refine_k=3)).refine_k == 3
+    with pytest.raises(ValueError, match=r"`connectivity` has to be 4 or 8 but is 6"):
+        config_from_args(p.parse_args(["--connectivity", "6"]))
+    assert set(CONFIG_HELP) == set(PCCConfig.field_names())  # every field explained, no stale entries
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--cluster-ks", "4,x"], "argument --cluster-ks: has to be comma-separated ints (e.g. 4,7,10) but is '4,x'"),
+    (["--cluster-ks", ","], "argument --cluster-ks: has to be comma-separated ints"),
+    (["--kmeans-tol", "small"], "argument --kmeans-tol: has to be a number but is 'small'"),
+    (["--refine-k", "2.5"], "argument --refine-k: has to be an int but is '2.5'"),
+])
+def test_config_arguments_exception(argv, msg, capsys):
+    with pytest.raises(SystemExit) as info:
+        _parser().parse_args(argv)
+    assert info.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_device_and_label_set(tmp_path):
+    p = _parser()
+    assert device_from_args(p.parse_args(["--device", "cpu"])) == torch.device("cpu")
+    assert device_from_args(p.parse_args([])).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cli_common.dtype_from_args(p.parse_args(["--dtype", "bfloat16"])) is torch.bfloat16
+    with pytest.raises(ValueError, match=r"`--device` has to be a torch device such as cpu, cuda or cuda:1 but is 'gpu0'"):
+        device_from_args(p.parse_args(["--device", "gpu0"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"`--device` is 'cuda' but CUDA is not available here"):
+            device_from_args(p.parse_args(["--device", "cuda"]))
+    assert label_set_from_args(p.parse_args([])) == get_label_set("voc")
+    assert label_set_from_args(p.parse_args(["--label-set", "coco"])).num_classes == 81
+    with pytest.raises(ValueError, match=r"`label_set` has to be one of voc, coco"):
+        label_set_from_args(p.parse_args(["--label-set", "vocc"]))
+    with pytest.raises(ValueError, match=r"`--label-set` .* cannot be read: Is a directory"):
+        label_set_from_args(p.parse_args(["--label-set", str(tmp_path)]))
+
+
+def test_fail(capsys):
+    with pytest.raises(SystemExit) as info:
+        fail("first\n  second\n")
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: first; second\n"
