@@ -1,0 +1,226 @@
+"""Batched k-means (scikit-learn's Lloyd with greedy k-means++), one problem per batch item.
+
+Reference settings (section 2): k-means++ init, Lloyd, ``tol=1e-4`` relative to the mean
+per-feature variance, at most 300 iterations, one initialisation, fixed seed. Distances use
+``||x||^2 - 2 x.c + ||c||^2`` with a batched matmul; nothing is (N x N).
+
+Backends: ``"torch"`` (any device) and ``"cuml"`` (RAPIDS cuML, optional, one call per item).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_tensor, local_generator
+
+__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign"]
+
+
+def _scores(x: Tensor, centers: Tensor) -> Tensor:
+    """Squared distances minus ||x||^2. x: (B, N, D), centers: (B, k, D) -> (B, N, k)."""
+    c_sq = (centers * centers).sum(-1)  # (B, k)
+    return torch.baddbmm(c_sq[:, None, :], x, centers.transpose(1, 2), alpha=-2.0)  # (B, N, k)
+
+
+def assign(x: Tensor, centers: Tensor, x_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Nearest centre of every point.
+
+    Args:
+        x: (B, N, D); centers: (B, k, D); x_sq: optional (B, N) squared norms of x.
+
+    Returns:
+        labels (B, N) long, squared distance to that centre (B, N) (clamped at 0).
+    """
+    if x_sq is None:
+        x_sq = (x * x).sum(-1)
+    best, labels = _scores(x, centers).min(dim=-1)  # (B, N), (B, N)
+    return labels, (best + x_sq).clamp_min(0)
+
+
+def kmeans_inertia(x: Tensor, labels: Tensor, centers: Tensor) -> Tensor:
+    """Sum of squared distances to the assigned centres. (B, N, D), (B, N), (B, k, D) -> (B,)."""
+    picked = torch.gather(centers, 1, labels[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, D)
+    return ((x - picked) ** 2).sum(dim=(1, 2))
+
+
+def _rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[b, idx[b, j]] for all b, j. x: (B, N, D), idx: (B, m) -> (B, m, D)."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def kmeans_plusplus(
+    x: Tensor, k: int, generator: torch.Generator, x_sq: Optional[Tensor] = None
+) -> Tensor:
+    """Greedy k-means++ seeding (scikit-learn's: 2 + floor(ln k) candidates per step).
+
+    Args:
+        x: (B, N, D) points; k: number of centres; generator: local generator.
+        x_sq: optional (B, N) squared norms.
+
+    Returns:
+        (B, k, D) initial centres (rows of x).
+    """
+    b, n, d = x.shape
+    if x_sq is None:
+        x_sq = (x * x).sum(-1)
+    trials = 2 + int(math.log(k))
+    gdev = generator.device
+    first = torch.randint(n, (b, 1), generator=generator, device=gdev).to(x.device)  # (B, 1)
+    centers = [_rows(x, first)]  # each (B, 1, D)
+    closest = assign(x, centers[0], x_sq)[1]  # (B, N) squared distance to the nearest centre
+    for _ in range(1, k):
+        pot = closest.sum(-1, dtype=torch.float64)  # (B,)
+        cum = torch.cumsum(closest.double(), dim=-1)  # (B, N)
+        r = torch.rand((b, trials), generator=generator, device=gdev, dtype=torch.float64)
+        targets = r.to(x.device) * pot[:, None]  # (B, T)
+        cand = torch.searchsorted(cum, targets).clamp_(max=n - 1)  # (B, T)
+        cand_x = _rows(x, cand)  # (B, T, D)
+        dist = (_scores(x, cand_x) + x_sq[..., None]).clamp_min_(0)  # (B, N, T)
+        new_closest = torch.minimum(closest[..., None], dist)  # (B, N, T)
+        best = new_closest.sum(1).argmin(dim=-1)  # (B,)
+        closest = new_closest.gather(2, best[:, None, None].expand(-1, n, 1)).squeeze(2)  # (B, N)
+        centers.append(torch.gather(cand_x, 1, best[:, None, None].expand(-1, 1, d)))  # (B, 1, D)
+    return torch.cat(centers, dim=1)  # (B, k, D)
+
+
+def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int) -> Tensor:
+    """Lloyd M-step with scikit-learn's empty-cluster relocation.
+
+    An empty cluster takes one of the points farthest from their centres (the j-th empty
+    cluster of an item takes its j-th farthest point), which leaves its old cluster.
+
+    x: (B, N, D), labels: (B, N), min_dist: (B, N), old: (B, k, D) -> (B, k, D)
+    """
+    b, n, d = x.shape
+    onehot = torch.zeros(b, n, k, device=x.device, dtype=x.dtype)
+    onehot.scatter_(2, labels[..., None], 1.0)  # (B, N, k)
+    sums = onehot.transpose(1, 2) @ x  # (B, k, D)
+    counts = onehot.sum(1)  # (B, k)
+    empty = counts == 0  # (B, k)
+    if bool(empty.any()):
+        far = min_dist.topk(k, dim=-1).indices  # (B, k) farthest points first
+        rank = (torch.cumsum(empty.long(), dim=-1) - 1).clamp_min(0)  # (B, k)
+        point = torch.gather(far, 1, rank)  # (B, k): the point an empty cluster takes
+        px = _rows(x, point) * empty[..., None]  # (B, k, D), zero rows for non-empty clusters
+        src = torch.gather(labels, 1, point)  # (B, k) the cluster that point leaves
+        sums = sums.scatter_add(1, src[..., None].expand(-1, -1, d), -px)
+        counts = counts.scatter_add(1, src, -empty.to(counts.dtype))
+        sums = torch.where(empty[..., None], px, sums)
+        counts = torch.where(empty, torch.ones_like(counts), counts)
+    new = sums / counts.clamp_min(1)[..., None]  # (B, k, D)
+    return torch.where((counts > 0)[..., None], new, old)
+
+
+def _kmeans_torch(
+    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (B, N, D) float -> labels (B, N), centers (B, k, D), inertia (B,)."""
+    mean = x.mean(dim=1, keepdim=True)  # (B, 1, D); centring as scikit-learn, for precision
+    x = x - mean
+    x_sq = (x * x).sum(-1)  # (B, N)
+    tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)  # (B,) scikit-learn's _tolerance
+    centers = kmeans_plusplus(x, k, generator, x_sq)  # (B, k, D)
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (B,)
+    prev = None
+    for _ in range(max_iter):
+        labels, min_dist = assign(x, centers, x_sq)  # (B, N), (B, N)
+        new = _update(x, labels, min_dist, centers, k)  # (B, k, D)
+        shift = ((new - centers) ** 2).sum(dim=(1, 2))  # (B,)
+        strict = (labels == prev).all(-1) if prev is not None else torch.zeros_like(done)
+        # strict convergence: labels unchanged, so `new` equals `centers` anyway
+        centers = torch.where(done[:, None, None], centers, new)
+        done = done | strict | (shift <= tol_abs)
+        prev = labels
+        if bool(done.all()):
+            break
+    labels, min_dist = assign(x, centers, x_sq)  # final E-step, as scikit-learn
+    return labels, centers + mean, min_dist.sum(-1)
+
+
+def _kmeans_cuml(
+    x: Tensor, k: int, max_iter: int, tol: float, seed: int, n_init: int
+) -> tuple[Tensor, Tensor]:
+    """One cuML KMeans per batch item (its ``tol`` is cuML's own criterion)."""
+    if importlib.util.find_spec("cuml") is None:
+        raise ImportError(
+            "kmeans backend 'cuml' needs RAPIDS cuML, which is not installed: "
+            "pip install cuml-cu12 (CUDA 12; see https://docs.rapids.ai/install), "
+            "or use backend='torch'"
+        )
+    from cuml.cluster import KMeans as CuKMeans  # noqa: WPS433 (optional backend)
+
+    labels, centers = [], []
+    for item in x.float().contiguous():  # (N, D) per item; cuML has no batch dimension
+        data = item
+        if item.is_cuda:
+            import cupy  # cuML depends on CuPy
+
+            data = cupy.from_dlpack(item)
+        else:
+            data = item.numpy()
+        model = CuKMeans(
+            n_clusters=k, max_iter=max_iter, tol=tol, random_state=seed, n_init=n_init,
+            init="k-means++", output_type="numpy",
+        )
+        model.fit(data)
+        labels.append(torch.as_tensor(model.labels_, dtype=torch.long))
+        centers.append(torch.as_tensor(model.cluster_centers_, dtype=torch.float32))
+    return torch.stack(labels).to(x.device), torch.stack(centers).to(x.device)
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    *,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    generator: Optional[torch.Generator] = None,
+    n_init: int = 1,
+    seed: int = 0,
+    backend: str = "torch",
+) -> tuple[Tensor, Tensor]:
+    """k-means of every batch item: greedy k-means++ then Lloyd (scikit-learn 1.4 semantics).
+
+    Convergence per item: labels unchanged, or the squared centre shift summed over centres
+    at most ``tol * mean(var(x, dim=N))``; items that converged are frozen while others run.
+
+    Args:
+        x: (B, N, D) points (computed in float32 unless float64).
+        k: clusters per item (1 <= k <= N).
+        max_iter: Lloyd iteration cap.
+        tol: relative tolerance (scikit-learn's).
+        generator: local generator for k-means++ (default: seeded with ``seed``).
+        n_init: restarts; the lowest inertia wins (restarts are a batch dimension).
+        seed: seed of the default generator (and of cuML).
+        backend: "torch" or "cuml" (RAPIDS, optional).
+
+    Returns:
+        labels (B, N) long in [0, k), centers (B, k, D) float.
+    """
+    check_tensor(x, "x", 3, floating=True)
+    b, n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"`k` has to lie in [1, N] = [1, {n}] but is {k}")
+    if max_iter < 1:
+        raise ValueError(f"`max_iter` has to be at least 1 but is {max_iter}")
+    if n_init < 1:
+        raise ValueError(f"`n_init` has to be at least 1 but is {n_init}")
+    if tol < 0:
+        raise ValueError(f"`tol` has to be >= 0 but is {tol}")
+    if backend == "cuml":
+        return _kmeans_cuml(x, k, max_iter, tol, seed, n_init)
+    if backend != "torch":
+        raise ValueError(f"`backend` has to be 'torch' or 'cuml' but is {backend!r}")
+    gen = local_generator(generator, seed, x.device)
+    work = x if x.dtype == torch.float64 else x.float()
+    if n_init > 1:
+        work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
+    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen)
+    if n_init > 1:
+        best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
+        labels, centers = labels[best], centers[best]
+    return labels, centers

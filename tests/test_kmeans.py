@@ -1,0 +1,138 @@
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from pccfast.kmeans import assign, kmeans, kmeans_inertia, kmeans_plusplus
+
+
+def _blobs(seed, n=600, k=5, d=8, std=0.6):
+    x, y = make_blobs(n_samples=n, centers=k, n_features=d, cluster_std=std, random_state=seed)
+    return x.astype(np.float32), y
+
+
+def _pcc_like(seed, side=32, d=30):
+    """Features like section 2's: piecewise-constant regions + noise, min-max normalised, + x, y."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side] / (side - 1)
+    region = (xx > 0.4).astype(int) + 2 * ((xx - 0.5) ** 2 + (yy - 0.6) ** 2 < 0.08)
+    means = rng.normal(size=(4, d))
+    f = means[region.ravel()] + 0.5 * rng.normal(size=(side * side, d))
+    f = (f - f.min(0)) / (f.max(0) - f.min(0))
+    return np.concatenate([f, xx.reshape(-1, 1), yy.reshape(-1, 1)], 1).astype(np.float32)
+
+
+def test_smoke(device):
+    x = torch.rand(3, 100, 4, device=device)
+    labels, centers = kmeans(x, 5, generator=torch.Generator().manual_seed(0))
+    assert labels.shape == (3, 100) and labels.dtype == torch.long and labels.device.type == device.type
+    assert centers.shape == (3, 5, 4) and int(labels.min()) >= 0 and int(labels.max()) < 5
+
+
+def test_value_two_groups():
+    """Two tight groups far apart: labels split exactly, centres are the group means."""
+    x = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0], [10.0, 11.0], [11.0, 10.0]]])
+    labels, centers = kmeans(x, 2)
+    assert labels[0, 0] == labels[0, 1] == labels[0, 2] != labels[0, 3] == labels[0, 4] == labels[0, 5]
+    got = sorted(centers[0].tolist())
+    assert np.allclose(got, [[1 / 3, 1 / 3], [31 / 3, 31 / 3]], atol=1e-5)
+
+
+def test_blobs_match_sklearn():
+    """ARI >= 0.9 against scikit-learn and inertia within 2% on well-separated blobs (batched)."""
+    data = [_blobs(s) for s in range(4)]
+    x = torch.from_numpy(np.stack([d[0] for d in data]))  # (4, 600, 8)
+    labels, centers = kmeans(x, 5, generator=torch.Generator().manual_seed(0))
+    inertia = kmeans_inertia(x, labels, centers)
+    for i, (xi, yi) in enumerate(data):
+        sk = KMeans(5, n_init=1, random_state=0).fit(xi)
+        assert adjusted_rand_score(sk.labels_, labels[i].numpy()) >= 0.9
+        assert adjusted_rand_score(yi, labels[i].numpy()) >= 0.9
+        assert float(inertia[i]) <= 1.02 * sk.inertia_
+
+
+@pytest.mark.parametrize("k", [4, 7, 10])
+def test_pcc_like_features_vs_sklearn(k):
+    """On PCC-like features: report ARI vs scikit-learn; inertia within 10% of scikit-learn's."""
+    x = np.stack([_pcc_like(s) for s in range(3)])
+    labels, centers = kmeans(torch.from_numpy(x), k, generator=torch.Generator().manual_seed(0))
+    inertia = kmeans_inertia(torch.from_numpy(x), labels, centers)
+    aris = []
+    for i in range(3):
+        sk = KMeans(k, n_init=1, random_state=0).fit(x[i])
+        aris.append(adjusted_rand_score(sk.labels_, labels[i].numpy()))
+        assert float(inertia[i]) <= 1.10 * sk.inertia_
+    print(f"k={k} ARI vs sklearn on PCC-like features: {np.round(aris, 3).tolist()}")
+    assert min(aris) > 0.3  # different seeds land in different local optima at larger k
+
+
+def test_labels_are_nearest_centres_and_centres_are_means():
+    """A converged Lloyd solution: each point's centre is its nearest, each centre its points' mean."""
+    x = torch.from_numpy(_pcc_like(7))[None]
+    labels, centers = kmeans(x, 7, tol=0.0)
+    near, _ = assign(x, centers)
+    assert torch.equal(near, labels)
+    for c in range(7):
+        sel = x[0][labels[0] == c]
+        assert torch.allclose(sel.mean(0), centers[0, c], atol=1e-4)
+
+
+def test_empty_clusters_are_relocated():
+    """Only 3 distinct points but k = 3 with heavy duplicates: no NaN, every cluster used."""
+    x = torch.tensor([[0.0, 0.0]] * 20 + [[5.0, 5.0]] * 20 + [[9.0, 0.0]])[None]
+    labels, centers = kmeans(x, 3)
+    assert torch.isfinite(centers).all()
+    assert labels[0].unique().numel() == 3
+
+
+def test_empty_cluster_in_update():
+    """Regression: an empty cluster after an E-step takes the farthest point and no NaN appears."""
+    from pccfast.kmeans import _update
+
+    x = torch.tensor([[[0.0], [1.0], [2.0], [10.0]]])
+    labels = torch.tensor([[0, 0, 0, 0]])
+    min_dist = torch.tensor([[9.0, 4.0, 1.0, 49.0]])
+    old = torch.tensor([[[3.0], [100.0]]])
+    new = _update(x, labels, min_dist, old, 2)
+    assert torch.allclose(new[0, :, 0], torch.tensor([1.0, 10.0]))
+
+
+def test_plusplus_picks_rows_and_spreads():
+    x = torch.tensor([[[0.0, 0.0]] * 50 + [[100.0, 100.0]] * 50])
+    c = kmeans_plusplus(x, 2, torch.Generator().manual_seed(3))
+    assert sorted(c[0, :, 0].tolist()) == [0.0, 100.0]
+
+
+def test_deterministic_global_rng_untouched_and_n_init():
+    x = torch.from_numpy(np.stack([_pcc_like(1), _pcc_like(2)]))
+    state = torch.get_rng_state()
+    a = kmeans(x, 7, generator=torch.Generator().manual_seed(5))
+    b = kmeans(x, 7, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(state, torch.get_rng_state())
+    # n_init restarts are batch items: the result is the best of the same 4 runs done by hand
+    many = kmeans_inertia(x, *kmeans(x, 7, seed=1, n_init=4))
+    rep = x.repeat_interleave(4, dim=0)
+    runs = kmeans_inertia(rep, *kmeans(rep, 7, seed=1)).view(2, 4)
+    assert torch.allclose(many, runs.min(dim=1).values)
+    assert (runs.max(dim=1).values > many).any()  # the restarts differ, so the choice matters
+
+
+def test_exceptions():
+    with pytest.raises(ValueError, match=r"`k` has to lie in \[1, N\] = \[1, 4\] but is 5"):
+        kmeans(torch.zeros(1, 4, 2), 5)
+    with pytest.raises(ValueError, match=r"`x` has to have 3 dimensions but has shape \(4, 2\)"):
+        kmeans(torch.zeros(4, 2), 2)
+    with pytest.raises(ValueError, match="`backend` has to be 'torch' or 'cuml' but is 'sk'"):
+        kmeans(torch.zeros(1, 4, 2), 2, backend="sk")
+    with pytest.raises(ValueError, match="`max_iter` has to be at least 1 but is 0"):
+        kmeans(torch.zeros(1, 4, 2), 2, max_iter=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuml") is not None, reason="cuML is installed")
+def test_cuml_missing_message():
+    with pytest.raises(ImportError, match="pip install cuml-cu12"):
+        kmeans(torch.zeros(1, 4, 2), 2, backend="cuml")
