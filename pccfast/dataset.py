@@ -153,7 +153,8 @@ class DatasetWriter:
         """Rewrite train.txt from the done ids (unsharded runs); returns the ids."""
         if self.shard is not None:
             return []
-        records = _dedup(read_jsonl(os.path.join(self.out, MANIFEST)))
+        records = sorted(_dedup(read_jsonl(os.path.join(self.out, MANIFEST))), key=_order_key)  # prompt order,
+        # not completion order (Ray workers finish batches out of order)
         ids = [r["id"] for r in records if os.path.exists(dataset_paths(self.out, r["id"])["mask"])]
         _write_split(self.out, ids)
         return ids
@@ -179,6 +180,7 @@ class MergeReport:
     missing: list[str] = field(default_factory=list)  # planned by a shard but not finished
     missing_shards: list[str] = field(default_factory=list)  # "I/N" with no plan file at all
     incomplete: list[str] = field(default_factory=list)  # manifest record without its files
+    missing_by_shard: dict[str, list[str]] = field(default_factory=dict)  # "I/N" -> its missing ids
 
 
 def _order_key(r: dict):
@@ -249,8 +251,11 @@ def merge_datasets(dirs: list[str], out: str | None = None) -> MergeReport:
                     _link_or_copy(src[key], dst[key])
         final.append(r)
     done = {r["id"] for r in final}
-    for ids in planned.values():
-        report.missing += [i for i in ids if i not in done]
+    for key, ids in planned.items():
+        gap = [i for i in ids if i not in done]
+        if gap:
+            report.missing_by_shard[key] = gap
+        report.missing += gap
     if labelset is not None:
         atomic_write_bytes(os.path.join(target, LABELSET), (json.dumps(labelset, indent=1) + "\n").encode())
     atomic_write_bytes(
