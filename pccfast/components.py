@@ -1,0 +1,143 @@
+"""Connected components of integer label maps, batched: every same-label piece gets an id.
+
+Two pixels are connected when they are neighbours (8- or 4-connectivity) with the same label.
+The torch backend is exact for any shape (spirals, snakes): it starts from the runs of equal
+labels in each row, then hooks the larger of two neighbouring roots onto the smaller
+(``scatter_reduce`` amin over all pixel pairs, densely) and compresses paths by pointer
+jumping, until no neighbouring same-label pair has two different roots. Each pixel's
+root is the first pixel of its piece in raster order, so pieces are numbered 1..N in the
+order of their first pixel, as ``scipy.ndimage.label`` numbers them.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from ._checks import check_tensor
+
+__all__ = ["connected_components"]
+
+# neighbour offsets (dy, dx) to the next row; same-row neighbours are merged as runs first
+_DOWN_OFFSETS = {4: ((1, 0),), 8: ((1, -1), (1, 0), (1, 1))}
+
+
+def _shifted(dx: int, w: int) -> tuple[slice, slice]:
+    """Column slices of p and of q = p + dx such that both lie inside the row."""
+    return slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w + min(0, dx))
+
+
+def _row_runs(labels: Tensor) -> Tensor:
+    """Every pixel's parent = the first pixel of its run of equal labels in its row.
+
+    labels: (B, H, W) -> (B*H*W,) flat indices (already roots, so the forest is compressed)
+    """
+    b, h, w = labels.shape
+    col = torch.arange(w, device=labels.device).expand(b, h, w)  # (B, H, W)
+    start = torch.ones_like(labels, dtype=torch.bool)  # (B, H, W) run starts
+    start[..., 1:] = labels[..., 1:] != labels[..., :-1]
+    first = torch.cummax(torch.where(start, col, torch.zeros_like(col)), dim=-1).values  # (B, H, W)
+    row_base = torch.arange(b * h, device=labels.device).view(b, h, 1) * w  # (B, H, 1)
+    return (row_base + first).reshape(-1)
+
+
+def _compress(parent: Tensor) -> Tensor:
+    """Pointer jumping until every pixel points at its root. parent: (n,) -> (n,)"""
+    while True:
+        grand = parent[parent]
+        if torch.equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def _components_torch(labels: Tensor, connectivity: int) -> Tensor:
+    """labels: (B, H, W) int -> (B, H, W) long piece ids, 1..N per image, 0 where labels < 0.
+
+    Invariant: parent[i] <= i and parent[i] lies in i's piece, so roots are the pieces' first
+    pixels. Rounds hook, for every neighbouring pair (p, q) with equal labels whose roots
+    differ, the larger root onto the smaller (a scatter with amin; non-edges scatter a
+    no-op), then compress. A round without such a pair means every piece is one tree.
+    """
+    b, h, w = labels.shape
+    n = b * h * w
+    parent = _row_runs(labels)  # (n,)
+    # same-label masks of the neighbour pairs to the next row, per offset (B, H-1, w')
+    pairs = []
+    for dy, dx in _DOWN_OFFSETS[connectivity]:
+        xp, xq = _shifted(dx, w)
+        a, c = labels[:, : h - dy, xp], labels[:, dy:, xq]
+        pairs.append((dy, xp, xq, (a == c) & (a >= 0)))
+    while pairs:
+        grid = parent.view(b, h, w)
+        his, los = [], []
+        for dy, xp, xq, same in pairs:
+            rp, rq = grid[:, : h - dy, xp], grid[:, dy:, xq]  # roots of p and q
+            join = same & (rp != rq)
+            lo = torch.minimum(rp, rq)
+            # a non-edge scatters its own root onto itself: parent[r] = min(parent[r], r) = r
+            his.append(torch.where(join, torch.maximum(rp, rq), rp).reshape(-1))
+            los.append(torch.where(join, lo, rp).reshape(-1))
+        hi, lo = torch.cat(his), torch.cat(los)
+        if torch.equal(hi, lo):
+            break
+        parent = parent.scatter_reduce(0, hi, lo, reduce="amin")  # hook larger root onto smaller
+        parent = _compress(parent)
+    flat = torch.arange(n, device=labels.device)
+    is_root = ((parent == flat) & (labels.reshape(-1) >= 0)).view(b, h * w)  # (B, HW)
+    number = torch.cumsum(is_root, dim=1).view(-1)  # (B*HW,) 1..N per image at roots
+    out = number[parent].view(b, h, w)  # (B, H, W)
+    return torch.where(labels >= 0, out, torch.zeros_like(out))
+
+
+def _components_cupy(labels: Tensor, connectivity: int) -> Tensor:
+    """One ``cupyx.scipy.ndimage.label`` call per image and label value."""
+    if importlib.util.find_spec("cupy") is None:
+        raise ImportError(
+            "components backend 'cupy' needs CuPy, which is not installed: "
+            "pip install cupy-cuda12x (CUDA 12), or use backend='torch'"
+        )
+    import cupy  # noqa: WPS433 (optional backend)
+    from cupyx.scipy import ndimage as cnd
+
+    structure = cupy.ones((3, 3), dtype=bool) if connectivity == 8 else None
+    outs = []
+    for item in labels:  # (H, W)
+        arr = cupy.from_dlpack(item.contiguous()) if item.is_cuda else cupy.asarray(item.cpu().numpy())
+        out = cupy.zeros(arr.shape, dtype=cupy.int64)
+        offset = 0
+        for value in cupy.unique(arr[arr >= 0]).tolist():
+            lab, num = cnd.label(arr == value, structure=structure)
+            out = cupy.where(lab > 0, lab + offset, out)
+            offset += int(num)
+        outs.append(torch.as_tensor(cupy.asnumpy(out)))
+    return torch.stack(outs).to(labels.device)
+
+
+def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str = "torch") -> Tensor:
+    """Split every label of every image into its connected pieces.
+
+    Args:
+        labels: (*, H, W) integer label maps (e.g. cluster ids); negative entries are masked
+            (they get id 0 and connect to nothing).
+        connectivity: 8 (3x3 structure, the reference) or 4.
+        backend: "torch" (exact, any device) or "cupy" (optional).
+
+    Returns:
+        (*, H, W) long piece ids, consecutive 1..N per image, numbered in raster order of each
+        piece's first pixel; 0 only where ``labels`` is negative.
+    """
+    check_tensor(labels, "labels", integer=True)
+    if labels.ndim < 2:
+        raise ValueError(f"`labels` has to have at least 2 dimensions (H, W) but has shape {tuple(labels.shape)}")
+    if connectivity not in (4, 8):
+        raise ValueError(f"`connectivity` has to be 4 or 8 but is {connectivity}")
+    lead, (h, w) = labels.shape[:-2], labels.shape[-2:]
+    flat = labels.reshape(-1, h, w).long()  # (B, H, W)
+    if backend == "torch":
+        out = _components_torch(flat, connectivity)
+    elif backend == "cupy":
+        out = _components_cupy(flat, connectivity)
+    else:
+        raise ValueError(f"`backend` has to be 'torch' or 'cupy' but is {backend!r}")
+    return out.reshape(*lead, h, w)
