@@ -1,0 +1,251 @@
+"""Static sharding (``--shard I/N``) and ``python -m pccfast.merge``.
+
+Most tests drive :class:`DatasetWriter` directly with made-up samples (fast, no model): each
+"shard" writes the files and manifest records that a sharded generate run would. The last
+test runs the real generate CLI on the tiny model.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pccfast.dataset import DatasetWriter, dataset_paths, merge_datasets
+from pccfast.fileio import read_jsonl
+from pccfast.generate import batches, select_shard
+from pccfast.labelset import get_label_set
+from pccfast.merge import main as merge_main
+from pccfast.prompts import PromptEntry
+
+VOC = get_label_set("voc")
+
+
+def _entries(n, start=0):
+    return [PromptEntry(id=f"{i:06d}", prompt=f"a cat number {i}", classes=("cat",), index=i, source=f"test:{i}")
+            for i in range(start, start + n)]
+
+
+def _sample(e, size=16):
+    """Deterministic image (H, W, 3) and mask (H, W) of an entry."""
+    rng = np.random.default_rng(e.index)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = rng.choice(np.array([0, 8, 255], dtype=np.uint8), (size, size))
+    return image, mask
+
+
+def _record(e):
+    return dict(id=e.id, index=e.index, prompt=e.prompt, classes=list(e.classes), seed=2024 + e.index, model="fake",
+                steps=2, seconds=0.1)
+
+
+def _run(out, entries, shard=None, stop_after=None):
+    """What generate does for ``entries`` (optionally one shard of them), stopping after ``stop_after`` samples."""
+    writer = DatasetWriter(str(out), VOC, shard=shard)
+    mine = select_shard(entries, shard)
+    writer.write_plan([e.id for e in mine])
+    done = writer.done_ids()
+    todo = [e for e in mine if e.id not in done][:stop_after]
+    for e in todo:
+        writer.write_files(e.id, *_sample(e))
+        writer.commit(_record(e))
+    writer.finalize()
+    return [e.id for e in mine]
+
+
+def _split(out):
+    return (out / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+
+
+def _manifest(out):
+    return read_jsonl(str(out / "manifest.jsonl"))
+
+
+def _same_files(a, b, ids):
+    for i in ids:
+        pa, pb = dataset_paths(str(a), i), dataset_paths(str(b), i)
+        for key in ("image", "mask"):
+            with open(pa[key], "rb") as fa, open(pb[key], "rb") as fb:
+                assert fa.read() == fb.read(), (i, key)
+
+
+# --- select_shard -------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_shards_partition_the_prompts(n):
+    entries = _entries(23, start=7)  # --start 7: indices are positions in the file
+    parts = [select_shard(entries, (i, n)) for i in range(n)]
+    ids = [e.id for p in parts for e in p]
+    assert sorted(ids) == [e.id for e in entries]  # every prompt exactly once
+    assert len(ids) == len(set(ids))
+    for p in parts:  # same split whatever the batch size
+        for size in (1, 3, 8):
+            assert [e.id for b in batches(p, size) for e in b] == [e.id for e in p]
+
+
+def test_select_shard_value():
+    entries = _entries(7)
+    assert [e.index for e in select_shard(entries, (1, 3))] == [1, 4]
+    assert [e.index for e in select_shard(entries, (0, 3))] == [0, 3, 6]
+    assert select_shard(entries, None) == entries
+
+
+# --- merge --------------------------------------------------------------------------------
+def test_shards_in_one_directory_merge_to_the_unsharded_dataset(tmp_path):
+    entries = _entries(11)
+    ref, shared = tmp_path / "ref", tmp_path / "shared"
+    _run(ref, entries)
+    _run(shared, entries, shard=(1, 2))  # order of the jobs does not matter
+    _run(shared, entries, shard=(0, 2))
+    assert not (shared / "manifest.jsonl").exists()  # shards write their own manifests
+    assert merge_main([str(shared), "--quiet"]) == 0
+    assert _split(shared) == _split(ref) == [e.id for e in entries]
+    assert _manifest(shared) == _manifest(ref)
+    _same_files(shared, ref, _split(ref))
+    assert json.loads((shared / "labelset.json").read_text())["classes"] == list(VOC.classes)
+    # merging again changes nothing
+    assert merge_main([str(shared), "--quiet"]) == 0
+    assert _manifest(shared) == _manifest(ref)
+
+
+def test_shards_in_separate_directories_merge_into_out(tmp_path):
+    entries = _entries(9)
+    ref = tmp_path / "ref"
+    _run(ref, entries)
+    dirs = [tmp_path / f"job{i}" for i in range(3)]
+    for i, d in enumerate(dirs):
+        _run(d, entries, shard=(i, 3))
+    out = tmp_path / "merged"
+    assert merge_main([*map(str, dirs), "--out", str(out), "--quiet"]) == 0
+    assert _split(out) == _split(ref)
+    assert _manifest(out) == _manifest(ref)
+    _same_files(out, ref, _split(ref))
+
+
+def test_gaps_are_reported_per_id_and_shard_then_filled(tmp_path, capsys):
+    entries = _entries(10)
+    shared = tmp_path / "shared"
+    _run(shared, entries, shard=(0, 2))
+    planned = _run(shared, entries, shard=(1, 2), stop_after=2)  # job 1 was killed after 2 samples
+    assert merge_main([str(shared)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"missing {i} shard 1/2" for i in planned[2:]]
+    assert "7 samples" in err and "3 gaps" in err
+    assert _split(shared) == sorted(set(e.id for e in select_shard(entries, (0, 2)))
+                                    | set(planned[:2]))
+    _run(shared, entries, shard=(1, 2))  # the same job again resumes: only the 3 missing are written
+    shard_manifest = read_jsonl(str(shared / "manifests" / "shard-1-of-2.jsonl"))
+    assert len(shard_manifest) == 5 and len({r["id"] for r in shard_manifest}) == 5
+    assert merge_main([str(shared)]) == 0
+    assert _split(shared) == [e.id for e in entries]
+
+
+def test_shard_that_never_started_is_reported(tmp_path, capsys):
+    entries = _entries(6)
+    shared = tmp_path / "shared"
+    _run(shared, entries, shard=(0, 3))
+    _run(shared, entries, shard=(2, 3))
+    report = merge_datasets([str(shared)])
+    assert report.missing_shards == ["1/3"] and report.missing == []
+    assert merge_main([str(shared)]) == 1
+    assert capsys.readouterr().out.splitlines() == ["missing-shard 1/3 (no plan file: the job never started)"]
+
+
+def test_record_without_files_is_incomplete(tmp_path, capsys):
+    entries = _entries(4)
+    shared = tmp_path / "shared"
+    _run(shared, entries, shard=(0, 1))
+    os.remove(dataset_paths(str(shared), "000002")["mask"])
+    assert merge_main([str(shared)]) == 1
+    assert capsys.readouterr().out.splitlines() == ["missing 000002 shard 0/1"]
+    assert _split(shared) == ["000000", "000001", "000003"]
+    # an unsharded dataset (no plans) reports it as incomplete
+    plain = tmp_path / "plain"
+    _run(plain, entries)
+    os.remove(dataset_paths(str(plain), "000001")["image"])
+    assert merge_main([str(plain)]) == 1
+    assert capsys.readouterr().out.splitlines() == ["incomplete 000001 (manifest record without its image or mask)"]
+
+
+def test_torn_last_line_of_a_shard_manifest(tmp_path):
+    """A job killed while appending its manifest line leaves a torn line: that sample is a gap, nothing breaks."""
+    entries = _entries(4)
+    shared = tmp_path / "shared"
+    _run(shared, entries, shard=(0, 1))
+    path = shared / "manifests" / "shard-0-of-1.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])
+    report = merge_datasets([str(shared)])
+    assert report.ids == ["000000", "000001", "000002"]
+    assert report.missing_by_shard == {"0/1": ["000003"]}
+
+
+def test_unsharded_train_txt_is_in_prompt_order(tmp_path):
+    """Regression: train.txt followed completion order, which differs between Ray workers and one process."""
+    entries = _entries(5)
+    writer = DatasetWriter(str(tmp_path), VOC)
+    for e in [entries[i] for i in (3, 0, 4, 1, 2)]:
+        writer.write_files(e.id, *_sample(e))
+        writer.commit(_record(e))
+    assert writer.finalize() == [e.id for e in entries]
+    assert _split(tmp_path) == [e.id for e in entries]
+
+
+def test_merge_errors(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, _entries(2), shard=(0, 1))
+    _run(b, _entries(2), shard=(0, 1))
+    with pytest.raises(SystemExit) as exc:
+        merge_main([str(a), str(b)])
+    assert exc.value.code == 2
+    assert "needs `out` (--out DIR)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        merge_main([str(tmp_path / "nope")])
+    assert "not a dataset directory" in capsys.readouterr().err
+    coco = tmp_path / "coco"
+    DatasetWriter(str(coco), get_label_set("coco"))
+    with pytest.raises(SystemExit):
+        merge_main([str(a), str(coco), "--out", str(tmp_path / "m")])
+    assert "differs from the other directories" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert merge_main([str(empty)]) == 1
+    assert "no finished samples" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        merge_main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and "--shard I/N" in text
+
+
+# --- end to end on the tiny model ----------------------------------------------------------
+TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--batch", "4"]
+
+
+@pytest.mark.slow
+def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts):
+    pytest.importorskip("pccfast.labeller", reason="the labeller module has not landed yet")  # TEMP until it lands
+    from pccfast.generate import main as generate_main
+
+    common = ["--prompts", shared_prompts, "--limit", "8", *TINY]
+    ref, shared = tmp_path / "ref", tmp_path / "shared"
+    assert generate_main([*common, "--out", str(ref)]) == 0
+    assert generate_main([*common, "--out", str(shared), "--shard", "0/2"]) == 0
+    assert generate_main([*common, "--out", str(shared), "--shard", "1/2", "--batch", "3"]) == 0  # batch-independent
+    plans = [(shared / "manifests" / f"shard-{i}-of-2.plan").read_text().split() for i in range(2)]
+    assert sorted(plans[0] + plans[1]) == _split(ref) and not set(plans[0]) & set(plans[1])
+    assert merge_main([str(shared), "--quiet"]) == 0
+    assert _split(shared) == _split(ref)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(_manifest(shared)) == strip(_manifest(ref))
+    same = total = 0
+    for i in _split(ref):
+        ma = np.asarray(Image.open(dataset_paths(str(shared), i)["mask"]))
+        mb = np.asarray(Image.open(dataset_paths(str(ref), i)["mask"]))
+        same, total = same + int((ma == mb).sum()), total + ma.size
+        ia = np.asarray(Image.open(dataset_paths(str(shared), i)["image"]), dtype=np.int16)
+        ib = np.asarray(Image.open(dataset_paths(str(ref), i)["image"]), dtype=np.int16)
+        assert np.abs(ia - ib).mean() < 0.5
+    assert same / total >= 0.999
