@@ -277,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, PromptError, FileNotFoundError) as exc:
         fail(str(exc))
     if args.ray is not None:
-        from .distributed import run_ray
+        from .distributed import RayRunError, run_ray
 
-        report = run_ray(entries, gen, cfg, label_set, writer, address=args.ray, workers=args.workers,
-                         progress=not args.no_progress)
+        try:
+            report = run_ray(entries, gen, cfg, label_set, writer, address=args.ray, workers=args.workers,
+                             progress=not args.no_progress)
+        except (ImportError, RayRunError, ConnectionError, ValueError) as exc:  # no Ray, no cluster, no worker
+            fail(str(exc))
     else:
         try:
             report = run_generation(entries, gen, cfg, label_set, writer, progress=not args.no_progress)
