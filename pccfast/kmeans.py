@@ -53,13 +53,22 @@ def _rows(x: Tensor, idx: Tensor) -> Tensor:
 
 
 def kmeans_plusplus(
-    x: Tensor, k: int, generator: torch.Generator, x_sq: Optional[Tensor] = None
+    x: Tensor,
+    k: int,
+    generator: torch.Generator,
+    x_sq: Optional[Tensor] = None,
+    streams: int = 1,
 ) -> Tensor:
     """Greedy k-means++ seeding (scikit-learn's: 2 + floor(ln k) candidates per step).
+
+    All random numbers are drawn up front, ``streams`` rows of them, and batch item b uses
+    row ``b % streams``: with one stream every item is seeded exactly as if it were alone,
+    so results do not depend on how images are batched.
 
     Args:
         x: (B, N, D) points; k: number of centres; generator: local generator.
         x_sq: optional (B, N) squared norms.
+        streams: number of distinct random streams (``n_init`` restarts use one each).
 
     Returns:
         (B, k, D) initial centres (rows of x).
@@ -68,16 +77,17 @@ def kmeans_plusplus(
     if x_sq is None:
         x_sq = (x * x).sum(-1)
     trials = 2 + int(math.log(k))
-    gdev = generator.device
-    first = torch.randint(n, (b, 1), generator=generator, device=gdev).to(x.device)  # (B, 1)
+    u = torch.rand((streams, 1 + (k - 1) * trials), generator=generator, device=generator.device,
+                   dtype=torch.float64).to(x.device)  # (streams, L)
+    u = u[torch.arange(b, device=x.device) % streams]  # (B, L)
+    first = (u[:, :1] * n).long().clamp_(max=n - 1)  # (B, 1) uniform index
     centers = [_rows(x, first)]  # each (B, 1, D)
     closest = assign(x, centers[0], x_sq)[1]  # (B, N) squared distance to the nearest centre
-    for _ in range(1, k):
+    for step in range(k - 1):
         pot = closest.sum(-1, dtype=torch.float64)  # (B,)
         cum = torch.cumsum(closest.double(), dim=-1)  # (B, N)
-        r = torch.rand((b, trials), generator=generator, device=gdev, dtype=torch.float64)
-        targets = r.to(x.device) * pot[:, None]  # (B, T)
-        cand = torch.searchsorted(cum, targets).clamp_(max=n - 1)  # (B, T)
+        r = u[:, 1 + step * trials: 1 + (step + 1) * trials]  # (B, T)
+        cand = torch.searchsorted(cum, r * pot[:, None]).clamp_(max=n - 1)  # (B, T)
         cand_x = _rows(x, cand)  # (B, T, D)
         dist = (_scores(x, cand_x) + x_sq[..., None]).clamp_min_(0)  # (B, N, T)
         new_closest = torch.minimum(closest[..., None], dist)  # (B, N, T)
@@ -116,14 +126,14 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int) ->
 
 
 def _kmeans_torch(
-    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator
+    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: (B, N, D) float -> labels (B, N), centers (B, k, D), inertia (B,)."""
     mean = x.mean(dim=1, keepdim=True)  # (B, 1, D); centring as scikit-learn, for precision
     x = x - mean
     x_sq = (x * x).sum(-1)  # (B, N)
     tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)  # (B,) scikit-learn's _tolerance
-    centers = kmeans_plusplus(x, k, generator, x_sq)  # (B, k, D)
+    centers = kmeans_plusplus(x, k, generator, x_sq, streams)  # (B, k, D)
     done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (B,)
     prev = None
     for _ in range(max_iter):
@@ -193,8 +203,11 @@ def kmeans(
         k: clusters per item (1 <= k <= N).
         max_iter: Lloyd iteration cap.
         tol: relative tolerance (scikit-learn's).
-        generator: local generator for k-means++ (default: seeded with ``seed``).
-        n_init: restarts; the lowest inertia wins (restarts are a batch dimension).
+        generator: local generator for k-means++ (default: seeded with ``seed``). Every
+            batch item uses the same random numbers, so an image gets the same clusters
+            whatever it is batched with.
+        n_init: restarts, each with its own random numbers; the lowest inertia wins
+            (restarts are a batch dimension; restart 0 equals the ``n_init=1`` run).
         seed: seed of the default generator (and of cuML).
         backend: "torch" or "cuml" (RAPIDS, optional).
 
@@ -219,7 +232,7 @@ def kmeans(
     work = x if x.dtype == torch.float64 else x.float()
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
-    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen)
+    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]
