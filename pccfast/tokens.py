@@ -1,0 +1,132 @@
+"""Class texts and the token -> class map of the open-vocabulary class attention.
+
+An image's class text is its classes' label-set texts joined by spaces, in the order given
+(duplicates kept), e.g. ["person", "pottedplant"] -> "person pot plant". It is encoded
+unpadded with the start (SoT) and end (EoT) tokens. Token classes: SoT -> 0 (background),
+every token of a class's text -> that class (so "pot" and "plant", and each piece of a word
+that the tokenizer splits, map to pottedplant), EoT and padding -> -1 (dropped).
+
+The alignment does not depend on word offsets: each class text is encoded on its own and
+the pieces are concatenated between SoT and EoT. CLIP's pre-tokeniser splits at spaces
+before byte-pair encoding, so this equals encoding the joined text (checked in the tests),
+for the fast and the slow CLIPTokenizer alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .labelset import LabelSet, get_label_set
+
+__all__ = ["ClassTokens", "class_text", "class_tokens", "batch_class_tokens", "tokens_to_classes", "DROP"]
+
+DROP = -1  # token class of EoT and padding
+
+
+@dataclass
+class ClassTokens:
+    """Encoded class texts of a batch, right-padded to the longest.
+
+    ``ids`` (B, T) long, ``mask`` (B, T) bool (True = real token, SoT and EoT included),
+    ``classes`` (B, T) long (class index per token; ``DROP`` for EoT and padding),
+    ``texts``: the class text of each image.
+    """
+
+    ids: Tensor
+    mask: Tensor
+    classes: Tensor
+    texts: list
+
+
+def class_text(class_names, label_set) -> str:
+    """The class text of one image: its classes' texts joined by spaces (order and repeats kept)."""
+    ls = get_label_set(label_set)
+    return " ".join(ls.text_of(c) for c in class_names)
+
+
+def _max_length(tokenizer) -> int:
+    n = getattr(tokenizer, "model_max_length", 77)
+    return 77 if n is None or n > 10_000 else int(n)  # "infinite" sentinel of unconfigured tokenizers
+
+
+def class_tokens(tokenizer, class_names, label_set) -> tuple[list[int], list[int]]:
+    """Token ids and token classes of one image's class text.
+
+    Args:
+        tokenizer: a CLIP tokenizer (fast or slow) with ``bos_token_id``/``eos_token_id``.
+        class_names: the image's class names (label-set names; order and repeats kept).
+        label_set: name, path or ``LabelSet``.
+
+    Returns:
+        ids: [SoT, tokens of class 1's text, tokens of class 2's text, ..., EoT], truncated
+        (before EoT) to the tokenizer's ``model_max_length``; classes: same length, 0 for SoT,
+        the class index for every text token, ``DROP`` for EoT.
+    """
+    ls: LabelSet = get_label_set(label_set)
+    if isinstance(class_names, str):
+        raise TypeError(f"`class_names` has to be a list of class names but is the string {class_names!r}")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError("`tokenizer` has to define start and end tokens (bos_token_id, eos_token_id)")
+    ids, classes = [bos], [0]
+    for name in class_names:
+        k = ls.index(name)
+        piece = tokenizer(ls.texts[k], add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        classes.extend([k] * len(piece))
+    keep = _max_length(tokenizer) - 1  # room for EoT
+    return ids[:keep] + [eos], classes[:keep] + [DROP]
+
+
+def batch_class_tokens(tokenizer, class_names: list, label_set, device="cpu") -> ClassTokens:
+    """``class_tokens`` for every image, right-padded (pad id, mask False, class ``DROP``).
+
+    Args:
+        class_names: one list of class names per image.
+
+    Returns:
+        ``ClassTokens`` with (B, T) tensors on ``device``, T = the longest encoded text.
+    """
+    ls = get_label_set(label_set)
+    encoded = [class_tokens(tokenizer, names, ls) for names in class_names]
+    if not encoded:
+        raise ValueError("`class_names` has to hold at least one image's classes but is empty")
+    t = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(encoded), t), pad, dtype=torch.long)  # (B, T)
+    classes = torch.full((len(encoded), t), DROP, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(encoded), t), dtype=torch.bool)  # (B, T)
+    for i, (row, cls) in enumerate(encoded):
+        ids[i, : len(row)] = torch.tensor(row)
+        classes[i, : len(cls)] = torch.tensor(cls)
+        mask[i, : len(row)] = True
+    texts = [class_text(names, ls) for names in class_names]
+    return ClassTokens(ids.to(device), mask.to(device), classes.to(device), texts)
+
+
+def tokens_to_classes(maps: Tensor, token_classes: Tensor, num_classes: int) -> Tensor:
+    """Per-class maps from per-token maps: a class takes the element-wise max over its tokens.
+
+    Args:
+        maps: (B, T, h, w) per-token maps.
+        token_classes: (B, T) long, class index per token or ``DROP`` (EoT, padding).
+        num_classes: K, the label set's number of classes.
+
+    Returns:
+        (B, K, h, w) in ``maps``' dtype; classes without tokens are all zero.
+    """
+    if maps.ndim != 4 or token_classes.shape != maps.shape[:2]:
+        raise ValueError(
+            f"`maps` (B, T, h, w) and `token_classes` (B, T) have to agree but have shapes "
+            f"{tuple(maps.shape)} and {tuple(token_classes.shape)}"
+        )
+    if token_classes.numel() and int(token_classes.max()) >= num_classes:
+        raise ValueError(f"`token_classes` have to lie below `num_classes` ({num_classes}) but reach {int(token_classes.max())}")
+    b, t, h, w = maps.shape
+    idx = torch.where(token_classes < 0, num_classes, token_classes).to(maps.device)  # (B, T), dropped -> extra row
+    idx = idx[:, :, None].expand(b, t, h * w)  # (B, T, h*w)
+    out = maps.new_zeros(b, num_classes + 1, h * w)  # (B, K+1, h*w)
+    out.scatter_reduce_(1, idx, maps.reshape(b, t, h * w), reduce="amax", include_self=False)
+    return out[:, :num_classes].reshape(b, num_classes, h, w)  # (B, K, h, w)
