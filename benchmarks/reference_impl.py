@@ -37,7 +37,10 @@ __all__ = [
     "normalise_features",
     "cluster_pieces",
     "blocky_stage",
+    "vote",
     "refine_stage",
+    "assign_pieces",
+    "clean_up",
     "reference_label",
     "run_scripts",
 ]
@@ -179,7 +182,13 @@ def blocky_stage(features: np.ndarray, class_attention: np.ndarray, seed: int = 
         pieces, n = cluster_pieces(labels)
         for t in p["thresholds"]:
             votes.append(_classify(pieces, n, maps, t, p["background_factor"], num_classes))
-    votes = np.stack(votes)  # (9, h, w)
+    return vote(np.stack(votes), p=p)  # (9, h, w) -> (h, w)
+
+
+def vote(votes: np.ndarray, *, p=REFERENCE) -> np.ndarray:
+    """Per-pixel majority of (V, h, w) label maps: the most frequent label (ties -> smaller),
+    255 if its share of the V votes is below ``vote_min_share``. Returns (h, w) uint8."""
+    _, h, w = votes.shape
     out = np.zeros((h, w), dtype=np.uint8)
     need = p["vote_min_share"] * len(votes)
     for i in range(h):  # per-pixel vote
@@ -231,6 +240,14 @@ def refine_stage(blocky: np.ndarray, image: np.ndarray, seed: int = 0, *, p=REFE
             m += 1
             new_id[q] = m
     pieces = new_id[pieces]
+    return clean_up(assign_pieces(pieces, m, big, p=p), p=p)
+
+
+def assign_pieces(pieces: np.ndarray, m: int, big: np.ndarray, *, p=REFERENCE) -> np.ndarray:
+    """Label per piece (0..m, 0 = pooled small pieces) from the blocky labels ``big`` under it:
+    a single label -> it; else the most frequent if more than twice the runner-up; else 255.
+    pieces, big: (H, W). Returns (H, W) uint8."""
+    H, W = big.shape
     refined = np.zeros((H, W), dtype=np.uint8)
     for q in range(0, m + 1):  # per piece: the blocky labels under it
         sel = pieces == q
@@ -243,8 +260,13 @@ def refine_stage(blocky: np.ndarray, image: np.ndarray, seed: int = 0, *, p=REFE
         order = np.argsort(-counts, kind="stable")
         first, second = counts[order[0]], counts[order[1]]
         refined[sel] = values[order[0]] if first > p["dominance_ratio"] * second else p["ignore"]
-    # clean-up, in ascending label order; 255 is written last
-    out = np.zeros((H, W), dtype=np.uint8)
+    return refined
+
+
+def clean_up(refined: np.ndarray, *, p=REFERENCE) -> np.ndarray:
+    """The morphological clean-up in ascending label order; 0 and 255 copied, 255 last.
+    refined: (H, W) uint8 -> (H, W) uint8."""
+    out = np.zeros(refined.shape, dtype=np.uint8)
     for v in np.unique(refined):
         if v == 0 or v == p["ignore"]:
             out[refined == v] = v

@@ -75,7 +75,7 @@ def test_attention_outputs_carry_the_layout():
     means = torch.stack([feats[obj == i].mean(0) for i in ids])
     pred = ids[torch.cdist(feats, means).argmin(1)]
     is_obj = obj > 0
-    assert float((pred[is_obj] == obj[is_obj]).float().mean()) > 0.9
+    assert float((pred[is_obj] == obj[is_obj]).float().mean()) > 0.8  # 0.58 without signal
 
 
 def test_stack_and_features():
