@@ -28,40 +28,53 @@ from pccfast.labelset import LabelSet, get_label_set
 __all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "main"]
 
 
-def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255):
     """Pixel counts per (ground truth, prediction) pair.
 
     Args:
-        pred: (*) integer labels (tensor or array), any shape, e.g. (B, H, W).
+        pred: (*) integer labels, any shape, e.g. (B, H, W).
         gt: (*) integer labels, the same shape; ``ignore_index`` pixels are not counted.
         num_classes: C, labels 0..C-1.
         ignore_index: the ground truth's "do not count" label.
 
-    Returns: (C, C + 1) int64 on ``gt``'s device: ``[g, p]`` pixels of ground truth g predicted
-    as p; column C counts predictions outside 0..C-1 (e.g. 255), all wrong.
+    Returns: (C, C + 1) int64: ``[g, p]`` pixels of ground truth g predicted as p; column C
+    counts predictions outside 0..C-1 (e.g. 255), all wrong. A torch tensor on ``gt``'s device
+    if either input is a tensor, else a NumPy array (NumPy is the faster choice on the CPU for
+    the per-image counts of the CLI).
     Raises: ValueError if ``gt`` holds a label outside 0..C-1 other than ``ignore_index``.
     """
-    pred, gt = torch.as_tensor(pred), torch.as_tensor(gt)
-    if pred.shape != gt.shape:
+    if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
+        xp, gt = torch, torch.as_tensor(gt)
+        pred = torch.as_tensor(pred).to(gt.device)
+        integer = not (pred.is_floating_point() or gt.is_floating_point())
+        as_long = lambda x: x.long()  # noqa: E731
+    else:
+        xp, pred, gt = np, np.asarray(pred), np.asarray(gt)
+        integer = all(np.issubdtype(x.dtype, np.integer) or x.dtype == bool for x in (pred, gt))
+        as_long = lambda x: x.astype(np.int64)  # noqa: E731
+    if tuple(pred.shape) != tuple(gt.shape):
         raise ValueError(f"`pred` and `gt` have to have the same shape but have {tuple(pred.shape)} and {tuple(gt.shape)}")
-    if pred.is_floating_point() or gt.is_floating_point():
+    if not integer:
         raise TypeError(f"`pred` and `gt` have to hold integer labels but are {pred.dtype} and {gt.dtype}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"`num_classes` has to be a positive int but is {num_classes!r}")
     c = num_classes
-    gt = gt.reshape(-1).long()  # (N,)
-    pred = pred.reshape(-1).long().to(gt.device)  # (N,)
-    keep = gt != ignore_index
-    gt, pred = gt[keep], pred[keep]
-    bad = (gt < 0) | (gt >= c)
+    gt = as_long(gt.reshape(-1))  # (N,)
+    pred = as_long(pred.reshape(-1))  # (N,)
+    ignored = gt == ignore_index
+    bad = ~ignored & ((gt < 0) | (gt >= c))
     if bool(bad.any()):
-        values = torch.unique(gt[bad])[:5].tolist()
-        raise ValueError(
-            f"`gt` has to hold labels 0..{c - 1} or {ignore_index} (ignored) but holds {values}"
-        )
-    pred = torch.where((pred >= 0) & (pred < c), pred, torch.full_like(pred, c))  # invalid -> column C
-    counts = torch.bincount(gt * (c + 1) + pred, minlength=c * (c + 1))
+        values = xp.unique(gt[bad])[:5].tolist()
+        raise ValueError(f"`gt` has to hold labels 0..{c - 1} or {ignore_index} (ignored) but holds {values}")
+    pred = xp.where((pred >= 0) & (pred < c), pred, c)  # invalid -> column C
+    # ignored pixels go to one extra bin past the matrix (cheaper than selecting the others)
+    index = xp.where(ignored, c * (c + 1), gt * (c + 1) + pred)  # (N,)
+    counts = xp.bincount(index, minlength=c * (c + 1) + 1)[: c * (c + 1)]
     return counts.reshape(c, c + 1)  # (C, C+1)
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def scores(confusion) -> dict:
@@ -70,7 +83,7 @@ def scores(confusion) -> dict:
     Returns: ``iou`` (C,), ``acc`` (C,) float64 arrays (NaN where undefined), ``miou``,
     ``macc`` (NaN-skipping means), ``pixel_acc``, ``tp``/``gt_pixels``/``pred_pixels`` (C,).
     """
-    cm = np.asarray(torch.as_tensor(confusion).cpu(), dtype=np.float64)
+    cm = _numpy(confusion).astype(np.float64)
     if cm.ndim != 2 or cm.shape[1] != cm.shape[0] + 1:
         raise ValueError(f"`confusion` has to be (C, C + 1) but has shape {cm.shape}")
     c = cm.shape[0]
@@ -116,7 +129,7 @@ class EvalReport:
 
     @classmethod
     def from_confusion(cls, confusion, classes, n_images: int = 0, **lists) -> "EvalReport":
-        cm = np.asarray(torch.as_tensor(confusion).cpu(), dtype=np.int64)
+        cm = _numpy(confusion).astype(np.int64)
         s = scores(cm)
         return cls(tuple(classes), cm, s["iou"], s["acc"], s["miou"], s["macc"], s["pixel_acc"], n_images, **lists)
 
@@ -198,7 +211,7 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, label_set="voc", *, ids=None) -> E
     preds, gts = _stems(pred_dir), _stems(gt_dir)
     wanted = sorted(set(preds) | set(gts)) if ids is None else list(dict.fromkeys(str(i) for i in ids))
     c = ls.num_classes
-    cm = torch.zeros(c, c + 1, dtype=torch.int64)
+    cm = np.zeros((c, c + 1), np.int64)
     n = 0
     only_pred, only_gt, missing = [], [], []
     for i in wanted:
@@ -211,7 +224,7 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, label_set="voc", *, ids=None) -> E
             raise ValueError(f"{p}: the prediction is {pm.shape[0]}x{pm.shape[1]} but the ground truth {g} is "
                              f"{gm.shape[0]}x{gm.shape[1]} (height x width)")
         try:
-            cm += confusion_matrix(torch.tensor(pm), torch.tensor(gm), c, ls.ignore_index)  # copies: PIL arrays are read-only
+            cm += confusion_matrix(pm, gm, c, ls.ignore_index)
         except ValueError as e:
             raise ValueError(f"{g}: {e} (label set {ls.name!r} has {c} classes)") from None
         n += 1

@@ -57,6 +57,7 @@ def test_random_masks_against_numpy_and_sklearn(seed, device):
     assert cm.device == device and cm.dtype == torch.int64
     ref, ref_iou = _numpy_reference(pred, gt, c)
     np.testing.assert_array_equal(cm.cpu().numpy(), ref)
+    np.testing.assert_array_equal(confusion_matrix(pred.astype(np.uint8), gt.astype(np.uint8), c), ref)  # NumPy path
     keep = gt != 255
     sk = sk_confusion(gt[keep], np.where(pred[keep] < c, pred[keep], c), labels=list(range(c + 1)))
     np.testing.assert_array_equal(cm.cpu().numpy(), sk[:c])
