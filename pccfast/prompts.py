@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import difflib
+import functools
 import json
 import math
 import os
@@ -512,7 +513,10 @@ def builtin_prompts(label_set, n: int | None = None) -> list[PromptEntry]:
 # ------------------------------------------------------------------------------------------
 # captions -> prompts
 # ------------------------------------------------------------------------------------------
-def _finder(label_set: LabelSet):
+@functools.lru_cache(maxsize=8)
+def _finder(label_set: LabelSet, synonyms_key: str):
+    """(pattern, term -> class or None); ``synonyms_key`` keys the cache on the synonyms too
+    (LabelSet's equality ignores them)."""
     table = class_synonyms(label_set)
     terms = dict(table)
     if _is_voc(label_set):
@@ -523,16 +527,11 @@ def _finder(label_set: LabelSet):
     return pattern, {w.lower(): c for w, c in terms.items()}
 
 
-def find_classes(text: str, label_set, _finder_cache: dict | None = None) -> list[str]:
+def find_classes(text: str, label_set) -> list[str]:
     """Class names found in ``text`` (names, texts and synonyms, -s/-es plurals), in order of
     first appearance, each once. "a man riding a horse" -> ["person", "horse"] for VOC."""
     label_set = get_label_set(label_set)
-    if _finder_cache is not None and "f" in _finder_cache:
-        pattern, terms = _finder_cache["f"]
-    else:
-        pattern, terms = _finder(label_set)
-        if _finder_cache is not None:
-            _finder_cache["f"] = (pattern, terms)
+    pattern, terms = _finder(label_set, json.dumps(label_set.synonyms, sort_keys=True, default=str))
     found = []
     for m in pattern.finditer(text):
         c = terms.get(m.group(1).lower())
@@ -546,14 +545,13 @@ def captions_to_prompts(lines, label_set, *, per_class: int | None = None) -> li
     are dropped. With ``per_class``, a caption is kept only while one of its classes has fewer
     than ``per_class`` kept captions (file order)."""
     label_set = get_label_set(label_set)
-    cache: dict = {}
     counts: Counter = Counter()
     out = []
     for line in lines:
         caption = " ".join(line.split())
         if not caption or caption.startswith("#"):
             continue
-        found = find_classes(caption, label_set, cache)
+        found = find_classes(caption, label_set)
         if not found:
             continue
         if per_class is not None and all(counts[c] >= per_class for c in found):

@@ -248,6 +248,8 @@ def test_captions_custom_synonyms(tmp_path):
         {"id": 0, "prompt": "a Granny Smith on a table", "classes": ["apple"]},
         {"id": 1, "prompt": "apples and a conference pear", "classes": ["apple", "pear"]},
     ]
+    plain = get_label_set({"name": "fruit", "classes": ["background", "apple", "pear"]})
+    assert plain == ls and find_classes("a granny smith", plain) == []  # equal sets, other synonyms: no shared cache
     bad = get_label_set({"name": "fruit", "classes": ["background", "apple"], "synonyms": {"plum": ["x"]}})
     with pytest.raises(ValueError, match="'synonyms' names 'plum'"):
         captions_to_prompts(["an apple"], bad)
