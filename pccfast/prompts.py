@@ -6,8 +6,9 @@ Three prompt-file formats are read (the format is told by the first non-blank ch
 - the reference's JSON list ``[{"id": 0, "prompt_sd": "...", "classes": ["person", "car"]}, ...]``
   (``../shared/data/datadif_prompts_voc.json``);
 - JSON Lines, one such object per line (``prompt`` is accepted for ``prompt_sd``);
-- text lines ``prompt | class, class`` or ``id | prompt | class, class`` (``#`` starts a
-  comment line; blank lines are skipped; without an id the id is the line number).
+- text lines ``prompt | class, class`` or ``id | prompt | class, class`` (so a prompt holds no
+  ``|``; ``#`` starts a comment line; blank lines are skipped; without an id the id is the
+  line number).
 
 Seeds. The reference runs ``for num_prompt, p in enumerate(prompt_list)``, skips entries whose
 ``prompt_sd`` is empty and seeds each image with ``2024 + num_prompt``: the position counts
