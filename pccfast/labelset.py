@@ -87,6 +87,7 @@ class LabelSet:
             "texts": {c: t for c, t in zip(self.classes, self.texts) if c != t},
             "palette": [list(p) for p in self.palette[: len(self.classes)]],
             "ignore_index": self.ignore_index,
+            **({"synonyms": dict(self.synonyms)} if self.synonyms else {}),
         }
 
     def flat_palette(self) -> list[int]:
@@ -120,12 +121,12 @@ def get_label_set(name_or_path: "str | LabelSet | dict") -> LabelSet:
     if isinstance(name_or_path, LabelSet):
         return name_or_path
     if isinstance(name_or_path, dict):
-        return _from_dict(name_or_path, "<dict>")
+        return _from_dict(name_or_path, "label set")
     if not isinstance(name_or_path, str):
         raise TypeError(f"`label_set` has to be a name, a path or a LabelSet but is {type(name_or_path).__name__}")
     if name_or_path.lower() in _BUILTIN:
         return _BUILTIN[name_or_path.lower()]()
-    if os.path.exists(name_or_path):
+    if os.path.isfile(name_or_path):
         return load_label_set(name_or_path)
     raise ValueError(
         f"`label_set` has to be one of {', '.join(_BUILTIN)} or an existing JSON/YAML file but is {name_or_path!r}"
@@ -192,6 +193,14 @@ def _from_dict(data, where: str) -> LabelSet:
                     or not all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)):
                 raise ValueError(f"{where}: palette entry {i} ({classes[i]!r}) has to be [r, g, b] ints in 0..255 but is {rgb!r}")
     synonyms = data.get("synonyms", {}) or {}
-    name = str(data.get("name", os.path.splitext(os.path.basename(where))[0]))
+    if not isinstance(synonyms, dict):
+        raise ValueError(f"{where}: 'synonyms' has to map class names to words but is {type(synonyms).__name__}")
+    for k, v in synonyms.items():
+        if str(k).lower() not in seen:
+            raise ValueError(f"{where}: 'synonyms' names {k!r}, which is not in 'classes'")
+        words = [v] if isinstance(v, str) else v
+        if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+            raise ValueError(f"{where}: the synonyms of {k!r} have to be a string or a list of non-empty strings but are {v!r}")
+    name = str(data.get("name") or os.path.splitext(os.path.basename(where))[0] or "custom")
     texts = tuple(texts_in.get(c, c) for c in classes)
     return LabelSet(name, tuple(classes), texts, _full_palette(palette, len(classes), ignore), ignore, dict(synonyms))

@@ -101,3 +101,14 @@ def test_frozen():
     with pytest.raises(AttributeError):
         ls.name = "x"
     assert isinstance(ls, LabelSet)
+
+
+def test_synonyms_survive_to_json_and_are_validated(tmp_path):
+    from pccfast.labelset import get_label_set as _get
+
+    ls = _get({"name": "fruit", "classes": ["background", "apple"], "synonyms": {"apple": ["pippin"]}})
+    assert _get(ls.to_json()).synonyms == {"apple": ["pippin"]}
+    with pytest.raises(ValueError, match="'synonyms' names 'pear', which is not in 'classes'"):
+        _get({"classes": ["background", "apple"], "synonyms": {"pear": "x"}})
+    with pytest.raises(ValueError, match="has to be one of voc, coco"):
+        _get(str(tmp_path))  # a folder is not a label-set file
