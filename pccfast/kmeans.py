@@ -20,14 +20,49 @@ from ._checks import check_tensor, local_generator
 __all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign"]
 
 
-def _scores(x: Tensor, centers: Tensor) -> Tensor:
-    """Squared distances minus ||x||^2. x: (B, N, D), centers: (B, k, D) -> (B, N, k)."""
-    c_sq = (centers * centers).sum(-1)  # (B, k)
-    return torch.baddbmm(c_sq[:, None, :], x, centers.transpose(1, 2), alpha=-2.0)  # (B, N, k)
+def _chunk(n: int, k: int, device: torch.device) -> int:
+    """Points per E-step chunk: on the CPU the (k x chunk) scores stay in cache; GPUs take all."""
+    if device.type != "cpu":
+        return n
+    return max(1024, (1 << 18) // max(k, 1))
+
+
+def _argmin_rows(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum over dim 1 and its first index. scores: (B, k, n) -> (B, n), (B, n) long.
+
+    Same result as ``scores.min(1)`` (first index on ties) but vectorised along the contiguous
+    point axis: ``amin`` then the largest of (k - j) over the minimal rows j.
+    """
+    k = scores.shape[1]
+    best = scores.amin(dim=1, keepdim=True)  # (B, 1, n)
+    wdtype = torch.uint8 if k < 256 else torch.int32
+    weight = (k - torch.arange(k, device=scores.device)).to(wdtype)[None, :, None]  # (1, k, 1)
+    first = k - ((scores == best) * weight).amax(dim=1).long()  # (B, n)
+    return best[:, 0], first
+
+
+def _assign_t(xt: Tensor, centers: Tensor, x_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest centres with points in columns.
+
+    xt: (B, D, N) contiguous, centers: (B, k, D), x_sq: (B, N) -> labels (B, N), sq. distance (B, N)
+    """
+    b, _, n = xt.shape
+    k = centers.shape[1]
+    c_sq = (centers * centers).sum(-1)[..., None]  # (B, k, 1)
+    step = _chunk(n, k, xt.device)
+    labels, dist = [], []
+    for start in range(0, n, step):  # chunks along the points keep the scores small
+        scores = torch.baddbmm(c_sq, centers, xt[:, :, start:start + step], alpha=-2.0)  # (B, k, n')
+        best, idx = _argmin_rows(scores)
+        labels.append(idx)
+        dist.append(best)
+    labels_t = torch.cat(labels, dim=1) if len(labels) > 1 else labels[0]  # (B, N)
+    best_t = torch.cat(dist, dim=1) if len(dist) > 1 else dist[0]  # (B, N)
+    return labels_t, (best_t + x_sq).clamp_min_(0)
 
 
 def assign(x: Tensor, centers: Tensor, x_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Nearest centre of every point.
+    """Nearest centre of every point (first centre on ties).
 
     Args:
         x: (B, N, D); centers: (B, k, D); x_sq: optional (B, N) squared norms of x.
@@ -37,8 +72,7 @@ def assign(x: Tensor, centers: Tensor, x_sq: Optional[Tensor] = None) -> tuple[T
     """
     if x_sq is None:
         x_sq = (x * x).sum(-1)
-    best, labels = _scores(x, centers).min(dim=-1)  # (B, N), (B, N)
-    return labels, (best + x_sq).clamp_min(0)
+    return _assign_t(x.transpose(1, 2).contiguous(), centers.to(x.dtype), x_sq)
 
 
 def kmeans_inertia(x: Tensor, labels: Tensor, centers: Tensor) -> Tensor:
@@ -58,6 +92,7 @@ def kmeans_plusplus(
     generator: torch.Generator,
     x_sq: Optional[Tensor] = None,
     streams: int = 1,
+    xt: Optional[Tensor] = None,
 ) -> Tensor:
     """Greedy k-means++ seeding (scikit-learn's: 2 + floor(ln k) candidates per step).
 
@@ -67,7 +102,7 @@ def kmeans_plusplus(
 
     Args:
         x: (B, N, D) points; k: number of centres; generator: local generator.
-        x_sq: optional (B, N) squared norms.
+        x_sq: optional (B, N) squared norms; xt: optional (B, D, N) contiguous transpose of x.
         streams: number of distinct random streams (``n_init`` restarts use one each).
 
     Returns:
@@ -76,23 +111,26 @@ def kmeans_plusplus(
     b, n, d = x.shape
     if x_sq is None:
         x_sq = (x * x).sum(-1)
+    if xt is None:
+        xt = x.transpose(1, 2).contiguous()  # (B, D, N)
     trials = 2 + int(math.log(k))
     u = torch.rand((streams, 1 + (k - 1) * trials), generator=generator, device=generator.device,
                    dtype=torch.float64).to(x.device)  # (streams, L)
     u = u[torch.arange(b, device=x.device) % streams]  # (B, L)
     first = (u[:, :1] * n).long().clamp_(max=n - 1)  # (B, 1) uniform index
     centers = [_rows(x, first)]  # each (B, 1, D)
-    closest = assign(x, centers[0], x_sq)[1]  # (B, N) squared distance to the nearest centre
+    closest = _assign_t(xt, centers[0], x_sq)[1]  # (B, N) squared distance to the nearest centre
     for step in range(k - 1):
         pot = closest.sum(-1, dtype=torch.float64)  # (B,)
         cum = torch.cumsum(closest.double(), dim=-1)  # (B, N)
         r = u[:, 1 + step * trials: 1 + (step + 1) * trials]  # (B, T)
         cand = torch.searchsorted(cum, r * pot[:, None]).clamp_(max=n - 1)  # (B, T)
         cand_x = _rows(x, cand)  # (B, T, D)
-        dist = (_scores(x, cand_x) + x_sq[..., None]).clamp_min_(0)  # (B, N, T)
-        new_closest = torch.minimum(closest[..., None], dist)  # (B, N, T)
-        best = new_closest.sum(1).argmin(dim=-1)  # (B,)
-        closest = new_closest.gather(2, best[:, None, None].expand(-1, n, 1)).squeeze(2)  # (B, N)
+        c_sq = (cand_x * cand_x).sum(-1)[..., None]  # (B, T, 1)
+        dist = torch.baddbmm(c_sq, cand_x, xt, alpha=-2.0).add_(x_sq[:, None, :]).clamp_min_(0)  # (B, T, N)
+        new_closest = torch.minimum(closest[:, None, :], dist)  # (B, T, N)
+        best = new_closest.sum(-1).argmin(dim=-1)  # (B,)
+        closest = new_closest.gather(1, best[:, None, None].expand(-1, 1, n)).squeeze(1)  # (B, N)
         centers.append(torch.gather(cand_x, 1, best[:, None, None].expand(-1, 1, d)))  # (B, 1, D)
     return torch.cat(centers, dim=1)  # (B, k, D)
 
@@ -106,10 +144,10 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int) ->
     x: (B, N, D), labels: (B, N), min_dist: (B, N), old: (B, k, D) -> (B, k, D)
     """
     b, n, d = x.shape
-    onehot = torch.zeros(b, n, k, device=x.device, dtype=x.dtype)
-    onehot.scatter_(2, labels[..., None], 1.0)  # (B, N, k)
-    sums = onehot.transpose(1, 2) @ x  # (B, k, D)
-    counts = onehot.sum(1)  # (B, k)
+    flat = (labels + torch.arange(b, device=x.device)[:, None] * k).reshape(-1)  # (B*N,) item-major ids
+    sums = torch.zeros(b * k, d, device=x.device, dtype=x.dtype).index_add_(0, flat, x.reshape(-1, d))
+    sums = sums.view(b, k, d)  # (B, k, D)
+    counts = torch.bincount(flat, minlength=b * k).view(b, k).to(x.dtype)  # (B, k)
     empty = counts == 0  # (B, k)
     if bool(empty.any()):
         far = min_dist.topk(k, dim=-1).indices  # (B, k) farthest points first
@@ -131,13 +169,14 @@ def _kmeans_torch(
     """x: (B, N, D) float -> labels (B, N), centers (B, k, D), inertia (B,)."""
     mean = x.mean(dim=1, keepdim=True)  # (B, 1, D); centring as scikit-learn, for precision
     x = x - mean
+    xt = x.transpose(1, 2).contiguous()  # (B, D, N), points in columns for the E-step
     x_sq = (x * x).sum(-1)  # (B, N)
     tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)  # (B,) scikit-learn's _tolerance
-    centers = kmeans_plusplus(x, k, generator, x_sq, streams)  # (B, k, D)
+    centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt)  # (B, k, D)
     done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (B,)
     prev = None
     for _ in range(max_iter):
-        labels, min_dist = assign(x, centers, x_sq)  # (B, N), (B, N)
+        labels, min_dist = _assign_t(xt, centers, x_sq)  # (B, N), (B, N)
         new = _update(x, labels, min_dist, centers, k)  # (B, k, D)
         shift = ((new - centers) ** 2).sum(dim=(1, 2))  # (B,)
         strict = (labels == prev).all(-1) if prev is not None else torch.zeros_like(done)
@@ -147,7 +186,7 @@ def _kmeans_torch(
         prev = labels
         if bool(done.all()):
             break
-    labels, min_dist = assign(x, centers, x_sq)  # final E-step, as scikit-learn
+    labels, min_dist = _assign_t(xt, centers, x_sq)  # final E-step, as scikit-learn
     return labels, centers + mean, min_dist.sum(-1)
 
 
