@@ -164,15 +164,19 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int) ->
 
 
 def _kmeans_torch(
-    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1
+    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
+    init: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x: (B, N, D) float -> labels (B, N), centers (B, k, D), inertia (B,)."""
+    """x: (B, N, D) float, init: optional (B, k, D) -> labels (B, N), centers (B, k, D), inertia (B,)."""
     mean = x.mean(dim=1, keepdim=True)  # (B, 1, D); centring as scikit-learn, for precision
     x = x - mean
     xt = x.transpose(1, 2).contiguous()  # (B, D, N), points in columns for the E-step
     x_sq = (x * x).sum(-1)  # (B, N)
     tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)  # (B,) scikit-learn's _tolerance
-    centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt)  # (B, k, D)
+    if init is None:
+        centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt)  # (B, k, D)
+    else:
+        centers = init.to(x.dtype) - mean
     done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (B,)
     prev = None
     for _ in range(max_iter):
@@ -231,6 +235,7 @@ def kmeans(
     n_init: int = 1,
     seed: int = 0,
     backend: str = "torch",
+    init: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """k-means of every batch item: greedy k-means++ then Lloyd (scikit-learn 1.4 semantics).
 
@@ -249,6 +254,8 @@ def kmeans(
             (restarts are a batch dimension; restart 0 equals the ``n_init=1`` run).
         seed: seed of the default generator (and of cuML).
         backend: "torch" or "cuml" (RAPIDS, optional).
+        init: optional (B, k, D) initial centres instead of k-means++ (torch backend only;
+            then ``n_init`` has to be 1).
 
     Returns:
         labels (B, N) long in [0, k), centers (B, k, D) float.
@@ -263,6 +270,13 @@ def kmeans(
         raise ValueError(f"`n_init` has to be at least 1 but is {n_init}")
     if tol < 0:
         raise ValueError(f"`tol` has to be >= 0 but is {tol}")
+    if init is not None:
+        check_tensor(init, "init", 3, floating=True, batch=b)
+        if tuple(init.shape[1:]) != (k, d) or n_init != 1 or backend != "torch":
+            raise ValueError(
+                f"`init` has to have shape (B, k, D) = {(b, k, d)} with n_init=1 and backend='torch' "
+                f"but has shape {tuple(init.shape)} (n_init={n_init}, backend={backend!r})"
+            )
     if backend == "cuml":
         return _kmeans_cuml(x, k, max_iter, tol, seed, n_init)
     if backend != "torch":
@@ -271,7 +285,7 @@ def kmeans(
     work = x if x.dtype == torch.float64 else x.float()
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
-    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init)
+    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]

@@ -70,6 +70,19 @@ def test_pcc_like_features_vs_sklearn(k):
     assert min(aris) > 0.3  # different seeds land in different local optima at larger k
 
 
+@pytest.mark.parametrize("k", [4, 10])
+def test_lloyd_matches_sklearn_from_same_init(k):
+    """Given the same initial centres, Lloyd (with scikit-learn's tolerance rule) gives the same
+    partition and centres as scikit-learn."""
+    x = np.stack([_pcc_like(s) for s in range(2)]).astype(np.float64)
+    init = np.stack([xi[np.random.default_rng(i).choice(len(xi), k, replace=False)] for i, xi in enumerate(x)])
+    labels, centers = kmeans(torch.from_numpy(x), k, init=torch.from_numpy(init))
+    for i in range(2):
+        sk = KMeans(k, init=init[i], n_init=1).fit(x[i])
+        assert adjusted_rand_score(sk.labels_, labels[i].numpy()) == 1.0
+        assert np.allclose(sk.cluster_centers_, centers[i].numpy(), atol=1e-6)
+
+
 def test_labels_are_nearest_centres_and_centres_are_means():
     """A converged Lloyd solution: each point's centre is its nearest, each centre its points' mean."""
     x = torch.from_numpy(_pcc_like(7))[None]
@@ -135,6 +148,8 @@ def test_exceptions():
         kmeans(torch.zeros(4, 2), 2)
     with pytest.raises(ValueError, match="`backend` has to be 'torch' or 'cuml' but is 'sk'"):
         kmeans(torch.zeros(1, 4, 2), 2, backend="sk")
+    with pytest.raises(ValueError, match=r"`init` has to have shape \(B, k, D\) = \(1, 2, 2\) with n_init=1"):
+        kmeans(torch.zeros(1, 4, 2), 2, init=torch.zeros(1, 3, 2))
     with pytest.raises(ValueError, match="`max_iter` has to be at least 1 but is 0"):
         kmeans(torch.zeros(1, 4, 2), 2, max_iter=0)
 
