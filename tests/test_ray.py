@@ -7,7 +7,6 @@ last ones run the real pipeline on the tiny model and compare with the single-pr
 """
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -85,13 +84,15 @@ def _split(out):
     return (out / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
 
 
-def _worker_pids():
-    """PIDs of live pccfast Ray actors (Ray names an actor's process ``ray::_Worker...``)."""
+def _worker_pids(busy=False):
+    """PIDs of pccfast Ray actors: Ray titles an actor's process ``ray::_Worker``, and
+    ``ray::_Worker.run`` while it runs a batch (``busy``)."""
+    prefix = b"ray::_Worker.run" if busy else b"ray::_Worker"
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::_Worker"):
+                if f.read().startswith(prefix):
                     pids.append(int(pid))
         except OSError:
             pass
@@ -178,9 +179,9 @@ def test_killed_worker_is_restarted_and_its_batch_redone(ray, tmp_path):
 # --- the real pipeline on the tiny model ----------------------------------------------------
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, shared_prompts_path):
-    pytest.importorskip("pccfast.labeller", reason="the labeller module has not landed yet")  # TEMP until it lands
     out = tmp_path_factory.mktemp("single")
-    assert generate_main(["--prompts", shared_prompts_path, "--limit", "16", "--out", str(out), *TINY]) == 0
+    argv = ["--prompts", shared_prompts_path, "--limit", "16", "--out", str(out), *TINY, "--batch", "4"]  # last wins
+    assert generate_main(argv) == 0
     return out
 
 
@@ -193,12 +194,13 @@ def shared_prompts_path():
     return SHARED_PROMPTS
 
 
-def _compare(out, ref):
-    ids = _split(ref)
-    assert _split(out) == ids and len(ids) == 16
+def _compare(out, ref, n):
+    """Same ids (the first ``n`` of ``ref``), manifests, images within JPEG noise, masks >= 99.9% equal."""
+    ids = _split(ref)[:n]
+    assert _split(out) == ids and len(ids) == n
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(sorted(read_jsonl(str(out / "manifest.jsonl")), key=lambda r: r["index"])) == \
-        strip(read_jsonl(str(ref / "manifest.jsonl")))
+        strip(read_jsonl(str(ref / "manifest.jsonl")))[:n]
     same = total = 0
     for i in ids:
         a, b = (np.asarray(Image.open(dataset_paths(str(d), i)["mask"])) for d in (out, ref))
@@ -214,29 +216,30 @@ def test_ray_two_workers_equal_single_process(ray, single_process, shared_prompt
     out = tmp_path / "ray"
     argv = ["--prompts", shared_prompts, "--limit", "16", "--out", str(out), "--ray", "--workers", "2", *TINY]
     assert generate_main(argv) == 0
-    _compare(out, single_process)
+    _compare(out, single_process, 16)
 
 
 @pytest.mark.slow
-def test_ray_worker_killed_mid_run(ray, single_process, shared_prompts, tmp_path):
+def test_ray_worker_killed_mid_run(ray, single_process, shared_prompts, tmp_path, capsys):
+    """SIGKILL to a worker busy with a batch: Ray restarts it, its batches go to the other, all 8 ids valid."""
     out = tmp_path / "killed"
     man = out / "manifest.jsonl"
     killed = []
 
     def killer():
         deadline = time.time() + 120
-        while time.time() < deadline and len(read_jsonl(str(man))) < 4:
+        while time.time() < deadline and not read_jsonl(str(man)):
             time.sleep(0.02)
-        pids = _worker_pids()
-        if pids and len(read_jsonl(str(man))) < 16:
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
+        busy = _worker_pids(busy=True)
+        if busy and len(read_jsonl(str(man))) < 8:
+            os.kill(busy[0], signal.SIGKILL)
+            killed.append(busy[0])
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    argv = ["--prompts", shared_prompts, "--limit", "16", "--out", str(out), "--ray", "--workers", "2", *TINY]
+    argv = ["--prompts", shared_prompts, "--limit", "8", "--out", str(out), "--ray", "--workers", "2", *TINY]
     assert generate_main(argv) == 0
     thread.join()
     assert killed, "the run ended before a worker could be killed"
-    _compare(out, single_process)
-    print(f"killed worker {killed[0]}", file=sys.stderr)
+    assert "died" in capsys.readouterr().err
+    _compare(out, single_process, 8)

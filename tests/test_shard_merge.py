@@ -226,14 +226,23 @@ TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "-
 
 @pytest.mark.slow
 def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts):
-    pytest.importorskip("pccfast.labeller", reason="the labeller module has not landed yet")  # TEMP until it lands
+    """Shard 0/2 through the CLI, shard 1/2 (another batch size) and the unsharded run through
+    run_generation with one loaded pipeline (as the CLI does); the merge equals the unsharded run."""
+    from pccfast.config import PCCConfig
+    from pccfast.generate import BatchRunner, GenerationConfig, run_generation
     from pccfast.generate import main as generate_main
+    from pccfast.prompts import read_prompts
 
-    common = ["--prompts", shared_prompts, "--limit", "8", *TINY]
     ref, shared = tmp_path / "ref", tmp_path / "shared"
-    assert generate_main([*common, "--out", str(ref)]) == 0
-    assert generate_main([*common, "--out", str(shared), "--shard", "0/2"]) == 0
-    assert generate_main([*common, "--out", str(shared), "--shard", "1/2", "--batch", "3"]) == 0  # batch-independent
+    assert generate_main(["--prompts", shared_prompts, "--limit", "8", *TINY, "--out", str(shared), "--shard", "0/2"]) == 0
+    entries = read_prompts(shared_prompts, VOC, limit=8)
+    gen, cfg = GenerationConfig(model="tiny", steps=2, height=64, width=64, batch=4), PCCConfig()
+    writer = DatasetWriter(str(ref), VOC)
+    runner = BatchRunner(gen, cfg, VOC, writer)
+    assert run_generation(entries, gen, cfg, VOC, writer, progress=False, runner=runner).done == 8
+    runner.writer = writer = DatasetWriter(str(shared), VOC, shard=(1, 2))
+    gen3 = GenerationConfig(model="tiny", steps=2, height=64, width=64, batch=3)  # the split ignores the batch size
+    assert run_generation(select_shard(entries, (1, 2)), gen3, cfg, VOC, writer, progress=False, runner=runner).done == 4
     plans = [(shared / "manifests" / f"shard-{i}-of-2.plan").read_text().split() for i in range(2)]
     assert sorted(plans[0] + plans[1]) == _split(ref) and not set(plans[0]) & set(plans[1])
     assert merge_main([str(shared), "--quiet"]) == 0
