@@ -37,8 +37,10 @@ __all__ = [
     "normalise_features",
     "cluster_pieces",
     "blocky_stage",
+    "blocky_from_pieces",
     "vote",
     "refine_stage",
+    "refine_from_clusters",
     "assign_pieces",
     "clean_up",
     "reference_label",
@@ -166,9 +168,26 @@ def blocky_stage(features: np.ndarray, class_attention: np.ndarray, seed: int = 
     Returns:
         (h, w) uint8 labels, 255 where fewer than 56% of the 9 votes agree.
     """
-    class_attention = np.asarray(class_attention, dtype=np.float64)
-    num_classes, h, w = class_attention.shape
+    h, w = np.shape(class_attention)[1:]
     points = normalise_features(features, h, w)
+    piece_maps = []
+    for k in p["ks"]:
+        labels = _kmeans(points, k, seed).reshape(h, w)
+        piece_maps.append(cluster_pieces(labels))
+    return blocky_from_pieces(piece_maps, class_attention, p=p)
+
+
+def blocky_from_pieces(piece_maps, class_attention: np.ndarray, *, p=REFERENCE) -> np.ndarray:
+    """Section 2 after the clustering: class maps, IoU per piece per threshold, vote.
+
+    Args:
+        piece_maps: per k a pair (pieces (h, w) numbered 1..N, N).
+        class_attention: (K, h, w) class maps (float32 as captured).
+    Returns:
+        (h, w) uint8 labels.
+    """
+    class_attention = np.asarray(class_attention)
+    num_classes = class_attention.shape[0]
     maps = {}
     for c in range(num_classes):  # min-max normalise each class map; skip all-zero classes
         m = class_attention[c]
@@ -177,9 +196,7 @@ def blocky_stage(features: np.ndarray, class_attention: np.ndarray, seed: int = 
         lo, hi = m.min(), m.max()
         maps[c] = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
     votes = []
-    for k in p["ks"]:
-        labels = _kmeans(points, k, seed).reshape(h, w)
-        pieces, n = cluster_pieces(labels)
+    for pieces, n in piece_maps:
         for t in p["thresholds"]:
             votes.append(_classify(pieces, n, maps, t, p["background_factor"], num_classes))
     return vote(np.stack(votes), p=p)  # (9, h, w) -> (h, w)
@@ -230,6 +247,13 @@ def refine_stage(blocky: np.ndarray, image: np.ndarray, seed: int = 0, *, p=REFE
         axis=1,
     )  # (H*W, 5)
     labels = _kmeans(points, p["refine_k"], seed).reshape(H, W)
+    return refine_from_clusters(labels, big, p=p)
+
+
+def refine_from_clusters(labels: np.ndarray, big: np.ndarray, *, p=REFERENCE) -> np.ndarray:
+    """Section 3 after the image k-means: pieces, small-piece pool, per-piece label, clean-up.
+
+    labels: (H, W) cluster ids; big: (H, W) upsampled blocky labels -> (H, W) uint8."""
     pieces, n = cluster_pieces(labels)
     # pool the small pieces into piece 0, renumber the others 1..M
     sizes = np.bincount(pieces.ravel(), minlength=n + 1)
