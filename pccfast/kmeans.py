@@ -172,24 +172,35 @@ def _kmeans_torch(
     x = x - mean
     xt = x.transpose(1, 2).contiguous()  # (B, D, N), points in columns for the E-step
     x_sq = (x * x).sum(-1)  # (B, N)
-    tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)  # (B,) scikit-learn's _tolerance
+    tol_abs = tol * (xt * xt).mean(dim=(1, 2))  # (B,) scikit-learn's _tolerance: mean variance (x is centred)
     if init is None:
         centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt)  # (B, k, D)
     else:
         centers = init.to(x.dtype) - mean
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (B,)
-    prev = None
-    for _ in range(max_iter):
-        labels, min_dist = _assign_t(xt, centers, x_sq)  # (B, N), (B, N)
-        new = _update(x, labels, min_dist, centers, k)  # (B, k, D)
-        shift = ((new - centers) ** 2).sum(dim=(1, 2))  # (B,)
-        strict = (labels == prev).all(-1) if prev is not None else torch.zeros_like(done)
-        # strict convergence: labels unchanged, so `new` equals `centers` anyway
-        centers = torch.where(done[:, None, None], centers, new)
-        done = done | strict | (shift <= tol_abs)
-        prev = labels
-        if bool(done.all()):
-            break
+    # Lloyd; items that converged leave the batch, so a batch costs the sum of its items'
+    # iterations, not B times the slowest one
+    final = centers.clone()  # (B, k, D) converged centres land here
+    act = torch.arange(x.shape[0], device=x.device)  # (A,) items still running
+    xa, xta, sqa, tola, ca, prev = x, xt, x_sq, tol_abs, centers, None
+    for it in range(max_iter):
+        labels, min_dist = _assign_t(xta, ca, sqa)  # (A, N), (A, N)
+        new = _update(xa, labels, min_dist, ca, k)  # (A, k, D)
+        shift = ((new - ca) ** 2).sum(dim=(1, 2))  # (A,)
+        # strict convergence (labels unchanged) leaves `new` equal to `ca`
+        done = shift <= tola
+        if prev is not None:
+            done |= (labels == prev).all(-1)
+        ca, prev = new, labels
+        if it == max_iter - 1:
+            done = torch.ones_like(done)
+        if bool(done.any()):
+            final[act[done]] = ca[done]
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            act, xa, xta, sqa, tola = act[keep], xa[keep], xta[keep], sqa[keep], tola[keep]
+            ca, prev = ca[keep], prev[keep]
+    centers = final
     labels, min_dist = _assign_t(xt, centers, x_sq)  # final E-step, as scikit-learn
     return labels, centers + mean, min_dist.sum(-1)
 
@@ -240,7 +251,7 @@ def kmeans(
     """k-means of every batch item: greedy k-means++ then Lloyd (scikit-learn 1.4 semantics).
 
     Convergence per item: labels unchanged, or the squared centre shift summed over centres
-    at most ``tol * mean(var(x, dim=N))``; items that converged are frozen while others run.
+    at most ``tol * mean(var(x, dim=N))``; items that converged leave the batch.
 
     Args:
         x: (B, N, D) points (computed in float32 unless float64).
