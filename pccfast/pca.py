@@ -62,8 +62,9 @@ def _components_lowrank(
     b, n, d = xc.shape
     q = min(n_components + oversample, n, d)
     gram = _gram(xc)  # (B, d, d)
-    omega = torch.randn((b, d, q), generator=generator, device=generator.device, dtype=torch.float64)
-    basis = torch.linalg.qr(omega.to(xc.device)).Q  # (B, d, q)
+    # one test matrix shared by all items: an item's result does not depend on its batch
+    omega = torch.randn((d, q), generator=generator, device=generator.device, dtype=torch.float64)
+    basis = torch.linalg.qr(omega.to(xc.device)).Q.expand(b, d, q)  # (B, d, q)
     for _ in range(niter + 1):  # power iterations, re-orthonormalised each step
         basis = torch.linalg.qr(gram @ basis).Q  # (B, d, q)
     small = basis.transpose(1, 2) @ gram @ basis  # (B, q, q)

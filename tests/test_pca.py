@@ -84,6 +84,13 @@ def test_deterministic_and_generator_local():
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is untouched
 
 
+def test_batch_independent():
+    """A head's projection does not depend on the other heads in the batch."""
+    x = torch.randn(5, 256, 64, generator=torch.Generator().manual_seed(6))
+    together = headwise_pca(x, 3)
+    assert torch.allclose(headwise_pca(x[3:4], 3)[0], together[3], atol=1e-5)
+
+
 def test_constant_head_gives_zeros():
     x = torch.full((2, 64, 8), 5.0)
     for method in ("lowrank", "eigh"):
