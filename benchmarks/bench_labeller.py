@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=1000, help="seed of the first scene (default: %(default)s)")
     p.add_argument("--no-seed-floor", action="store_true",
                    help="skip the second baseline run with k-means seed 1 (the agreement floor)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for both paths: torch intra-op threads and, through threadpoolctl, the BLAS and "
+                   "OpenMP pools numpy/scikit-learn use (default: each library's own choice). On a shared "
+                   "machine, 1 gives the steadiest figures")
     p.add_argument("--workdir", default=None, help="folder for the file run (default: a temporary folder)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE")
     return p
@@ -109,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=args.threads):
+            return _run(args)
+    return _run(args)
+
+
+def _run(args) -> int:
     for name in ("scenes", "repeats"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} has to be at least 1 but is {getattr(args, name)}")
@@ -117,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from pccfast.labeller import label_images  # the module under test
     from pccfast.refine import refine_mask
 
+    load_start = os.getloadavg()
     device = torch.device(args.device)
     heads = tuple(int(h) for h in args.heads.split(","))
     n = args.scenes
@@ -310,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         per_scene.append(row)
     mean = {k: float(np.mean([r[k] for r in per_scene])) for k in per_scene[0] if k not in ("seed", "classes")}
 
+    threads_note = (f"{args.threads} for both paths" if args.threads
+                    else f"library defaults (torch {torch.get_num_threads()})")
     stages = [
         ("head-wise PCA (stage 1)", base_t["pca"], pcc_t["pca"]),
         ("blocky mask (stage 2)", base_t["blocky"], pcc_t["blocky"]),
@@ -319,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines = [
         f"Synthetic scenes: {n}, grid {grid}, image {size}, heads {heads} x {args.layers_per_scale} layers/scale x 2 CFG "
-        f"halves, head dim {args.head_dim}; pccfast on {device} (batch {batch}, torch threads {torch.get_num_threads()}); "
+        f"halves, head dim {args.head_dim}; pccfast on {device} (batch {batch}); threads {threads_note}; "
         f"median of {args.repeats} (pccfast) / {b_repeats} (baseline) repeats, seconds per image.",
+        f"Load average (1 min) at start / end: {load_start[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+        "(other work on the machine slows both paths).",
         "",
         "| stage | baseline s/img | pccfast s/img | baseline / pccfast |",
         "|---|---:|---:|---:|",
@@ -359,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(), "torch": torch.__version__, "sklearn": sklearn.__version__,
                 "numpy": np.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                 "device": str(device),
+                "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
             },
             "seconds_per_image": {
                 "baseline": {**base_t, "files": statistics.median(ftimes["base"])},
