@@ -1,0 +1,207 @@
+"""Cost of attention capture per denoising step, and capture memory against the number of steps.
+
+Three ways to run the same UNet step (same inputs, same run):
+
+* ``plain``: diffusers' ``AttnProcessor2_0`` everywhere (no capture);
+* ``pccfast``: pccfast's fused capture processors (``pccfast.capture.AttentionCapture``): class
+  scores accumulated in place every step, head-wise PCA at the last step only;
+* ``reference-style``: hooks the way the reference does it: every attention layer's
+  probabilities recomputed explicitly (softmax(QK^T) materialised), the unconditional queries
+  of every cross-attention and the per-head outputs of every up-block self-attention copied to
+  the host at every step and kept in lists; class scores and PCA done afterwards.
+
+The UNet is the tiny model's (SD 2.1 topology: same blocks, heads (5, 10, 20, 20), reduced
+width) at 64x64 latents (a 512x512 image), batch 1 prompt (UNet batch 2, CFG).
+
+    python benchmarks/bench_capture.py [--latent 64] [--steps 10] [--repeats 5] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pccfast.capture import AttentionCapture, attend, cross_attention_layers, self_attention_layers
+from pccfast.pca import headwise_features
+from pccfast.tiny import build_tiny_pipeline
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _RefCross:
+    """Reference-style attn2 hook: explicit attention, uncond query copied to the host each step."""
+
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+        q = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        v = attn.to_v(encoder_hidden_states)
+        b, n, inner = q.shape
+        h = attn.heads
+        d = inner // h
+        qh = q.view(b, n, h, d).transpose(1, 2)  # (2B, heads, N, d)
+        kh = key.view(b, -1, h, d).transpose(1, 2)
+        vh = v.view(b, -1, h, d).transpose(1, 2)
+        probs = (qh @ kh.transpose(-1, -2) * attn.scale).softmax(-1)  # explicit (2B, heads, N, L)
+        out = (probs @ vh).transpose(1, 2).reshape(b, n, inner)
+        self.store.setdefault(self.name, []).append(q[: b // 2].detach().cpu().clone())  # host copy each step
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+class _RefSelf:
+    """Reference-style attn1 hook: explicit attention, per-head outputs to the host each step."""
+
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+        q, key, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        b, n, inner = q.shape
+        h = attn.heads
+        d = inner // h
+        qh, kh, vh = (t.view(b, n, h, d).transpose(1, 2) for t in (q, key, v))  # (2B, heads, N, d)
+        probs = (qh @ kh.transpose(-1, -2) * attn.scale).softmax(-1)  # (2B, heads, N, N) materialised
+        per_head = probs @ vh  # (2B, heads, N, d)
+        self.store.setdefault(self.name, []).append(per_head.detach().cpu().clone())
+        out = per_head.transpose(1, 2).reshape(b, n, inner)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--latent", type=int, default=64, help="latent side (64 = a 512x512 image; default %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps of one timed run (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the median is reported")
+    p.add_argument("--tokens", type=int, default=6, help="class-text tokens (default %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--memory-steps", default="2,5,10,20", help="step counts for the memory table")
+    p.add_argument("--json", default=None, help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pipe = build_tiny_pipeline(seed=0, device=device)
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, 4, args.latent, args.latent, generator=g).to(device)  # (2B, 4, h, w), B = 1
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device)
+    class_embeds = torch.randn(1, args.tokens, unet.config.cross_attention_dim, generator=g).to(device)
+    class_mask = torch.ones(1, args.tokens, dtype=torch.bool, device=device)
+    ts = torch.linspace(999, 1, args.steps).long()
+
+    def run_plain():
+        for t in ts:
+            unet(lat, t.to(device), encoder_hidden_states=ctx)
+
+    def run_pccfast(steps=args.steps, total=None):
+        # total > steps: the run stops before the last step (the steps every run has most of)
+        cap = AttentionCapture(unet, class_embeds, class_mask, total or steps, (args.latent, args.latent))
+        with cap:
+            for i in range(steps):
+                unet(lat, ts[i % len(ts)].to(device), encoder_hidden_states=ctx)
+                cap.on_step_end(None, i, None, {})
+        return cap
+
+    def run_reference(steps=args.steps):
+        store: dict = {}
+        procs = dict(unet.attn_processors)
+        for n in cross_attention_layers(unet):
+            procs[n] = _RefCross(store, n)
+        for n in self_attention_layers(unet):
+            procs[n] = _RefSelf(store, n)
+        saved = dict(unet.attn_processors)
+        unet.set_attn_processor(procs)
+        try:
+            for i in range(steps):
+                unet(lat, ts[i % len(ts)].to(device), encoder_hidden_states=ctx)
+        finally:
+            unet.set_attn_processor(saved)
+        # afterwards, as the reference's second script: score every step's queries, PCA the last step
+        grid = args.latent
+        modules = dict(unet.named_modules())
+        for n in cross_attention_layers(unet):
+            attn = modules[n.rsplit(".", 1)[0]]  # "...attn2.processor" -> the Attention module
+            key = attn.to_k(class_embeds)
+            for q in store[n]:
+                h = attn.heads
+                d = q.shape[-1] // h
+                qh = q.to(device).view(1, -1, h, d).transpose(1, 2)
+                kh = key.view(1, -1, h, d).transpose(1, 2)
+                (qh @ kh.transpose(-1, -2) * attn.scale).softmax(-1).sum(1)
+        for n in self_attention_layers(unet):
+            x = store[n][-1]  # (2, heads, N, d), unconditional half first
+            x = x.reshape(1, -1, *x.shape[2:])  # (1, 2*heads, N, d)
+            headwise_features(x.to(device), grid)
+        return store
+
+    variants = {
+        "plain": run_plain,
+        "pccfast (steps before the last)": lambda: run_pccfast(args.steps, args.steps + 1),
+        "pccfast (whole run, last step included)": run_pccfast,
+        "reference-style": run_reference,
+    }
+    times = {k: [] for k in variants}
+    with torch.no_grad():
+        for fn in variants.values():  # warm-up
+            fn()
+        for _ in range(args.repeats):
+            for name, fn in variants.items():  # interleaved, so load changes hit all variants alike
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append((time.perf_counter() - t0) / args.steps)
+        memory = {"steps": [], "pccfast": [], "reference-style": []}
+        for s in [int(x) for x in args.memory_steps.split(",")]:
+            cap = run_pccfast(s)
+            ref = run_reference(s)
+            memory["steps"].append(s)
+            memory["pccfast"].append(_nbytes(cap.class_maps) + _nbytes(cap.head_features))
+            memory["reference-style"].append(_nbytes(ref))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    # the last step's extra cost (PCA), amortised over the reference's 80 steps
+    mid = med["pccfast (steps before the last)"]
+    last_extra = (med["pccfast (whole run, last step included)"] - mid) * args.steps
+    med["pccfast (80-step run, projected)"] = mid + last_extra / 80
+    print(f"UNet: tiny SD 2.1 topology, latent {args.latent}x{args.latent}, {args.steps} steps, device {device}, "
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats}\n")
+    print("| variant | s / step | ratio to plain |")
+    print("| --- | --- | --- |")
+    for k in med:
+        print(f"| {k} | {med[k]:.4f} | {med[k] / med['plain']:.3f}x |")
+    print("\n| steps | pccfast capture MiB | reference-style MiB |")
+    print("| --- | --- | --- |")
+    for s, a, b in zip(memory["steps"], memory["pccfast"], memory["reference-style"]):
+        print(f"| {s} | {a / 2**20:.2f} | {b / 2**20:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seconds_per_step": med, "all": times, "memory_bytes": memory, "latent": args.latent,
+                       "steps": args.steps, "threads": torch.get_num_threads()}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
