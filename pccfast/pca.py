@@ -37,13 +37,13 @@ def _flip_signs(components: Tensor) -> Tensor:
 
 
 def _gram(xc: Tensor) -> Tensor:
-    """Scatter matrix of centred data. xc: (B, N, d) -> (B, d, d) float64 (computed in xc's dtype)."""
-    return (xc.transpose(1, 2) @ xc).double()  # (B, d, d)
+    """Scatter matrix of centred data. xc: (B, N, d) -> (B, d, d) in xc's dtype."""
+    return xc.transpose(1, 2) @ xc  # (B, d, d)
 
 
 def _components_eigh(xc: Tensor, n_components: int) -> Tensor:
     """Exact leading eigenvectors of the covariance. xc: (B, N, d) centred -> (B, c, d)."""
-    _, evecs = torch.linalg.eigh(_gram(xc))  # ascending eigenvalues; evecs (B, d, d)
+    _, evecs = torch.linalg.eigh(_gram(xc).double())  # ascending eigenvalues; evecs (B, d, d)
     top = evecs[..., -n_components:].flip(-1)  # (B, d, c), descending
     return top.transpose(1, 2).to(xc.dtype)  # (B, c, d)
 
@@ -57,20 +57,51 @@ def _components_lowrank(
     applied through the (d x d) scatter matrix G = xc^T xc: ``torch.pca_lowrank(niter=n)``
     spans G^(n+1) Omega, so here Q <- orth(G Q) runs n+1 times, followed by Rayleigh-Ritz on
     Q^T G Q. With d = 64 this costs one (N d^2) matmul per head plus tiny float64 work, instead
-    of 2n+2 passes over the (N x d) data with tall QRs.
+    of 2n+2 passes over the (N x d) data with tall QRs. The iteration runs in float32 (as
+    ``torch.pca_lowrank`` on float32 data); the final (q x q) eigenproblem in float64.
     """
     b, n, d = xc.shape
     q = min(n_components + oversample, n, d)
     gram = _gram(xc)  # (B, d, d)
     # one test matrix shared by all items: an item's result does not depend on its batch
     omega = torch.randn((d, q), generator=generator, device=generator.device, dtype=torch.float64)
-    basis = torch.linalg.qr(omega.to(xc.device)).Q.expand(b, d, q)  # (B, d, q)
+    basis = torch.linalg.qr(omega.to(device=xc.device, dtype=xc.dtype)).Q.expand(b, d, q)  # (B, d, q)
     for _ in range(niter + 1):  # power iterations, re-orthonormalised each step
         basis = torch.linalg.qr(gram @ basis).Q  # (B, d, q)
-    small = basis.transpose(1, 2) @ gram @ basis  # (B, q, q)
+    small = (basis.transpose(1, 2) @ gram @ basis).double()  # (B, q, q)
     _, evecs = torch.linalg.eigh(small)  # ascending; (B, q, q)
-    top = basis @ evecs[..., -n_components:].flip(-1)  # (B, d, c), descending
+    top = basis @ evecs[..., -n_components:].flip(-1).to(xc.dtype)  # (B, d, c), descending
     return top.transpose(1, 2).to(xc.dtype)  # (B, c, d)
+
+
+def _validate(x: Tensor, n_components: int, method: str, oversample: int, niter: int) -> None:
+    check_tensor(x, "x", 3, floating=True)
+    n, d = x.shape[1:]
+    if not 1 <= n_components <= min(n, d):
+        raise ValueError(
+            f"`n_components` has to lie in [1, min(N, d)] = [1, {min(n, d)}] but is {n_components}"
+        )
+    if method not in ("lowrank", "eigh"):
+        raise ValueError(f"`method` has to be 'lowrank' or 'eigh' but is {method!r}")
+    if oversample < 0 or niter < 0:
+        raise ValueError(f"`oversample` and `niter` have to be >= 0 but are {oversample} and {niter}")
+
+
+def _pca(
+    x: Tensor, n_components: int, method: str, oversample: int, niter: int,
+    generator: Optional[torch.Generator],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (B, N, d) -> centred data (B, N, d) float32, components (B, c, d), mean (B, 1, d)."""
+    _validate(x, n_components, method, oversample, niter)
+    x = x.float()
+    mean = x.mean(dim=1, keepdim=True)  # (B, 1, d)
+    xc = x - mean  # (B, N, d)
+    if method == "eigh":
+        comps = _components_eigh(xc, n_components)
+    else:
+        gen = local_generator(generator, 0, x.device)
+        comps = _components_lowrank(xc, n_components, oversample, niter, gen)
+    return xc, _flip_signs(comps), mean
 
 
 def pca_components(
@@ -94,25 +125,8 @@ def pca_components(
     Returns:
         components (B, n_components, d) float32 with deterministic signs, mean (B, 1, d).
     """
-    check_tensor(x, "x", 3, floating=True)
-    b, n, d = x.shape
-    if not 1 <= n_components <= min(n, d):
-        raise ValueError(
-            f"`n_components` has to lie in [1, min(N, d)] = [1, {min(n, d)}] but is {n_components}"
-        )
-    if method not in ("lowrank", "eigh"):
-        raise ValueError(f"`method` has to be 'lowrank' or 'eigh' but is {method!r}")
-    if oversample < 0 or niter < 0:
-        raise ValueError(f"`oversample` and `niter` have to be >= 0 but are {oversample} and {niter}")
-    x = x.float()
-    mean = x.mean(dim=1, keepdim=True)  # (B, 1, d)
-    xc = x - mean  # (B, N, d)
-    if method == "eigh":
-        comps = _components_eigh(xc, n_components)
-    else:
-        gen = local_generator(generator, 0, x.device)
-        comps = _components_lowrank(xc, n_components, oversample, niter, gen)
-    return _flip_signs(comps), mean
+    _, comps, mean = _pca(x, n_components, method, oversample, niter, generator)
+    return comps, mean
 
 
 def headwise_pca(
@@ -133,10 +147,16 @@ def headwise_pca(
     Returns:
         (B, N, n_components) float32 projections on the leading principal axes.
     """
-    comps, mean = pca_components(
-        x, n_components, method=method, oversample=oversample, niter=niter, generator=generator
-    )
-    return (x.float() - mean) @ comps.transpose(1, 2)  # (B, N, c)
+    return _projections(x, n_components, method, oversample, niter, generator).transpose(1, 2)  # (B, N, c)
+
+
+def _projections(
+    x: Tensor, n_components: int, method: str, oversample: int, niter: int,
+    generator: Optional[torch.Generator],
+) -> Tensor:
+    """x: (B, N, d) -> projections (B, c, N) float32 (components-major: the cheaper matmul)."""
+    xc, comps, _ = _pca(x, n_components, method, oversample, niter, generator)
+    return comps @ xc.transpose(1, 2)  # (B, c, N)
 
 
 def headwise_features(
@@ -168,16 +188,11 @@ def headwise_features(
         raise ValueError(f"`grid` has to be at least 1 but is {grid}")
     c = cfg.pca_components
     gen = local_generator(generator, cfg.pca_seed, x.device)
-    proj = headwise_pca(
+    proj = _projections(
         x.reshape(b * heads, n, d),  # (B*heads, S*S, d)
-        c,
-        method=cfg.pca_method,
-        oversample=cfg.pca_oversample,
-        niter=cfg.pca_niter,
-        generator=gen,
-    )  # (B*heads, S*S, c)
-    proj = proj.reshape(b, heads, side, side, c)  # (B, heads, S, S, c)
-    proj = proj.permute(0, 1, 4, 2, 3).reshape(b, heads * c, side, side)  # (B, heads*c, S, S)
+        c, cfg.pca_method, cfg.pca_oversample, cfg.pca_niter, gen,
+    )  # (B*heads, c, S*S)
+    proj = proj.reshape(b, heads * c, side, side)  # (B, heads*c, S, S), head-major, row-major pixels
     if side != grid:
         proj = F.interpolate(proj, size=(grid, grid), mode="nearest")  # (B, heads*c, grid, grid)
     return proj.contiguous()
