@@ -60,7 +60,7 @@ def test_smoke(device):
 
 def test_synthetic_scene_recovers_objects():
     """Planted objects are recovered by the refined mask with IoU > 0.8 each (batch of 2)."""
-    feats, cams, imgs, truths = _scene(b=2, grid=64, size=256)
+    feats, cams, imgs, truths = _scene(b=2, grid=64, size=128)
     res = label_images(feats, cams, imgs.round().to(torch.uint8))
     for i in range(2):
         for c in truths[i].unique().tolist():
