@@ -161,7 +161,8 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
-def resolve_workers(workers: int | None, device: str, resources: dict, node_cpus: list[float]) -> tuple[int, dict]:
+def resolve_workers(workers: int | None, device: str, resources: dict, node_cpus: list[float],
+                    cpus_per_worker: float | None = None) -> tuple[int, dict]:
     """Number of actors and each one's Ray resources.
 
     Args:
@@ -169,8 +170,12 @@ def resolve_workers(workers: int | None, device: str, resources: dict, node_cpus
         device: the pipeline's torch device; "cuda..." asks for GPU actors.
         resources: ``ray.cluster_resources()``.
         node_cpus: CPUs of each live node.
+        cpus_per_worker: CPUs per actor (a CPU actor runs int(cpus) torch threads); default: on
+            CUDA 1, on the CPU an even share of the cluster's CPUs (at most one node's).
     Returns: (workers, dict(num_cpus=..., num_gpus=...)) for ``actor.options``.
     """
+    if cpus_per_worker is not None and cpus_per_worker <= 0:
+        raise ValueError(f"`cpus_per_worker` has to be positive but is {cpus_per_worker}")
     gpus = int(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 1.0))
     on_gpu = torch.device(device).type == "cuda"
@@ -182,7 +187,9 @@ def resolve_workers(workers: int | None, device: str, resources: dict, node_cpus
         raise ValueError(f"`workers` has to be at least 1 but is {workers}")
     if on_gpu:
         per_gpu = math.ceil(workers / gpus)  # more workers than GPUs: share them evenly
-        return workers, dict(num_cpus=min(1.0, cpus / workers), num_gpus=1.0 / per_gpu)
+        return workers, dict(num_cpus=cpus_per_worker or min(1.0, cpus / workers), num_gpus=1.0 / per_gpu)
+    if cpus_per_worker is not None:
+        return workers, dict(num_cpus=cpus_per_worker, num_gpus=0)
     share = cpus / workers
     if node_cpus:
         share = min(share, max(node_cpus))
@@ -240,6 +247,7 @@ def run_ray(
     inflight: int = 2,
     max_attempts: int = MAX_ATTEMPTS,
     max_restarts: int = 3,
+    cpus_per_worker: float | None = None,
     runner_factory=None,
 ) -> RayReport:
     """Generate ``entries`` on Ray actors; the driver commits the manifest records.
@@ -255,6 +263,8 @@ def run_ray(
         inflight: batches outstanding per actor (1 or 2 is plenty).
         max_attempts: a batch failing this often is reported in ``failed`` and skipped.
         max_restarts: Ray restarts of each actor after its process died.
+        cpus_per_worker: Ray CPUs per actor, which is also a CPU actor's torch thread count
+            (default: see :func:`resolve_workers`).
         runner_factory: ``f(gen, cfg, label_set, writer) -> object with run(entries)``
             (default :class:`~pccfast.generate.BatchRunner`; tests pass a fake).
     """
@@ -281,7 +291,7 @@ def run_ray(
     try:
         n_workers, resources = resolve_workers(
             workers, gen.device, ray.cluster_resources(),
-            [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")],
+            [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")], cpus_per_worker,
         )
         actor_gen = gen
         if resources["num_gpus"] > 0:  # Ray sets CUDA_VISIBLE_DEVICES: the actor's own GPU is cuda:0
@@ -422,7 +432,8 @@ def _drive(ray, actors, todo, batch_size, writer, report, inflight, max_attempts
                                                     max(0.0, received - out["end"]), i))
                 bar.update(len(batch.entries))
                 alive = sum(s == "alive" for s in state)
-                bar.set_postfix_str(f"{alive}/{len(actors)} workers")
+                rate = report.done / max(time.perf_counter() - t_actors, 1e-9)  # over all workers
+                bar.set_postfix_str(f"{rate:.2f} img/s, {alive}/{len(actors)} workers")
     finally:
         bar.close()
         _remove_stale_temps(writer.out, touched)
