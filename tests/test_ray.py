@@ -76,6 +76,22 @@ class CudaErrorOnceRunner(FakeRunner):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
+class UnevenRunner(FakeRunner):
+    """The first worker to start is fast, the second slow (a fast and a slow GPU)."""
+
+    def __init__(self, gen, cfg, label_set, writer):
+        super().__init__(gen, cfg, label_set, writer)
+        try:
+            os.close(os.open(os.path.join(os.path.dirname(writer.out), "fast"), os.O_CREAT | os.O_EXCL))
+            self.extra = 0.0
+        except FileExistsError:
+            self.extra = 0.5
+
+    def run(self, entries):
+        time.sleep(self.extra)
+        return super().run(entries)
+
+
 def _entries(n, poison=()):
     return [PromptEntry(id=f"{i:04d}", prompt="poison" if i in poison else f"a cat {i}", classes=("cat",), index=i,
                         source="test") for i in range(n)]
@@ -166,6 +182,16 @@ def test_every_batch_once_failing_batch_reported_cuda_error_restarts(ray, tmp_pa
     # a second run resumes from the manifest: nothing to do for the finished ids, no actor started
     report2, _ = _run_fake(tmp_path, [e for e in entries if e.id in expected])
     assert report2.skipped == 18 and report2.done == 0 and report2.workers == 0
+
+
+def test_fast_worker_takes_more_batches(ray, tmp_path):
+    """Dynamic load balancing: batches go to whichever worker is free, not round-robin."""
+    report, out = _run_fake(tmp_path, _entries(32), runner_factory=UnevenRunner)
+    per_pid = {}
+    for r in read_jsonl(str(out / "manifest.jsonl")):
+        per_pid[r["pid"]] = per_pid.get(r["pid"], 0) + 1
+    assert report.done == 32 and len(per_pid) == 2
+    assert max(per_pid.values()) >= 2 * min(per_pid.values()), per_pid
 
 
 def test_killed_worker_is_restarted_and_its_batch_redone(ray, tmp_path):
