@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_tensor, local_generator
@@ -80,24 +79,43 @@ def piece_majority(pieces: Tensor, labels: Tensor, ratio: float, ignore_index: i
     return torch.gather(piece_label, 1, pieces)  # (B, P)
 
 
+def _step(m: Tensor, dim: int, grow: bool) -> Tensor:
+    """One 3-wide step along ``dim`` of a bool mask: dilation (OR, outside = background) or
+    erosion (AND, outside = foreground, so the border never erodes). m: (..., H, W) bool."""
+    n = m.shape[dim]
+    out = m.clone()
+    if n < 2:
+        return out
+    lo, hi = m.narrow(dim, 0, n - 1), m.narrow(dim, 1, n - 1)
+    if grow:
+        out.narrow(dim, 1, n - 1).logical_or_(lo)
+        out.narrow(dim, 0, n - 1).logical_or_(hi)
+    else:
+        out.narrow(dim, 1, n - 1).logical_and_(lo)
+        out.narrow(dim, 0, n - 1).logical_and_(hi)
+    return out
+
+
+def _morph(m: Tensor, iterations: int, grow: bool) -> Tensor:
+    m = m.bool() if m.dtype != torch.bool else m
+    for dim in (-1, -2):  # a 3x3 square is a 3-wide row step then a 3-tall column step
+        for _ in range(max(iterations, 0)):
+            m = _step(m, dim, grow)
+    return m
+
+
 def dilate(m: Tensor, iterations: int) -> Tensor:
     """3x3 dilation applied ``iterations`` times; outside the image counts as background.
 
-    Equals one (2n+1)-square dilation; done separably. m: (B, C, H, W) float in {0, 1}.
+    Equals one (2n+1)-square dilation (OpenCV's iterated dilate). m: (..., H, W) -> bool
     """
-    if iterations <= 0:
-        return m
-    size = 2 * iterations + 1
-    m = F.max_pool2d(m, (1, size), stride=1, padding=(0, iterations))  # rows
-    return F.max_pool2d(m, (size, 1), stride=1, padding=(iterations, 0))  # columns
+    return _morph(m, iterations, grow=True)
 
 
 def erode(m: Tensor, iterations: int) -> Tensor:
     """3x3 erosion applied ``iterations`` times; outside the image counts as foreground, so the
-    border never erodes (OpenCV's default border value for erosion). m: (B, C, H, W) float."""
-    if iterations <= 0:
-        return m
-    return 1.0 - dilate(1.0 - m, iterations)
+    border never erodes (OpenCV's default border value for erosion). m: (..., H, W) -> bool"""
+    return _morph(m, iterations, grow=False)
 
 
 def cleanup(labels: Tensor, cfg: PCCConfig) -> Tensor:
@@ -124,12 +142,12 @@ def cleanup(labels: Tensor, cfg: PCCConfig) -> Tensor:
     values = values[values != 0]  # (C,) ascending
     if values.numel() == 0:
         return torch.zeros(b, h, w, dtype=torch.uint8, device=labels.device)
-    raw = (labels[:, None] == values[None, :, None, None]).float()  # (B, C, H, W)
+    raw = labels[:, None] == values[None, :, None, None]  # (B, C, H, W) bool
     m = erode(dilate(erode(raw, cfg.erode_first), cfg.dilate_iters), cfg.erode_after)  # opened
     band = dilate(m, cfg.band_dilations)  # (B, C, H, W)
     is_ignore = (values == ignore)[None, :, None, None]  # (1, C, 1, 1)
-    m = torch.where(is_ignore, raw, m) > 0.5
-    band = torch.where(is_ignore, raw, band) > 0.5
+    m = torch.where(is_ignore, raw, m)
+    band = torch.where(is_ignore, raw, band)
     rank = torch.arange(1, values.numel() + 1, device=labels.device)[None, :, None, None]  # (1, C, 1, 1)
     last = (band * rank).amax(dim=1)  # (B, H, W): 1 + channel of the last covering value, 0 none
     idx = (last - 1).clamp_min(0)[:, None]  # (B, 1, H, W)
