@@ -3,8 +3,8 @@
 Two pixels are connected when they are neighbours (8- or 4-connectivity) with the same label.
 The torch backend is exact for any shape (spirals, snakes): it starts from the runs of equal
 labels in each row, then hooks the larger of two neighbouring roots onto the smaller
-(``scatter_reduce`` amin over all pixel pairs, densely) and compresses paths by pointer
-jumping, until no neighbouring same-label pair has two different roots. Each pixel's
+(``scatter_reduce`` amin over the pairs still joining two trees) and compresses paths by
+pointer jumping, until no neighbouring same-label pair has two different roots. Each pixel's
 root is the first pixel of its piece in raster order, so pieces are numbered 1..N in the
 order of their first pixel, as ``scipy.ndimage.label`` numbers them.
 """
@@ -28,10 +28,11 @@ def _shifted(dx: int, w: int) -> tuple[slice, slice]:
     return slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w + min(0, dx))
 
 
-def _row_runs(labels: Tensor) -> Tensor:
+def _row_runs(labels: Tensor) -> tuple[Tensor, Tensor]:
     """Every pixel's parent = the first pixel of its run of equal labels in its row.
 
-    labels: (B, H, W) -> (B*H*W,) flat indices (already roots, so the forest is compressed)
+    labels: (B, H, W) -> parents (B*H*W,) flat indices (already roots, so the forest is
+    compressed) and the run starts (B, H, W) bool
     """
     b, h, w = labels.shape
     col = torch.arange(w, device=labels.device).expand(b, h, w)  # (B, H, W)
@@ -39,7 +40,7 @@ def _row_runs(labels: Tensor) -> Tensor:
     start[..., 1:] = labels[..., 1:] != labels[..., :-1]
     first = torch.cummax(torch.where(start, col, torch.zeros_like(col)), dim=-1).values  # (B, H, W)
     row_base = torch.arange(b * h, device=labels.device).view(b, h, 1) * w  # (B, H, 1)
-    return (row_base + first).reshape(-1)
+    return (row_base + first).reshape(-1), start
 
 
 def _compress(parent: Tensor) -> Tensor:
@@ -55,34 +56,35 @@ def _components_torch(labels: Tensor, connectivity: int) -> Tensor:
     """labels: (B, H, W) int -> (B, H, W) long piece ids, 1..N per image, 0 where labels < 0.
 
     Invariant: parent[i] <= i and parent[i] lies in i's piece, so roots are the pieces' first
-    pixels. Rounds hook, for every neighbouring pair (p, q) with equal labels whose roots
-    differ, the larger root onto the smaller (a scatter with amin; non-edges scatter a
-    no-op), then compress. A round without such a pair means every piece is one tree.
+    pixels. Starting from the row runs, each round hooks, for every neighbouring pair (p, q)
+    with equal labels whose roots differ, the larger root onto the smaller (a scatter with
+    amin), then compresses. Only one pair per touching run segment is needed, and roots only
+    ever merge, so a pair with equal roots never matters again and leaves the list. A round
+    without such a pair means every piece is one tree.
     """
     b, h, w = labels.shape
     n = b * h * w
-    parent = _row_runs(labels)  # (n,)
-    # same-label masks of the neighbour pairs to the next row, per offset (B, H-1, w')
-    pairs = []
-    for dy, dx in _DOWN_OFFSETS[connectivity]:
+    parent, start = _row_runs(labels)  # (n,) row runs are already merged; (B, H, W)
+    idx = torch.arange(n, device=labels.device).view(b, h, w)  # (B, H, W) flat index
+    ps, qs = [], []
+    for dy, dx in _DOWN_OFFSETS[connectivity]:  # pairs to the next row
         xp, xq = _shifted(dx, w)
-        a, c = labels[:, : h - dy, xp], labels[:, dy:, xq]
-        pairs.append((dy, xp, xq, (a == c) & (a >= 0)))
-    while pairs:
-        grid = parent.view(b, h, w)
-        his, los = [], []
-        for dy, xp, xq, same in pairs:
-            rp, rq = grid[:, : h - dy, xp], grid[:, dy:, xq]  # roots of p and q
-            join = same & (rp != rq)
-            lo = torch.minimum(rp, rq)
-            # a non-edge scatters its own root onto itself: parent[r] = min(parent[r], r) = r
-            his.append(torch.where(join, torch.maximum(rp, rq), rp).reshape(-1))
-            los.append(torch.where(join, lo, rp).reshape(-1))
-        hi, lo = torch.cat(his), torch.cat(los)
-        if torch.equal(hi, lo):
-            break
-        parent = parent.scatter_reduce(0, hi, lo, reduce="amin")  # hook larger root onto smaller
-        parent = _compress(parent)
+        a, c = labels[:, : h - dy, xp], labels[:, dy:, xq]  # (B, H-dy, w') labels of p and q
+        # a pair whose left neighbours (p-1, q-1) lie in the same runs joins the same two
+        # runs, so keep only pairs where p or q starts its run (column 0 always does)
+        keep = (a == c) & (a >= 0) & (start[:, : h - dy, xp] | start[:, dy:, xq])
+        ps.append(idx[:, : h - dy, xp][keep])
+        qs.append(idx[:, dy:, xq][keep])
+    p, q = torch.cat(ps), torch.cat(qs)  # (E,) pairs that may join two trees
+    while p.numel():
+        rp, rq = parent[p], parent[q]  # roots (parent is compressed)
+        diff = rp != rq
+        if not bool(diff.all()):
+            p, q, rp, rq = p[diff], q[diff], rp[diff], rq[diff]
+            if not p.numel():
+                break
+        parent = parent.scatter_reduce(0, torch.maximum(rp, rq), torch.minimum(rp, rq), reduce="amin")
+        parent = _compress(parent)  # hook larger root onto smaller, then compress
     flat = torch.arange(n, device=labels.device)
     is_root = ((parent == flat) & (labels.reshape(-1) >= 0)).view(b, h * w)  # (B, HW)
     number = torch.cumsum(is_root, dim=1).view(-1)  # (B*HW,) 1..N per image at roots
