@@ -75,6 +75,21 @@ def _chunks(n: int, size: int):
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _git_version() -> str:
+    """Short commit of the checkout the benchmark runs in ('+changes' if pccfast/ differs from it)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pccfast", "benchmarks"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3f}" if x >= 0.01 else f"{x * 1000:.2f} ms"
 
@@ -130,6 +145,7 @@ def _run(args) -> int:
     from pccfast.refine import refine_mask
 
     load_start = os.getloadavg()
+    version = _git_version()
     device = torch.device(args.device)
     heads = tuple(int(h) for h in args.heads.split(","))
     n = args.scenes
@@ -336,7 +352,7 @@ def _run(args) -> int:
         f"Synthetic scenes: {n}, grid {grid}, image {size}, heads {heads} x {args.layers_per_scale} layers/scale x 2 CFG "
         f"halves, head dim {args.head_dim}; pccfast on {device} (batch {batch}); threads {threads_note}; "
         f"median of {args.repeats} (pccfast) / {b_repeats} (baseline) repeats, seconds per image.",
-        f"Load average (1 min) at start / end: {load_start[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+        f"Code: {version}. Load average (1 min) at start / end: {load_start[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
         "(other work on the machine slows both paths).",
         "",
         "| stage | baseline s/img | pccfast s/img | baseline / pccfast |",
@@ -375,7 +391,7 @@ def _run(args) -> int:
             "environment": {
                 "python": platform.python_version(), "torch": torch.__version__, "sklearn": sklearn.__version__,
                 "numpy": np.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "device": str(device),
+                "device": str(device), "git": version,
                 "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
             },
             "seconds_per_image": {
