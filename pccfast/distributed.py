@@ -225,8 +225,6 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-
-
 @dataclass
 class _Batch:
     entries: list
@@ -289,10 +287,12 @@ def run_ray(
     report.connect_seconds = time.perf_counter() - t0
     actors: list = []
     try:
-        n_workers, resources = resolve_workers(
-            workers, gen.device, ray.cluster_resources(),
-            [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")], cpus_per_worker,
-        )
+        cluster = ray.cluster_resources()
+        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        n_workers, _ = resolve_workers(workers, gen.device, cluster, node_cpus, cpus_per_worker)
+        n_batches = math.ceil(len(todo) / gen.batch)  # no actor without a batch to run
+        n_workers, resources = resolve_workers(min(n_workers, n_batches), gen.device, cluster, node_cpus,
+                                               cpus_per_worker)
         actor_gen = gen
         if resources["num_gpus"] > 0:  # Ray sets CUDA_VISIBLE_DEVICES: the actor's own GPU is cuda:0
             actor_gen = replace(gen, device="cuda")
