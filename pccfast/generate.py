@@ -276,6 +276,25 @@ def main(argv: list[str] | None = None) -> int:
                                shard=shard, jpeg_quality=args.jpeg_quality)
     except (ValueError, PromptError, FileNotFoundError) as exc:
         fail(str(exc))
+    try:
+        report = _run(args, entries, gen, cfg, label_set, writer)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished images are kept in {args.out}: run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(
+        f"{report.done} images written, {report.skipped} already done, {sum(len(i) for i, _ in report.failed)} failed"
+        f" -> {args.out}",
+        file=sys.stderr,
+    )
+    for ids, msg in report.failed:
+        print(f"failed: {', '.join(ids)}: {msg}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def _run(args, entries, gen, cfg, label_set, writer) -> GenerationReport:
+    from .cli_common import fail
+
     if args.ray is not None:
         from .distributed import RayRunError, run_ray
 
@@ -289,14 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             report = run_generation(entries, gen, cfg, label_set, writer, progress=not args.no_progress)
         except ModelLoadError as exc:
             fail(str(exc))
-    print(
-        f"{report.done} images written, {report.skipped} already done, {sum(len(i) for i, _ in report.failed)} failed"
-        f" -> {args.out}",
-        file=sys.stderr,
-    )
-    for ids, msg in report.failed:
-        print(f"failed: {', '.join(ids)}: {msg}", file=sys.stderr)
-    return 1 if report.failed else 0
+    return report
 
 
 if __name__ == "__main__":
