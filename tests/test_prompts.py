@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from pccfast.labelset import get_label_set
+from pccfast.labelset import LabelSet, get_label_set
 from pccfast.prompts import (
     PAIR_TEMPLATES,
     RELATION_TEMPLATES,
@@ -250,8 +250,10 @@ def test_captions_custom_synonyms(tmp_path):
     ]
     plain = get_label_set({"name": "fruit", "classes": ["background", "apple", "pear"]})
     assert plain == ls and find_classes("a granny smith", plain) == []  # equal sets, other synonyms: no shared cache
-    bad = get_label_set({"name": "fruit", "classes": ["background", "apple"], "synonyms": {"plum": ["x"]}})
-    with pytest.raises(ValueError, match="'synonyms' names 'plum'"):
+    with pytest.raises(ValueError, match="'synonyms' names 'plum'"):  # refused when the label set is read
+        get_label_set({"name": "fruit", "classes": ["background", "apple"], "synonyms": {"plum": ["x"]}})
+    bad = LabelSet("fruit", ("background", "apple"), ("background", "apple"), ls.palette, synonyms={"plum": ["x"]})
+    with pytest.raises(ValueError, match="'synonyms' names 'plum'"):  # and by the caption matcher if built by hand
         captions_to_prompts(["an apple"], bad)
 
 
