@@ -89,29 +89,108 @@ def _rows(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _stream_generators(generator: torch.Generator, streams: int) -> list[torch.Generator]:
-    """One generator per random stream, seeded from ``generator`` one stream at a time, so
-    stream 0 is the same whatever the number of streams (restart 0 equals the ``n_init=1`` run)."""
-    seeds = [int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)) for _ in range(streams)]
-    return [torch.Generator(device=generator.device).manual_seed(s) for s in seeds]
+def _stream_seeds(generator: torch.Generator, streams: int) -> list[int]:
+    """One seed per random stream, drawn from ``generator`` one stream at a time, so stream 0
+    is the same whatever the number of streams (restart 0 equals the ``n_init=1`` run)."""
+    return [int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)) for _ in range(streams)]
 
 
-def _draw(gens: list[torch.Generator], shape: tuple[int, ...], kind: str, b: int, device: torch.device) -> Tensor:
-    """Random numbers of every stream, item b taking stream ``b % streams``.
+def _random(g: torch.Generator, shape: tuple[int, ...], kind: str) -> Tensor:
+    """Random numbers of one stream on its generator's device, float64 (53-bit resolution, so
+    the small exponentials that win a race over many points are not quantised).
 
-    kind "uniform" or "exponential" (rate 1), float64 (53-bit resolution, so the small
-    exponentials that win a race over many points are not quantised) -> (B, *shape)
+    kind "uniform" ([0, 1)) or "exponential" (rate 1, > 0) -> ``shape``
     """
-    rows = []
-    for g in gens:  # a handful of streams (n_init)
-        r = torch.empty(shape, dtype=torch.float64, device=g.device).uniform_(generator=g)  # [0, 1)
-        if kind == "exponential":  # -log(1 - u) (3x faster than exponential_ on the CPU), kept
-            r = r.neg_().log1p_().neg_().clamp_min_(torch.finfo(torch.float64).tiny)  # > 0: w / E is never NaN
-        rows.append(r)
-    draws = torch.stack(rows).to(device)  # (streams, *shape)
-    if len(gens) == 1:
-        return draws.expand(b, *shape)
-    return draws[torch.arange(b, device=device) % len(gens)]
+    r = torch.empty(shape, dtype=torch.float64, device=g.device).uniform_(generator=g)  # [0, 1)
+    if kind == "exponential":  # -log(1 - u) (3x faster than exponential_ on the CPU), kept
+        r = r.neg_().log1p_().neg_().clamp_min_(torch.finfo(torch.float64).tiny)  # > 0: w / E is never NaN
+    return r
+
+
+class _RaceStream:
+    """The k-means++ random numbers of one stream, remembered across calls.
+
+    They do not depend on the data: a stream seeded ``seed`` draws one uniform for the first
+    centre, then ``(trials, n)`` exponentials per later step, whatever the points. Drawing
+    them costs more than the rest of the seeding on the CPU (float64 Mersenne Twister and a
+    log per point), and every image of a run uses the same seed, so the first call keeps, per
+    step and trial, the generator state and the ``keep`` smallest exponentials (with the
+    smallest one left out, ``tau``). A race whose best kept key ``w_i / E_i`` beats
+    ``max(w) / tau``, the most any other point can reach, is decided by the kept points
+    alone (exactly: rounding is monotone); otherwise the step's numbers are drawn again
+    from the saved state. Results are identical to drawing every time.
+    """
+
+    _cache: "dict[tuple, dict]" = {}  # (seed, n, trials, steps, generator device, device) -> entry
+    _max_entries = 8
+
+    def __init__(self, seed: int, n: int, trials: int, steps: int, gen_device: torch.device,
+                 device: torch.device) -> None:
+        self.key = (seed, n, trials, steps, str(gen_device), str(device))
+        self.gen_device = gen_device
+        self.shape, self.device = (trials, n), device
+        self.keep = n if n <= 256 else max(256, n // 64)  # kept exponentials per trial
+        self.entry = self._cache.get(self.key)
+        self.gen = None
+        if self.entry is None:  # first call with this seed: draw, and remember
+            self.gen = torch.Generator(device=gen_device).manual_seed(seed)
+            self.entry = {"first": _random(self.gen, (1,), "uniform").to(device), "states": [], "idx": [],
+                          "val": [], "tau": [], "steps": steps}
+
+    def first(self) -> Tensor:
+        """(1,) float64 uniform of the first centre."""
+        return self.entry["first"]
+
+    def kept(self, step: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """Kept (idx (T, m) ascending, E (T, m), tau (T,)) of a step, or None on the first call."""
+        if self.gen is not None:
+            return None
+        return self.entry["idx"][step], self.entry["val"][step], self.entry["tau"][step]
+
+    def full(self, step: int) -> Tensor:
+        """All (T, n) exponentials of a step (drawn now; recorded on the first call)."""
+        if self.gen is None:  # drawn again from the saved state
+            g = torch.Generator(device=self.gen_device)
+            g.set_state(self.entry["states"][step])
+            return _random(g, self.shape, "exponential").to(self.device)
+        self.entry["states"].append(self.gen.get_state())
+        race = _random(self.gen, self.shape, "exponential").to(self.device)  # (T, n)
+        if self.keep >= self.shape[1]:
+            idx = torch.arange(self.shape[1], device=self.device).expand(self.shape).contiguous()
+            tau = torch.full(self.shape[:1], math.inf, dtype=torch.float64, device=self.device)
+        else:
+            low = race.topk(self.keep + 1, dim=-1, largest=False)  # (T, keep + 1) smallest first
+            idx, tau = low.indices[:, :-1].sort(dim=-1).values, low.values[:, -1]  # (T, keep), (T,)
+        self.entry["idx"].append(idx)
+        self.entry["val"].append(torch.gather(race, 1, idx))
+        self.entry["tau"].append(tau)
+        if len(self.entry["idx"]) == self.entry["steps"]:  # complete: remember it
+            if len(self._cache) >= self._max_entries:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[self.key] = self.entry
+        return race
+
+
+def _race(streams: list[_RaceStream], step: int, weights: Tensor) -> Tensor:
+    """D^2 candidates of one k-means++ step, item b taking stream ``b % streams``.
+
+    weights: (B, N) -> (B, T) long, the indices ``_d2_sample`` gives with the step's numbers
+    """
+    b = weights.shape[0]
+    kept = [s.kept(step) for s in streams]
+    if all(k is not None for k in kept):
+        pick = torch.arange(b, device=weights.device) % len(streams)  # (B,) stream of each item
+        idx, val, tau = (torch.stack(parts)[pick] for parts in zip(*kept))  # (B, T, m), (B, T, m), (B, T)
+        t, m = idx.shape[1:]
+        keys = weights.double().gather(1, idx.view(b, t * m)).view(b, t, m) / val  # (B, T, m)
+        best, arg = keys.max(dim=-1)  # (B, T); first max = lowest index, as the full race
+        bound = weights.amax(dim=-1).double()[:, None] / tau  # (B, T) the best any other point reaches
+        if bool((best > bound).all()):
+            return torch.gather(idx, 2, arg[..., None]).squeeze(-1)  # (B, T)
+    race = torch.stack([s.full(step) for s in streams])  # (streams, T, N)
+    race = race.expand(b, *race.shape[1:]) if len(streams) == 1 else race[
+        torch.arange(b, device=weights.device) % len(streams)]  # (B, T, N)
+    return _d2_sample(weights, race)
 
 
 def _d2_sample(weights: Tensor, race: Tensor) -> Tensor:
@@ -162,12 +241,15 @@ def kmeans_plusplus(
     if xt is None:
         xt = x.transpose(1, 2).contiguous()  # (B, D, N)
     trials = 2 + int(math.log(k))
-    gens = _stream_generators(generator, streams)
-    first = (_draw(gens, (1,), "uniform", b, x.device) * n).long().clamp_(max=n - 1)  # (B, 1) uniform index
+    races = [_RaceStream(seed, n, trials, k - 1, generator.device, x.device)
+             for seed in _stream_seeds(generator, streams)]
+    first = torch.stack([r.first() for r in races])  # (streams, 1) float64 uniforms
+    first = first.expand(b, 1) if streams == 1 else first[torch.arange(b, device=x.device) % streams]
+    first = (first * n).long().clamp_(max=n - 1)  # (B, 1) uniform index
     centers = [_rows(x, first)]  # each (B, 1, D)
     closest = _assign_t(xt, centers[0], x_sq)[1]  # (B, N) squared distance to the nearest centre
-    for _ in range(k - 1):
-        cand = _d2_sample(closest, _draw(gens, (trials, n), "exponential", b, x.device))  # (B, T)
+    for step in range(k - 1):
+        cand = _race(races, step, closest)  # (B, T)
         cand_x = _rows(x, cand)  # (B, T, D)
         c_sq = (cand_x * cand_x).sum(-1)[..., None]  # (B, T, 1)
         dist = torch.baddbmm(c_sq, cand_x, xt, alpha=-2.0).add_(x_sq[:, None, :]).clamp_min_(0)  # (B, T, N)
