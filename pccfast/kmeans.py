@@ -260,18 +260,22 @@ def kmeans_plusplus(
     return torch.cat(centers, dim=1)  # (B, k, D)
 
 
-def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int) -> Tensor:
+def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt: Optional[Tensor] = None) -> Tensor:
     """Lloyd M-step with scikit-learn's empty-cluster relocation.
 
     An empty cluster takes one of the points farthest from their centres (the j-th empty
     cluster of an item takes its j-th farthest point), which leaves its old cluster.
 
-    x: (B, N, D), labels: (B, N), min_dist: (B, N), old: (B, k, D) -> (B, k, D)
+    x: (B, N, D), labels: (B, N), min_dist: (B, N), old: (B, k, D), xt: optional (B, D, N)
+    contiguous transpose of x -> (B, k, D)
     """
     b, n, d = x.shape
+    if xt is None:
+        xt = x.transpose(1, 2).contiguous()  # (B, D, N)
+    # sums along the contiguous point axis (3x faster on the CPU than index_add_ over rows of x)
+    sums = torch.zeros(b, d, k, device=x.device, dtype=x.dtype).scatter_add_(
+        2, labels[:, None, :].expand(b, d, n), xt).transpose(1, 2)  # (B, k, D)
     flat = (labels + torch.arange(b, device=x.device)[:, None] * k).reshape(-1)  # (B*N,) item-major ids
-    sums = torch.zeros(b * k, d, device=x.device, dtype=x.dtype).index_add_(0, flat, x.reshape(-1, d))
-    sums = sums.view(b, k, d)  # (B, k, D)
     counts = torch.bincount(flat, minlength=b * k).view(b, k).to(x.dtype)  # (B, k)
     empty = counts == 0  # (B, k)
     if bool(empty.any()):
@@ -309,7 +313,7 @@ def _kmeans_torch(
     xa, xta, sqa, tola, ca, prev = x, xt, x_sq, tol_abs, centers, None
     for it in range(max_iter):
         labels, min_dist = _assign_t(xta, ca, sqa)  # (A, N), (A, N)
-        new = _update(xa, labels, min_dist, ca, k)  # (A, k, D)
+        new = _update(xa, labels, min_dist, ca, k, xta)  # (A, k, D)
         shift = ((new - ca) ** 2).sum(dim=(1, 2))  # (A,)
         # strict convergence (labels unchanged) leaves `new` equal to `ca`
         done = shift <= tola
