@@ -270,12 +270,15 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt
     contiguous transpose of x -> (B, k, D)
     """
     b, n, d = x.shape
-    if xt is None:
-        xt = x.transpose(1, 2).contiguous()  # (B, D, N)
-    # sums along the contiguous point axis (3x faster on the CPU than index_add_ over rows of x)
-    sums = torch.zeros(b, d, k, device=x.device, dtype=x.dtype).scatter_add_(
-        2, labels[:, None, :].expand(b, d, n), xt).transpose(1, 2)  # (B, k, D)
     flat = (labels + torch.arange(b, device=x.device)[:, None] * k).reshape(-1)  # (B*N,) item-major ids
+    if d <= 16:  # few long rows: sum along the contiguous point axis of x^T (2.5x faster on the CPU)
+        if xt is None:
+            xt = x.transpose(1, 2).contiguous()  # (B, D, N)
+        sums = torch.zeros(b, d, k, device=x.device, dtype=x.dtype).scatter_add_(
+            2, labels[:, None, :].expand(b, d, n), xt).transpose(1, 2)  # (B, k, D)
+    else:  # wide points: whole rows at once
+        sums = torch.zeros(b * k, d, device=x.device, dtype=x.dtype).index_add_(0, flat, x.reshape(-1, d))
+        sums = sums.view(b, k, d)  # (B, k, D)
     counts = torch.bincount(flat, minlength=b * k).view(b, k).to(x.dtype)  # (B, k)
     empty = counts == 0  # (B, k)
     if bool(empty.any()):
