@@ -24,9 +24,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from pccfast.capture import AttentionCapture, attend, cross_attention_layers, self_attention_layers
+from pccfast.capture import AttentionCapture, cross_attention_layers, self_attention_layers
 from pccfast.pca import headwise_features
 from pccfast.tiny import build_tiny_pipeline
 

@@ -26,11 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .capture_io import CaptureError, read_capture
+from .capture_io import read_capture
 from .config import PCCConfig
 from .fileio import atomic_write_bytes, check_id, clean_stale_temps, load_image, save_mask_png
 from .labelset import LabelSet, get_label_set

@@ -7,7 +7,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per library for the whole suite: the tests check values, not speed, their tensors
+# are small, and on a shared 2-core machine two threads per library ran 5-10x slower.
+torch.set_num_threads(1)
+try:
+    from threadpoolctl import threadpool_limits
+
+    _LIMITS = threadpool_limits(limits=1)  # BLAS/OpenMP of numpy, scipy, scikit-learn; kept for the session
+except ImportError:  # threadpoolctl comes with scikit-learn (the dev extra)
+    _LIMITS = None
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 SHARED_PROMPTS = os.path.abspath(os.path.join(SHARED, "data", "datadif_prompts_voc.json"))

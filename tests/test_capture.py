@@ -33,16 +33,6 @@ SIZE = 128  # latent 16: up-block attention at 4x4, 8x8, 16x16
 EXACT = PCCConfig(pca_method="eigh")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small to gain from threads, and while other jobs share the
-    cores two OpenMP threads spin-wait and run several times slower (measured 5x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     p = build_tiny_pipeline(seed=0)

@@ -33,19 +33,6 @@ FIDELITY_SIZE = dict(grid=32, image_size=128, heads=(6, 3, 2), head_dim=32)
 GT_SLACK = 0.02
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread for torch, BLAS and OpenMP during these tests: on a busy 2-core machine,
-    2 spinning threads per library made them 5-10x slower (results do not change)."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------
 # the reference implementation's own parts
 # ----------------------------------------------------------------------------------------

@@ -15,14 +15,6 @@ from pccfast.relabel import main as relabel_main
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--batch", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_custom_label_set_with_multi_token_classes(tmp_path):
     ls_file = tmp_path / "garden.json"
     # "zucchini" and "traffic cone" are split into several tokens by the tiny tokenizer

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pccfast.dataset import DatasetWriter, dataset_paths, merge_datasets
@@ -225,17 +224,8 @@ def test_help(capsys):
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--batch", "4"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny-model runs with one torch thread: several threads on a busy 2-core machine crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts, one_thread):
+def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts):
     """Shard 0/2 through the CLI, shard 1/2 (another batch size) and the unsharded run through
     run_generation with one loaded pipeline (as the CLI does); the merge equals the unsharded run."""
     from pccfast.config import PCCConfig

@@ -6,16 +6,6 @@ from pccfast.labelset import get_label_set
 from pccfast.tiny import TINY_SPLIT_WORDS, build_tiny_pipeline, build_tiny_tokenizer, tiny_vocab_and_merges
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small to gain from threads, and while other jobs share the
-    cores two OpenMP threads spin-wait and run several times slower (measured 5x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     p = build_tiny_pipeline(seed=0)
