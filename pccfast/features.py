@@ -21,7 +21,8 @@ def minmax_columns(x: Tensor) -> Tensor:
     lo = x.amin(dim=1, keepdim=True)  # (B, 1, D)
     span = x.amax(dim=1, keepdim=True) - lo  # (B, 1, D)
     safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (x - lo) / safe, torch.zeros_like(x))
+    # a constant column has x - lo == 0 exactly, so it gives 0 / 1 = 0 without a second where
+    return (x - lo) / safe
 
 
 def pixel_coordinates(h: int, w: int, *, device=None, dtype=torch.float32) -> Tensor:
