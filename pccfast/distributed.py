@@ -39,7 +39,7 @@ import torch
 
 from .config import PCCConfig
 from .dataset import DatasetWriter, dataset_paths
-from .generate import BatchRunner, GenerationConfig, GenerationReport, batches
+from .generate import BatchRunner, GenerationConfig, GenerationReport, batches, pending
 from .labelset import LabelSet
 
 __all__ = ["RayReport", "RayRunError", "ray_available", "run_ray", "resolve_workers"]
@@ -274,10 +274,7 @@ def run_ray(
     from tqdm.auto import tqdm
 
     report = RayReport()
-    writer.write_plan([e.id for e in entries])
-    done = writer.done_ids()
-    todo = [e for e in entries if e.id not in done]
-    report.skipped = len(entries) - len(todo)
+    todo, report.skipped = pending(entries, writer)
     if not todo:
         writer.finalize()
         return report

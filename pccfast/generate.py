@@ -18,7 +18,7 @@ from .config import PCCConfig
 from .dataset import DatasetWriter
 from .labelset import LabelSet, get_label_set
 
-__all__ = ["GenerationConfig", "BatchRunner", "ModelLoadError", "GenerationReport", "run_generation", "select_shard", "main"]
+__all__ = ["GenerationConfig", "BatchRunner", "ModelLoadError", "GenerationReport", "run_generation", "select_shard", "pending", "main"]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
@@ -135,6 +135,14 @@ def select_shard(entries: list, shard: tuple[int, int] | None) -> list:
     return [e for e in entries if e.index % n == i]
 
 
+def pending(entries: list, writer: DatasetWriter) -> tuple[list, int]:
+    """Record the run's plan and return (entries still to do, how many are already done)."""
+    writer.write_plan([e.id for e in entries])
+    done = writer.done_ids()
+    todo = [e for e in entries if e.id not in done]
+    return todo, len(entries) - len(todo)
+
+
 def batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -153,10 +161,7 @@ def run_generation(
     from tqdm.auto import tqdm
 
     report = GenerationReport()
-    writer.write_plan([e.id for e in entries])
-    done = writer.done_ids()
-    todo = [e for e in entries if e.id not in done]
-    report.skipped = len(entries) - len(todo)
+    todo, report.skipped = pending(entries, writer)
     if not todo:
         writer.finalize()
         return report
