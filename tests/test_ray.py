@@ -84,7 +84,7 @@ class UnevenRunner(FakeRunner):
             os.close(os.open(os.path.join(os.path.dirname(writer.out), "fast"), os.O_CREAT | os.O_EXCL))
             self.extra = 0.0
         except FileExistsError:
-            self.extra = 0.5
+            self.extra = 1.0  # slow enough that a late-starting fast worker still overtakes it under load
 
     def run(self, entries):
         time.sleep(self.extra)
