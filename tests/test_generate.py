@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pccfast.generate import main
@@ -82,7 +83,11 @@ def test_kill_and_resume(reference_run, shared_prompts, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pccfast.generate", "--prompts", shared_prompts, "--limit", "16", "--batch", "8",
            "--out", str(out), *TINY]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    # the same thread count as this process (conftest): float results depend on it, and the
+    # masks are compared with the in-process reference run
+    threads = str(torch.get_num_threads())
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)), OMP_NUM_THREADS=threads,
+               MKL_NUM_THREADS=threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = out / "manifest.jsonl"
     deadline = time.time() + 300
