@@ -253,4 +253,7 @@ def build_tiny_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype = torch.
     )
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
-    return pipe.to(device=device, dtype=dtype)
+    pipe = pipe.to(device=device)
+    if dtype != torch.float32:  # the weights are built in float32; casting when not needed only warns
+        pipe = pipe.to(dtype=dtype)
+    return pipe
