@@ -16,7 +16,7 @@ from ._checks import check_tensor, local_generator
 from .components import connected_components
 from .config import PCCConfig
 from .features import assemble_features
-from .kmeans import kmeans
+from .kmeans import kmeans, prepare_points
 
 __all__ = ["normalise_class_maps", "binary_class_maps", "piece_iou_labels", "vote", "cluster_pieces",
            "blocky_mask"]
@@ -112,10 +112,14 @@ def cluster_pieces(
     feats: (B, h*w, D') assembled features -> (B, len(ks), h*w) long piece ids 1..N
     """
     out = []
+    # centring, transpose, norms and variance once for all k (torch backend, one initialisation)
+    shared = cfg.kmeans_backend == "torch" and cfg.kmeans_n_init == 1
+    prepared = prepare_points(feats if feats.dtype == torch.float64 else feats.float()) if shared else None
     for k in cfg.cluster_ks:  # a handful of k values; batched over images inside
         gen = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
         labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen,
-                           n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=cfg.kmeans_backend)
+                           n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=cfg.kmeans_backend,
+                           prepared=prepared)
         pieces = connected_components(labels.view(-1, h, w), cfg.connectivity,
                                       backend=cfg.components_backend)  # (B, h, w)
         out.append(pieces.view(-1, h * w))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import weakref
 from typing import Optional
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from ._checks import check_tensor, local_generator
 
-__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign"]
+__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points"]
 
 
 _SLOTS = 8  # partial sums per cluster and feature in the M-step for narrow points
@@ -307,8 +306,10 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt
     return torch.where((counts > 0)[..., None], new, old)
 
 
-def _prepare(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """What every k-means of the same points shares (computed once for several k).
+def prepare_points(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What every k-means of the same points shares: compute it once and pass it to
+    ``kmeans(..., prepared=)`` for several k (the blocky mask clusters one feature tensor
+    with k = 4, 7 and 10).
 
     x: (B, N, D) float -> centred x (B, N, D), mean (B, 1, D), centred x^T (B, D, N)
     contiguous, squared norms (B, N), mean feature variance (B,)
@@ -321,34 +322,12 @@ def _prepare(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return x, mean, xt, x_sq, var
 
 
-class _LastPrepared:
-    """``_prepare`` of the last points clustered, reused while the same tensor comes back
-    unchanged (the blocky mask clusters one feature tensor for every k): a weak reference to
-    the tensor plus its data pointer, shape, strides and version counter (bumped by any
-    in-place change) identify it. Inference-mode tensors have no version counter and are
-    always prepared afresh."""
-
-    ref, key, value = None, None, None
-
-    @classmethod
-    def get(cls, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        if x.is_inference():  # no version counter to trust: prepare afresh
-            return _prepare(x)
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
-        if cls.ref is not None and cls.ref() is x and cls.key == key:
-            return cls.value
-        cls.ref, cls.key, cls.value = None, None, None  # drop the old arrays first
-        value = _prepare(x)
-        cls.ref, cls.key, cls.value = weakref.ref(x), key, value
-        return value
-
-
 def _kmeans_torch(
     x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
-    init: Optional[Tensor] = None,
+    init: Optional[Tensor] = None, prepared: Optional[tuple] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: (B, N, D) float, init: optional (B, k, D) -> labels (B, N), centers (B, k, D), inertia (B,)."""
-    x, mean, xt, x_sq, var = _LastPrepared.get(x)
+    x, mean, xt, x_sq, var = prepared if prepared is not None else prepare_points(x)
     tol_abs = tol * var  # (B,)
     if init is None:
         centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt)  # (B, k, D)
@@ -424,6 +403,7 @@ def kmeans(
     seed: int = 0,
     backend: str = "torch",
     init: Optional[Tensor] = None,
+    prepared: Optional[tuple] = None,
 ) -> tuple[Tensor, Tensor]:
     """k-means of every batch item: greedy k-means++ then Lloyd (scikit-learn 1.4 semantics).
 
@@ -444,6 +424,9 @@ def kmeans(
         backend: "torch" or "cuml" (RAPIDS, optional).
         init: optional (B, k, D) initial centres instead of k-means++ (torch backend only;
             then ``n_init`` has to be 1).
+        prepared: ``prepare_points(x)`` of these very points (in the dtype k-means computes
+            in), to share that work between several k; used by the torch backend with
+            ``n_init=1`` and ignored otherwise.
 
     Returns:
         labels (B, N) long in [0, k), centers (B, k, D) float.
@@ -473,7 +456,9 @@ def kmeans(
     work = x if x.dtype == torch.float64 else x.float()
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
-    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init)
+    if n_init > 1 or prepared is None or prepared[0].shape != work.shape:
+        prepared = None  # restarts repeat the points: prepare them afresh
+    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init, prepared)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]

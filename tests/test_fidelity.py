@@ -145,7 +145,7 @@ def test_exact_given_the_reference_kmeans(monkeypatch):
     asked = []
 
     def fake(stage):
-        def kmeans(x, k, *, max_iter, tol, generator=None, n_init=1, seed=0, backend="torch"):
+        def kmeans(x, k, *, max_iter, tol, generator=None, n_init=1, seed=0, backend="torch", prepared=None):
             asked.append((stage, k, max_iter, tol, n_init))
             for b, run in enumerate(runs):
                 want = run["points"] if stage == "blocky" else run["rpoints"]
