@@ -44,9 +44,13 @@ CONFIG_HELP = {
     "kmeans_tol": "k-means tolerance, relative to the mean feature variance",
     "kmeans_seed": "seed of the k-means++ initialisation",
     "kmeans_n_init": "k-means++ restarts (the lowest inertia is kept)",
-    "kmeans_backend": "k-means implementation: 'torch' or 'cuml' (RAPIDS)",
+    "kmeans_backend": "k-means implementation: 'auto' (the C kernel for CPU work when a C compiler is there, "
+    "else torch), 'torch', 'native' (C kernel, CPU only) or 'cuml' (RAPIDS)",
     "connectivity": "pixel connectivity when clusters are split into pieces: 4 or 8",
-    "components_backend": "connected-components implementation: 'torch' or 'cupy' (RAPIDS)",
+    "components_backend": "connected-components implementation: 'auto' (C kernel on the CPU when it builds, "
+    "else torch), 'torch', 'native' (C kernel, CPU only) or 'cupy' (RAPIDS)",
+    "cleanup_backend": "morphological clean-up implementation: 'auto' (C kernel on the CPU when it builds, "
+    "else torch), 'torch' or 'native' (C kernel, CPU only)",
     "thresholds": "class-map thresholds, comma-separated",
     "background_factor": "the background's threshold is this factor times each threshold",
     "vote_min_share": "share of the votes a pixel's majority label needs, else it is uncertain",

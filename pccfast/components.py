@@ -136,10 +136,10 @@ def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str 
         raise ValueError(f"`connectivity` has to be 4 or 8 but is {connectivity}")
     lead, (h, w) = labels.shape[:-2], labels.shape[-2:]
     flat = labels.reshape(-1, h, w).long()  # (B, H, W)
-    if backend == "torch":
+    if backend in ("torch", "auto"):  # "auto": the torch path until a CPU kernel lands
         out = _components_torch(flat, connectivity)
     elif backend == "cupy":
         out = _components_cupy(flat, connectivity)
     else:
-        raise ValueError(f"`backend` has to be 'torch' or 'cupy' but is {backend!r}")
+        raise ValueError(f"`backend` has to be 'auto', 'torch' or 'cupy' but is {backend!r}")
     return out.reshape(*lead, h, w)

@@ -28,9 +28,9 @@ class PCCConfig:
     kmeans_tol: float = 1e-4  # relative tolerance, scaled by the mean feature variance (scikit-learn)
     kmeans_seed: int = 0  # seed of k-means++ (the reference uses random_state=0)
     kmeans_n_init: int = 1  # k-means++ restarts, best inertia kept (the reference: 1)
-    kmeans_backend: str = "torch"  # "torch" or "cuml" (RAPIDS, optional)
+    kmeans_backend: str = "auto"  # "auto" (C kernel on the CPU if it builds, else torch), "torch", "native", "cuml"
     connectivity: int = 8  # 8 as the reference code (3x3 structure); the paper says 4
-    components_backend: str = "torch"  # "torch" or "cupy" (RAPIDS, optional)
+    components_backend: str = "auto"  # "auto" (C kernel on the CPU if it builds, else torch), "torch", "native", "cupy"
     thresholds: tuple[float, ...] = (0.3, 0.5, 0.8)  # class-map thresholds
     background_factor: float = 1.2  # background threshold = factor * t
     vote_min_share: float = 0.56  # a pixel's majority label needs this share of the votes (6 of 9)
@@ -45,6 +45,7 @@ class PCCConfig:
     dilate_iters: int = 5  # then dilate 3x3 this many times,
     erode_after: int = 4  # then erode 3x3 this many times
     band_dilations: int = 2  # the uncertain band = dilate(mask) this many times
+    cleanup_backend: str = "auto"  # "auto" (C kernel on the CPU if it builds, else torch), "torch", "native"
 
     ignore_index: int = 255  # label of uncertain pixels (ignored in training)
 
@@ -65,10 +66,12 @@ class PCCConfig:
             raise ValueError(f"`vote_min_share` has to lie in [0, 1] but is {self.vote_min_share}")
         if self.refine_k < 1:
             raise ValueError(f"`refine_k` has to be at least 1 but is {self.refine_k}")
-        if self.kmeans_backend not in ("torch", "cuml"):
-            raise ValueError(f"`kmeans_backend` has to be 'torch' or 'cuml' but is {self.kmeans_backend!r}")
-        if self.components_backend not in ("torch", "cupy"):
-            raise ValueError(f"`components_backend` has to be 'torch' or 'cupy' but is {self.components_backend!r}")
+        for name, allowed in (("kmeans_backend", ("auto", "torch", "native", "cuml")),
+                              ("components_backend", ("auto", "torch", "native", "cupy")),
+                              ("cleanup_backend", ("auto", "torch", "native"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` has to be one of {', '.join(map(repr, allowed))} "
+                                 f"but is {getattr(self, name)!r}")
         if not 0 <= self.ignore_index <= 255:
             raise ValueError(f"`ignore_index` has to lie in [0, 255] but is {self.ignore_index}")
 

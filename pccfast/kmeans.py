@@ -11,6 +11,7 @@ Backends: ``"torch"`` (any device) and ``"cuml"`` (RAPIDS cuML, optional, one ca
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import math
 from typing import Optional
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from ._checks import check_tensor, local_generator
 
-__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points"]
+__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "resolve_backend", "BACKENDS"]
 
 
 _SLOTS = 8  # partial sums per cluster and feature in the M-step for narrow points
@@ -216,6 +217,88 @@ def _d2_sample(weights: Tensor, race: Tensor) -> Tensor:
     return keys.argmax(dim=-1)
 
 
+def _race_setup(x: Tensor, k: int, generator: torch.Generator, streams: int) -> tuple[list, Tensor]:
+    """Random streams of k-means++ and each item's first centre. x: (B, N, D) -> races, (B, 1) long"""
+    b, n, _ = x.shape
+    trials = 2 + int(math.log(k))
+    races = [_RaceStream(seed, n, trials, k - 1, generator.device, x.device)
+             for seed in _stream_seeds(generator, streams)]
+    first = torch.stack([r.first() for r in races])  # (streams, 1) float64 uniforms
+    first = first.expand(b, 1) if streams == 1 else first[torch.arange(b, device=x.device) % streams]
+    return races, (first * n).long().clamp_(max=n - 1)  # (B, 1) uniform index
+
+
+def _native_lib():
+    """The compiled ``kernels/kmeans.c`` with its argument types (raises NativeUnavailable)."""
+    from . import native
+
+    lib = native.load("kmeans")
+    if not getattr(lib, "_pcc_typed", False):
+        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        lib.pcc_kmeans_lloyd.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, vp, i64, i32, i32, vp]
+        lib.pcc_kmeans_lloyd.restype = ctypes.c_int
+        lib.pcc_kmeanspp_step.argtypes = [vp, i64, i64, i64, vp, i64, vp, vp, vp, i32]
+        lib.pcc_kmeanspp_step.restype = None
+        lib._pcc_typed = True
+    return lib
+
+
+def _kmeanspp_native(x: Tensor, k: int, generator: torch.Generator, streams: int = 1) -> Tensor:
+    """``kmeans_plusplus`` with the distance and potential work in the C kernel (same draws,
+    same greedy choice; squared distances summed directly instead of by expansion).
+
+    x: (B, N, D) float32 contiguous CPU -> (B, k, D) initial centres (rows of x)
+    """
+    from .native import num_threads, ptr
+
+    lib = _native_lib()
+    b, n, d = x.shape
+    races, first = _race_setup(x, k, generator, streams)
+    cand_x = _rows(x, first).contiguous()  # (B, 1, D)
+    centers = [cand_x]
+    closest = torch.full((b, n), math.inf, dtype=torch.float32)  # (B, N)
+    chosen = torch.empty(b, dtype=torch.int64)  # (B,)
+    nt = num_threads()
+    lib.pcc_kmeanspp_step(ptr(x), b, n, d, ptr(cand_x), 1, ptr(closest), ptr(chosen), None, nt)
+    for step in range(k - 1):
+        cand = _race(races, step, closest)  # (B, T)
+        cand_x = _rows(x, cand).contiguous()  # (B, T, D)
+        lib.pcc_kmeanspp_step(ptr(x), b, n, d, ptr(cand_x), cand.shape[1], ptr(closest), ptr(chosen), None, nt)
+        centers.append(torch.gather(cand_x, 1, chosen[:, None, None].expand(-1, 1, d)))  # (B, 1, D)
+    return torch.cat(centers, dim=1)  # (B, k, D)
+
+
+def _kmeans_native(
+    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
+    init: Optional[Tensor] = None, prune: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The C kernel: k-means++ then Lloyd with exact Hamerly pruning (``kernels/kmeans.c``).
+
+    x: (B, N, D) float32 CPU, init: optional (B, k, D) -> labels (B, N), centers (B, k, D), inertia (B,)
+    """
+    from .native import num_threads, ptr
+
+    lib = _native_lib()
+    mean = x.mean(dim=1, keepdim=True)  # (B, 1, D)
+    xc = (x - mean).contiguous()  # centred, as scikit-learn, for precision
+    b, n, d = xc.shape
+    var = xc.double().pow(2).mean(dim=(1, 2))  # (B,) mean feature variance
+    tol_abs = (tol * var).contiguous()  # (B,) float64
+    if init is None:
+        centers = _kmeanspp_native(xc, k, generator, streams)
+    else:
+        centers = init.to(torch.float32) - mean
+    centers = centers.contiguous().clone()  # (B, k, D) updated in place
+    labels = torch.empty(b, n, dtype=torch.int64)
+    min_dist = torch.empty(b, n, dtype=torch.float32)
+    n_iter = torch.empty(b, dtype=torch.int64)
+    rc = lib.pcc_kmeans_lloyd(ptr(xc), b, n, d, k, ptr(centers), ptr(labels), ptr(min_dist), ptr(tol_abs),
+                              max_iter, int(prune), num_threads(), ptr(n_iter))
+    if rc != 0:
+        raise MemoryError(f"native k-means could not allocate its work space (B={b}, N={n}, D={d}, k={k})")
+    return labels, centers + mean, min_dist.sum(-1)
+
+
 def kmeans_plusplus(
     x: Tensor,
     k: int,
@@ -246,12 +329,7 @@ def kmeans_plusplus(
         x_sq = (x * x).sum(-1)
     if xt is None:
         xt = x.transpose(1, 2).contiguous()  # (B, D, N)
-    trials = 2 + int(math.log(k))
-    races = [_RaceStream(seed, n, trials, k - 1, generator.device, x.device)
-             for seed in _stream_seeds(generator, streams)]
-    first = torch.stack([r.first() for r in races])  # (streams, 1) float64 uniforms
-    first = first.expand(b, 1) if streams == 1 else first[torch.arange(b, device=x.device) % streams]
-    first = (first * n).long().clamp_(max=n - 1)  # (B, 1) uniform index
+    races, first = _race_setup(x, k, generator, streams)
     centers = [_rows(x, first)]  # each (B, 1, D)
     closest = _assign_t(xt, centers[0], x_sq)[1]  # (B, N) squared distance to the nearest centre
     for step in range(k - 1):
@@ -392,6 +470,28 @@ def _kmeans_cuml(
     return torch.stack(labels).to(x.device), torch.stack(centers).to(x.device)
 
 
+BACKENDS = ("auto", "torch", "native", "cuml")
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The implementation ``backend`` stands for with points ``x``: "auto" is "native" (the C
+    kernel) for CPU tensors when it builds, else "torch"; "native" needs a CPU tensor and the
+    kernel (``NativeUnavailable`` otherwise); others are themselves."""
+    if backend == "auto":
+        if x.device.type == "cpu" and x.dtype != torch.float64:
+            from .native import available
+
+            if available("kmeans"):
+                return "native"
+        return "torch"
+    if backend == "native":
+        if x.device.type != "cpu":
+            raise ValueError(f"kmeans backend 'native' runs on the CPU but the points are on {x.device}; "
+                             "use backend='auto' or 'torch'")
+        _native_lib()  # raises NativeUnavailable with the reason
+    return backend
+
+
 def kmeans(
     x: Tensor,
     k: int,
@@ -421,7 +521,9 @@ def kmeans(
         n_init: restarts, each with its own random numbers; the lowest inertia wins
             (restarts are a batch dimension; restart 0 equals the ``n_init=1`` run).
         seed: seed of the default generator (and of cuML).
-        backend: "torch" or "cuml" (RAPIDS, optional).
+        backend: "auto" (the C kernel for CPU tensors when a compiler is there, else torch),
+            "torch" (any device), "native" (the C kernel, CPU only; computes in float32) or
+            "cuml" (RAPIDS, optional).
         init: optional (B, k, D) initial centres instead of k-means++ (torch backend only;
             then ``n_init`` has to be 1).
         prepared: ``prepare_points(x)`` of these very points (in the dtype k-means computes
@@ -443,22 +545,28 @@ def kmeans(
         raise ValueError(f"`tol` has to be >= 0 but is {tol}")
     if init is not None:
         check_tensor(init, "init", 3, floating=True, batch=b)
-        if tuple(init.shape[1:]) != (k, d) or n_init != 1 or backend != "torch":
+        if tuple(init.shape[1:]) != (k, d) or n_init != 1 or backend == "cuml":
             raise ValueError(
-                f"`init` has to have shape (B, k, D) = {(b, k, d)} with n_init=1 and backend='torch' "
+                f"`init` has to have shape (B, k, D) = {(b, k, d)} with n_init=1 and a backend other than 'cuml' "
                 f"but has shape {tuple(init.shape)} (n_init={n_init}, backend={backend!r})"
             )
     if backend == "cuml":
         return _kmeans_cuml(x, k, max_iter, tol, seed, n_init)
-    if backend != "torch":
-        raise ValueError(f"`backend` has to be 'torch' or 'cuml' but is {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` has to be one of {', '.join(map(repr, BACKENDS))} but is {backend!r}")
+    use_native = resolve_backend(backend, x) == "native"
     gen = local_generator(generator, seed, x.device)
-    work = x if x.dtype == torch.float64 else x.float()
+    work = x if x.dtype == torch.float64 or use_native else x.float()
+    if use_native:
+        work = work.float()
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
-    if n_init > 1 or prepared is None or prepared[0].shape != work.shape:
-        prepared = None  # restarts repeat the points: prepare them afresh
-    labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init, prepared)
+    if use_native:
+        labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, gen, n_init, init)
+    else:
+        if n_init > 1 or prepared is None or prepared[0].shape != work.shape:
+            prepared = None  # restarts repeat the points: prepare them afresh
+        labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init, prepared)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]

@@ -146,7 +146,7 @@ def test_exceptions():
         kmeans(torch.zeros(1, 4, 2), 5)
     with pytest.raises(ValueError, match=r"`x` has to have 3 dimensions but has shape \(4, 2\)"):
         kmeans(torch.zeros(4, 2), 2)
-    with pytest.raises(ValueError, match="`backend` has to be 'torch' or 'cuml' but is 'sk'"):
+    with pytest.raises(ValueError, match="`backend` has to be one of 'auto', 'torch', 'native', 'cuml' but is 'sk'"):
         kmeans(torch.zeros(1, 4, 2), 2, backend="sk")
     with pytest.raises(ValueError, match=r"`init` has to have shape \(B, k, D\) = \(1, 2, 2\) with n_init=1"):
         kmeans(torch.zeros(1, 4, 2), 2, init=torch.zeros(1, 3, 2))
