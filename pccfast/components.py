@@ -7,9 +7,16 @@ labels in each row, then hooks the larger of two neighbouring roots onto the sma
 pointer jumping, until no neighbouring same-label pair has two different roots. Each pixel's
 root is the first pixel of its piece in raster order, so pieces are numbered 1..N in the
 order of their first pixel, as ``scipy.ndimage.label`` numbers them.
+
+Backends: ``"torch"`` (any device), ``"native"`` (the C kernel ``kernels/components.c``, CPU
+tensors: run-based union-find per image, images spread over threads, same numbering, bit
+for bit), ``"cupy"`` (optional) and ``"auto"`` (native for CPU tensors when the kernel
+builds, else torch). On the CPU the torch path spends most of its time in many small ops
+over all pixels; the C kernel touches each pixel about twice.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 
 import torch
@@ -17,7 +24,9 @@ from torch import Tensor
 
 from ._checks import check_tensor
 
-__all__ = ["connected_components"]
+__all__ = ["BACKENDS", "connected_components", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "native", "cupy")
 
 # neighbour offsets (dy, dx) to the next row; same-row neighbours are merged as runs first
 _DOWN_OFFSETS = {4: ((1, 0),), 8: ((1, -1), (1, 0), (1, 1))}
@@ -92,6 +101,32 @@ def _components_torch(labels: Tensor, connectivity: int) -> Tensor:
     return torch.where(labels >= 0, out, torch.zeros_like(out))
 
 
+def _native_lib():
+    """The compiled ``kernels/components.c`` with its argument types (raises NativeUnavailable)."""
+    from . import native
+
+    lib = native.load("components")
+    if not getattr(lib, "_pcc_typed", False):
+        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        lib.pcc_components.argtypes = [vp, i64, i64, i64, i32, vp, i32]
+        lib.pcc_components.restype = ctypes.c_int
+        lib._pcc_typed = True
+    return lib
+
+
+def _components_native(labels: Tensor, connectivity: int) -> Tensor:
+    """labels: (B, H, W) long CPU -> (B, H, W) long piece ids (the C kernel, same numbering)."""
+    from . import native
+
+    lib = _native_lib()
+    labels = labels.contiguous()
+    b, h, w = labels.shape
+    out = torch.empty_like(labels)  # (B, H, W)
+    if lib.pcc_components(native.ptr(labels), b, h, w, connectivity, native.ptr(out), native.num_threads()):
+        raise MemoryError(f"components kernel: out of memory for labels of shape {tuple(labels.shape)}")
+    return out
+
+
 def _components_cupy(labels: Tensor, connectivity: int) -> Tensor:
     """One ``cupyx.scipy.ndimage.label`` call per image and label value."""
     if importlib.util.find_spec("cupy") is None:
@@ -116,6 +151,31 @@ def _components_cupy(labels: Tensor, connectivity: int) -> Tensor:
     return torch.stack(outs).to(labels.device)
 
 
+def resolve_backend(backend: str, labels: Tensor) -> str:
+    """The implementation ``backend`` stands for with ``labels``: "auto" is "native" (the C
+    kernel) for CPU tensors when it builds, else "torch"; "native" needs a CPU tensor and the
+    kernel (``NativeUnavailable`` otherwise); "torch" and "cupy" are themselves.
+
+    Raises:
+        ValueError: an unknown backend, or "native" with labels off the CPU.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` has to be one of {', '.join(map(repr, BACKENDS))} but is {backend!r}")
+    if backend == "auto":
+        if labels.device.type == "cpu":
+            from .native import available
+
+            if available("components"):
+                return "native"
+        return "torch"
+    if backend == "native":
+        if labels.device.type != "cpu":
+            raise ValueError(f"components backend 'native' runs on the CPU but the labels are on {labels.device}; "
+                             "use backend='auto' or 'torch'")
+        _native_lib()  # raises NativeUnavailable with the reason
+    return backend
+
+
 def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str = "torch") -> Tensor:
     """Split every label of every image into its connected pieces.
 
@@ -123,11 +183,17 @@ def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str 
         labels: (*, H, W) integer label maps (e.g. cluster ids); negative entries are masked
             (they get id 0 and connect to nothing).
         connectivity: 8 (3x3 structure, the reference) or 4.
-        backend: "torch" (exact, any device) or "cupy" (optional).
+        backend: "auto" (the C kernel for CPU tensors when it builds, else torch), "torch"
+            (any device), "native" (the C kernel, CPU tensors only) or "cupy" (optional).
+            All give the same ids.
 
     Returns:
         (*, H, W) long piece ids, consecutive 1..N per image, numbered in raster order of each
         piece's first pixel; 0 only where ``labels`` is negative.
+
+    Raises:
+        ValueError: bad ``connectivity``, shape or ``backend``, or "native" off the CPU.
+        NativeUnavailable: backend "native" and the C kernel cannot be built or loaded.
     """
     check_tensor(labels, "labels", integer=True)
     if labels.ndim < 2:
@@ -135,11 +201,12 @@ def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str 
     if connectivity not in (4, 8):
         raise ValueError(f"`connectivity` has to be 4 or 8 but is {connectivity}")
     lead, (h, w) = labels.shape[:-2], labels.shape[-2:]
+    impl = resolve_backend(backend, labels)
     flat = labels.reshape(-1, h, w).long()  # (B, H, W)
-    if backend in ("torch", "auto"):  # "auto": the torch path until a CPU kernel lands
-        out = _components_torch(flat, connectivity)
-    elif backend == "cupy":
+    if impl == "native":
+        out = _components_native(flat, connectivity)
+    elif impl == "cupy":
         out = _components_cupy(flat, connectivity)
     else:
-        raise ValueError(f"`backend` has to be 'auto', 'torch' or 'cupy' but is {backend!r}")
+        out = _components_torch(flat, connectivity)
     return out.reshape(*lead, h, w)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pccfast.components import connected_components
+from pccfast import native
+from pccfast.components import connected_components, resolve_backend
 
 STRUCT = {8: np.ones((3, 3), bool), 4: None}
 
@@ -130,7 +131,7 @@ def test_exceptions():
         connected_components(torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match=r"at least 2 dimensions \(H, W\) but has shape \(3,\)"):
         connected_components(torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="`backend` has to be 'torch' or 'cupy' but is 'scipy'"):
+    with pytest.raises(ValueError, match="`backend` has to be one of 'auto', 'torch', 'native', 'cupy' but is 'scipy'"):
         connected_components(torch.zeros(1, 3, 3, dtype=torch.long), backend="scipy")
 
 
@@ -138,3 +139,150 @@ def test_exceptions():
 def test_cupy_missing_message():
     with pytest.raises(ImportError, match="pip install cupy-cuda12x"):
         connected_components(torch.zeros(1, 3, 3, dtype=torch.long), backend="cupy")
+
+
+# --- the C kernel (backend "native") -------------------------------------------------------
+
+needs_native = pytest.mark.skipif(not native.available("components", warn=False),
+                                  reason="the C kernel kernels/components.c cannot be built here (no C compiler?)")
+
+
+def _blobs(rng, b, h, w, k, cell):
+    """Piecewise-constant maps: k labels on a coarse grid, nearest-upsampled, with a little
+    noise; (b, h, w) int64."""
+    coarse = rng.integers(0, k, size=(b, -(-h // cell), -(-w // cell)))
+    lab = coarse.repeat(cell, 1).repeat(cell, 2)[:, :h, :w].copy()
+    flip = rng.random(lab.shape) < 0.05
+    lab[flip] = rng.integers(0, k, size=int(flip.sum()))
+    return lab
+
+
+def _native_equals_torch(lab, connectivity):
+    t = torch.from_numpy(np.ascontiguousarray(lab))
+    ours = connected_components(t, connectivity, backend="native")
+    ref = connected_components(t, connectivity, backend="torch")
+    assert ours.dtype == torch.long and ours.shape == t.shape
+    assert torch.equal(ours, ref)
+    return ours
+
+
+@needs_native
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_native_equals_torch_random(connectivity):
+    rng = np.random.default_rng(10 + connectivity)
+    _native_equals_torch(rng.integers(0, 2, size=(3, 37, 41)), connectivity)  # few labels, noise
+    _native_equals_torch(rng.integers(0, 50, size=(2, 33, 29)), connectivity)  # many labels
+    _native_equals_torch(_blobs(rng, 4, 64, 80, 20, 7), connectivity)  # blobs of various sizes
+    masked = _blobs(rng, 3, 40, 45, 5, 4)
+    masked[rng.random(masked.shape) < 0.3] = -1  # masked pixels: id 0, connect to nothing
+    masked[1] = -1  # an all-masked image
+    out = _native_equals_torch(masked, connectivity).numpy()
+    assert (out[masked < 0] == 0).all() and (out[masked >= 0] > 0).all()
+    assert (out[1] == 0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_native_spiral_snake_and_thin_shapes(connectivity):
+    _native_equals_torch(np.stack([_spiral(63), 1 - _spiral(63)]), connectivity)
+    _native_equals_torch(_snake(64, 64)[None], connectivity)
+    _native_equals_torch(_snake(63, 5)[None], connectivity)
+    # diagonal stripes: pieces touch only corner to corner (one piece per stripe at 8, many at 4)
+    yy, xx = np.mgrid[:30, :30]
+    _native_equals_torch(((xx + yy) % 3 == 0).astype(np.int64)[None], connectivity)
+    _native_equals_torch(((xx - yy) % 2).astype(np.int64)[None], connectivity)  # checkerboard
+
+
+@needs_native
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_native_edge_shapes(connectivity):
+    rng = np.random.default_rng(3)
+    for shape in [(2, 1, 17), (2, 17, 1), (1, 1, 1), (3, 2, 2)]:
+        _native_equals_torch(rng.integers(-1, 3, size=shape), connectivity)
+    one = connected_components(torch.tensor([[7]]), connectivity, backend="native")
+    assert torch.equal(one, torch.tensor([[1]]))
+    assert torch.equal(connected_components(torch.tensor([[-3]]), connectivity, backend="native"),
+                       torch.tensor([[0]]))
+    empty = connected_components(torch.zeros(0, 4, 5, dtype=torch.long), connectivity, backend="native")
+    assert empty.shape == (0, 4, 5)
+
+
+@needs_native
+def test_native_value_hand_made():
+    lab = torch.tensor([[0, 0, 1, 1],
+                        [0, 1, 0, 1],
+                        [2, 2, 0, 0]])
+    assert torch.equal(connected_components(lab, 8, backend="native"),
+                       torch.tensor([[1, 1, 2, 2], [1, 2, 1, 2], [3, 3, 1, 1]]))
+    assert torch.equal(connected_components(lab, 4, backend="native"),
+                       torch.tensor([[1, 1, 2, 2], [1, 3, 4, 2], [5, 5, 4, 4]]))
+
+
+@needs_native
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_native_matches_scipy(connectivity):
+    """Same partitions as scipy.ndimage.label per label value; with one label and the rest
+    masked, the same ids."""
+    rng = np.random.default_rng(20 + connectivity)
+    lab = np.concatenate([_blobs(rng, 2, 48, 48, 6, 5), rng.integers(0, 3, size=(2, 48, 48))])
+    ours = connected_components(torch.from_numpy(lab), connectivity, backend="native").numpy()
+    for i in range(lab.shape[0]):
+        ref, num = _scipy_pieces(lab[i], connectivity)
+        assert _same_partition(ours[i], ref), f"image {i}"
+        assert ours[i].max() == num and np.unique(ours[i]).size == num
+    binary = rng.random((2, 40, 40)) < 0.45
+    ours = connected_components(torch.from_numpy(np.where(binary, 4, -1)), connectivity, backend="native").numpy()
+    for i in range(2):
+        assert np.array_equal(ours[i], ndimage.label(binary[i], structure=STRUCT[connectivity])[0])
+
+
+@needs_native
+def test_native_threads_and_dtypes():
+    """The result does not depend on the thread count, the batch split, or the input dtype."""
+    rng = np.random.default_rng(5)
+    lab = torch.from_numpy(_blobs(rng, 5, 50, 60, 8, 6))
+    ref = connected_components(lab, 8, backend="torch")
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(connected_components(lab, 8, backend="native"), ref)
+    finally:
+        torch.set_num_threads(before)
+    for i in range(5):
+        assert torch.equal(connected_components(lab[i], 8, backend="native"), ref[i])
+    assert torch.equal(connected_components(lab.to(torch.uint8), 8, backend="native"), ref)
+    assert torch.equal(connected_components(lab.to(torch.int32).transpose(1, 2), 8, backend="native"),
+                       connected_components(lab.transpose(1, 2), 8, backend="torch"))  # non-contiguous
+    assert torch.equal(connected_components(lab.view(5, 1, 50, 60), 8, backend="native")[:, 0], ref)
+
+
+@needs_native
+def test_auto_on_cpu_is_native():
+    assert resolve_backend("auto", torch.zeros(2, 2, dtype=torch.long)) == "native"
+    lab = torch.from_numpy(_blobs(np.random.default_rng(1), 2, 30, 30, 5, 4))
+    assert torch.equal(connected_components(lab, 8, backend="auto"), connected_components(lab, 8, backend="native"))
+
+
+def test_resolve_backend():
+    lab = torch.zeros(2, 2, dtype=torch.long)
+    assert resolve_backend("torch", lab) == "torch"
+    assert resolve_backend("auto", lab) in ("native", "torch")
+    with pytest.raises(ValueError, match="`backend` has to be one of 'auto', 'torch', 'native', 'cupy' but is 'c'"):
+        resolve_backend("c", lab)
+
+
+def test_native_disabled_falls_back(monkeypatch):
+    """PCCFAST_NATIVE=0: "auto" uses torch, "native" raises NativeUnavailable naming the switch."""
+    monkeypatch.setenv("PCCFAST_NATIVE", "0")
+    lab = torch.tensor([[0, 1], [1, 1]])
+    assert resolve_backend("auto", lab) == "torch"
+    assert torch.equal(connected_components(lab, 4, backend="auto"), torch.tensor([[1, 2], [2, 2]]))
+    with pytest.raises(native.NativeUnavailable, match="PCCFAST_NATIVE=0"):
+        connected_components(lab, backend="native")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_native_rejects_gpu_tensors():
+    with pytest.raises(ValueError, match="components backend 'native' runs on the CPU but the labels are on cuda"):
+        connected_components(torch.zeros(1, 3, 3, dtype=torch.long, device="cuda"), backend="native")
