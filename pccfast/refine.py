@@ -4,10 +4,12 @@
 2. 8-connected pieces of the clusters; pieces under ``min_piece_pixels`` pooled into piece 0.
 3. Every piece takes the blocky label that dominates it (``> ratio x`` the runner-up, the
    uncertain label counting like a class), else the uncertain label.
-4. Clean-up per label value with OpenCV-default morphology, see ``cleanup``.
+4. Clean-up per label value with OpenCV-default morphology, see ``cleanup`` (on the CPU a C
+   kernel on bit-packed masks, ``kernels/morphology.c``; the torch path is the reference).
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -118,6 +120,68 @@ def erode(m: Tensor, iterations: int) -> Tensor:
     return _morph(m, iterations, grow=False)
 
 
+CLEANUP_BACKENDS = ("auto", "torch", "native")
+
+
+def _native_lib():
+    """The compiled ``kernels/morphology.c`` with its argument types (raises NativeUnavailable)."""
+    from . import native
+
+    lib = native.load("morphology")
+    if not getattr(lib, "_pcc_typed", False):
+        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        lib.pcc_cleanup.argtypes = [vp, i64, i64, i64, vp, i64, i32, i32, i32, i32, i32, vp, i32]
+        lib.pcc_cleanup.restype = ctypes.c_int
+        lib._pcc_typed = True
+    return lib
+
+
+def _resolve_cleanup_backend(backend: str, labels: Tensor) -> str:
+    """"auto" is "native" for CPU tensors when the kernel builds, else "torch"; "native" needs
+    a CPU tensor (``ValueError``) and the kernel (``NativeUnavailable``)."""
+    if backend not in CLEANUP_BACKENDS:
+        raise ValueError(f"`cleanup_backend` has to be one of {', '.join(map(repr, CLEANUP_BACKENDS))} "
+                         f"but is {backend!r}")
+    if backend == "auto":
+        if labels.device.type == "cpu":
+            from .native import available
+
+            if available("morphology"):
+                return "native"
+        return "torch"
+    if backend == "native":
+        if labels.device.type != "cpu":
+            raise ValueError(f"cleanup backend 'native' runs on the CPU but the labels are on {labels.device}; "
+                             "use cleanup_backend='auto' or 'torch'")
+        _native_lib()  # raises NativeUnavailable with the reason
+    return backend
+
+
+def _cleanup_native(labels: Tensor, cfg: PCCConfig) -> Tensor:
+    """``cleanup`` in the C kernel (bit-packed masks, per-value row ranges, OpenMP).
+
+    labels: (B, H, W) integer CPU -> (B, H, W) uint8
+    """
+    from .native import num_threads, ptr
+
+    lib = _native_lib()
+    lab = labels.to(torch.int64).contiguous()  # (B, H, W)
+    b, h, w = lab.shape
+    out = torch.empty(b, h, w, dtype=torch.uint8)
+    if out.numel() == 0:
+        return out
+    iters = (max(cfg.erode_first, 0), max(cfg.dilate_iters, 0), max(cfg.erode_after, 0), max(cfg.band_dilations, 0))
+    nt = num_threads()
+    rc = lib.pcc_cleanup(ptr(lab), b, h, w, None, 0, cfg.ignore_index, *iters, ptr(out), nt)
+    if rc == 1:  # a label outside [0, 255]: pass the values present
+        values = torch.unique(lab)
+        values = values[values != 0].contiguous()  # (C,) ascending
+        rc = lib.pcc_cleanup(ptr(lab), b, h, w, ptr(values), values.numel(), cfg.ignore_index, *iters, ptr(out), nt)
+    if rc != 0:
+        raise MemoryError(f"native clean-up could not allocate its work space (B={b}, H={h}, W={w})")
+    return out
+
+
 def cleanup(labels: Tensor, cfg: PCCConfig) -> Tensor:
     """The reference's clean-up loop, vectorised over the label values present.
 
@@ -133,6 +197,20 @@ def cleanup(labels: Tensor, cfg: PCCConfig) -> Tensor:
     both m and band; 0 is first and a no-op on a zero output). A pixel's final value comes
     from the last (largest) value whose band covers it (band contains m): that value if the
     pixel is in its m, else the uncertain label; pixels no band covers stay 0.
+
+    Backend ``cfg.cleanup_backend``: "torch" (this vectorised form, any device), "native" (the C
+    kernel ``kernels/morphology.c``, CPU only, bit-identical), "auto" (native for CPU tensors
+    when the kernel builds, else torch).
+
+    labels: (B, H, W) long -> (B, H, W) uint8
+    """
+    if _resolve_cleanup_backend(cfg.cleanup_backend, labels) == "native":
+        return _cleanup_native(labels, cfg)
+    return _cleanup_torch(labels, cfg)
+
+
+def _cleanup_torch(labels: Tensor, cfg: PCCConfig) -> Tensor:
+    """The torch path of ``cleanup`` (every value a channel of a (B, C, H, W) bool stack).
 
     labels: (B, H, W) long -> (B, H, W) uint8
     """

@@ -3,11 +3,16 @@ import pytest
 import torch
 from scipy import ndimage
 
+from pccfast import native
 from pccfast.config import PCCConfig
-from pccfast.refine import (cleanup, dilate, erode, piece_majority, pool_small_pieces, refine_mask,
-                            refine_points)
+from pccfast.refine import (_resolve_cleanup_backend, cleanup, dilate, erode, piece_majority, pool_small_pieces,
+                            refine_mask, refine_points)
 
 SQUARE = np.ones((3, 3), bool)
+HAVE_NATIVE = native.available("morphology", warn=False)
+needs_native = pytest.mark.skipif(not HAVE_NATIVE, reason="the C clean-up kernel (kernels/morphology.c) does not "
+                                  "build or load here (no C compiler or PCCFAST_NATIVE=0)")
+BACKENDS = ["torch", pytest.param("native", marks=needs_native)]
 
 
 def _morph(m, iterations, erosion):
@@ -77,34 +82,146 @@ def test_morphology_border_convention():
     assert np.array_equal(d.numpy() > 0, ref)
 
 
-def test_cleanup_value():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cleanup_value(backend):
     """A thin class-1 line is opened away (stays 0, no band); a class-2 block keeps its core with a
     255 band around the part the opening trimmed; the 255 pixel is copied last."""
     lab = torch.zeros(1, 16, 16, dtype=torch.long)
     lab[0, 2, :] = 1  # 1-pixel line: removed by the first erosion
     lab[0, 8:16, 8:16] = 2  # 8x8 block touching the border
     lab[0, 0, 0] = 255
-    out = cleanup(lab, PCCConfig())[0]
+    out = cleanup(lab, PCCConfig(cleanup_backend=backend))[0]
     assert (out[2] == 0).all()
     assert (out[8:16, 8:16] == 2).all()
     assert (out[6:8, 6:16] == 255).all() and (out[5] == 0).all()  # 2-pixel band from dilate x2
     assert out[0, 0] == 255
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cleanup_matches_sequential_reference(seed):
-    cfg = PCCConfig()
+def test_cleanup_matches_sequential_reference(seed, backend):
+    cfg = PCCConfig(cleanup_backend=backend)
     labs = np.stack([_blobby_labels(seed), _blobby_labels(seed + 10)])
     out = cleanup(torch.from_numpy(labs), cfg).numpy()
     for i in range(2):
         assert np.array_equal(out[i], _cleanup_reference(labs[i], cfg))
 
 
-def test_cleanup_other_settings_match_reference():
-    cfg = PCCConfig(erode_first=0, dilate_iters=2, erode_after=1, band_dilations=1)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cleanup_other_settings_match_reference(backend):
+    cfg = PCCConfig(erode_first=0, dilate_iters=2, erode_after=1, band_dilations=1, cleanup_backend=backend)
     lab = _blobby_labels(5, values=(0, 2, 4, 255))
     out = cleanup(torch.from_numpy(lab)[None], cfg)[0].numpy()
     assert np.array_equal(out, _cleanup_reference(lab, cfg))
+
+
+def _piecewise_labels(seed, b, h, w, values=(0, 1, 2, 5, 9, 255)):
+    """(B, H, W) long piecewise label maps: random blocks of random size (objects touching the
+    border), salt noise (single pixels), 1-pixel lines, 2-pixel lines; the last image all 0."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor(values)
+    lab = torch.zeros(b, h, w, dtype=torch.long)
+    for i in range(b - 1):
+        for _ in range(int(torch.randint(1, 8, (1,), generator=g))):
+            y0, y1 = sorted(torch.randint(-h // 4, h + h // 4, (2,), generator=g).tolist())
+            x0, x1 = sorted(torch.randint(-w // 4, w + w // 4, (2,), generator=g).tolist())
+            lab[i, max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = vals[torch.randint(0, len(vals), (1,), generator=g)]
+        lab[i, int(torch.randint(0, h, (1,), generator=g)), :] = vals[1]  # 1-pixel line
+        lab[i, :, int(torch.randint(0, w, (1,), generator=g))] = vals[-2]
+        c = int(torch.randint(0, max(w - 1, 1), (1,), generator=g))
+        lab[i, :, c:c + 2] = vals[2]  # 2-pixel line
+        noise = torch.rand(h, w, generator=g) < 0.02
+        lab[i] = torch.where(noise, vals[torch.randint(0, len(vals), (h, w), generator=g)], lab[i])
+    return lab
+
+
+def _sparse_labels(seed, b, h, w, values=(1, 2, 5, 9, 255)):
+    """(B, H, W) long maps of a few objects on 0 away from the borders (each value's rows cover
+    part of the image only): blocks, discs, short lines, single pixels; the last image all 0."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor(values)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (H, W) each
+    lab = torch.zeros(b, h, w, dtype=torch.long)
+    for i in range(b - 1):
+        for j in range(int(torch.randint(1, 5, (1,), generator=g))):
+            v = vals[torch.randint(0, len(vals), (1,), generator=g)]
+            cy, cx = int(torch.randint(0, h, (1,), generator=g)), int(torch.randint(0, w, (1,), generator=g))
+            r = int(torch.randint(1, max(min(h, w) // 4, 2), (1,), generator=g))
+            if j % 3 == 0:
+                lab[i, max(cy - r, 0):cy + r, max(cx - r, 0):cx + r] = v
+            elif j % 3 == 1:
+                lab[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = v
+            else:
+                lab[i, cy, max(cx - 2 * r, 0):cx + 2 * r] = v  # short 1-pixel line
+        lab[i, int(torch.randint(0, h, (1,), generator=g)), int(torch.randint(0, w, (1,), generator=g))] = vals[0]
+    return lab
+
+
+# (erode_first, dilate_iters, erode_after, band_dilations); the last three test the kernel's row bounds
+ITERATIONS = [(1, 5, 4, 2), (0, 0, 0, 0), (0, 2, 1, 1), (2, 3, 1, 0), (1, 0, 3, 3), (3, 7, 0, 2), (2, 0, 1, 0),
+              (0, 2, 4, 0), (0, 1, 0, 3)]
+SHAPES = [(17, 64), (40, 129), (65, 31), (1, 70), (23, 1), (2, 2), (96, 72)]
+
+
+@needs_native
+@pytest.mark.parametrize("make", [_piecewise_labels, _sparse_labels])
+@pytest.mark.parametrize("iters", ITERATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cleanup_native_equals_torch(shape, iters, make):
+    h, w = shape
+    cfg = PCCConfig(erode_first=iters[0], dilate_iters=iters[1], erode_after=iters[2], band_dilations=iters[3])
+    lab = make(h * 1000 + w + sum(iters), 4, h, w)
+    ref = cleanup(lab, cfg.replace(cleanup_backend="torch"))
+    out = cleanup(lab, cfg.replace(cleanup_backend="native"))
+    assert out.dtype == torch.uint8 and out.shape == lab.shape
+    assert torch.equal(out, ref)
+    assert out[-1].eq(0).all()  # the all-0 image
+
+
+@needs_native
+def test_cleanup_native_other_values_and_ignore():
+    """Labels outside [0, 255] (the kernel's sorted-values path; the uint8 cast wraps as torch's)
+    and an uncertain label that is not the largest value."""
+    lab = _piecewise_labels(7, 3, 48, 80, values=(0, -4, 1, 3, 255, 300, 7))
+    for ignore in (255, 3):
+        cfg = PCCConfig(ignore_index=ignore)
+        ref = cleanup(lab, cfg.replace(cleanup_backend="torch"))
+        assert torch.equal(cleanup(lab, cfg.replace(cleanup_backend="native")), ref)
+    lab = _piecewise_labels(8, 3, 48, 80, values=(0, 1, 3, 200, 7))
+    cfg = PCCConfig(ignore_index=3)
+    assert torch.equal(cleanup(lab, cfg.replace(cleanup_backend="native")),
+                       cleanup(lab, cfg.replace(cleanup_backend="torch")))
+    small = lab.to(torch.int32)  # other integer dtypes
+    assert torch.equal(cleanup(small, cfg.replace(cleanup_backend="native")),
+                       cleanup(lab, cfg.replace(cleanup_backend="torch")))
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(0, 8, 8), (2, 0, 5), (2, 5, 0)])
+def test_cleanup_native_empty(shape):
+    lab = torch.zeros(shape, dtype=torch.long)
+    out = cleanup(lab, PCCConfig(cleanup_backend="native"))
+    assert out.shape == shape and out.dtype == torch.uint8
+    lab = torch.zeros(2, 9, 9, dtype=torch.long)  # no value but 0
+    assert cleanup(lab, PCCConfig(cleanup_backend="native")).eq(0).all()
+
+
+@needs_native
+def test_cleanup_auto_is_native_on_cpu():
+    lab = _piecewise_labels(3, 3, 30, 50)
+    assert _resolve_cleanup_backend("auto", lab) == "native"
+    assert torch.equal(cleanup(lab, PCCConfig()), cleanup(lab, PCCConfig(cleanup_backend="native")))
+
+
+def test_cleanup_backend_exceptions():
+    lab = torch.zeros(1, 4, 4, dtype=torch.long)
+    cfg = PCCConfig()
+    cfg.cleanup_backend = "fast"  # bypasses the config's own check
+    with pytest.raises(ValueError, match=r"`cleanup_backend` has to be one of 'auto', 'torch', 'native' but is 'fast'"):
+        cleanup(lab, cfg)
+    with pytest.raises(ValueError, match=r"cleanup backend 'native' runs on the CPU but the labels are on meta"):
+        cleanup(lab.to("meta"), PCCConfig(cleanup_backend="native"))
+    assert _resolve_cleanup_backend("auto", lab.to("meta")) == "torch"
 
 
 def _scene(h=128, w=128):
