@@ -27,6 +27,7 @@ from ._checks import check_tensor
 __all__ = ["BACKENDS", "connected_components", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "native", "cupy")
+_NATIVE_MAX_PIXELS = 2**31 - 1  # the C kernel numbers runs with int32: H * W has to stay below
 
 # neighbour offsets (dy, dx) to the next row; same-row neighbours are merged as runs first
 _DOWN_OFFSETS = {4: ((1, 0),), 8: ((1, -1), (1, 0), (1, 1))}
@@ -122,8 +123,11 @@ def _components_native(labels: Tensor, connectivity: int) -> Tensor:
     labels = labels.contiguous()
     b, h, w = labels.shape
     out = torch.empty_like(labels)  # (B, H, W)
-    if lib.pcc_components(native.ptr(labels), b, h, w, connectivity, native.ptr(out), native.num_threads()):
+    status = lib.pcc_components(native.ptr(labels), b, h, w, connectivity, native.ptr(out), native.num_threads())
+    if status == 1:
         raise MemoryError(f"components kernel: out of memory for labels of shape {tuple(labels.shape)}")
+    if status:
+        raise ValueError(f"components kernel: labels of shape {tuple(labels.shape)} are too large (status {status})")
     return out
 
 
@@ -154,15 +158,19 @@ def _components_cupy(labels: Tensor, connectivity: int) -> Tensor:
 def resolve_backend(backend: str, labels: Tensor) -> str:
     """The implementation ``backend`` stands for with ``labels``: "auto" is "native" (the C
     kernel) for CPU tensors when it builds, else "torch"; "native" needs a CPU tensor and the
-    kernel (``NativeUnavailable`` otherwise); "torch" and "cupy" are themselves.
+    kernel (``NativeUnavailable`` otherwise); "torch" and "cupy" are themselves. Images of
+    2^31 - 1 pixels or more (int32 run ids in the kernel) go to torch under "auto".
+
+    labels: (*, H, W)
 
     Raises:
-        ValueError: an unknown backend, or "native" with labels off the CPU.
+        ValueError: an unknown backend, or "native" with labels off the CPU or too large.
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` has to be one of {', '.join(map(repr, BACKENDS))} but is {backend!r}")
+    fits = labels.shape[-2] * labels.shape[-1] < _NATIVE_MAX_PIXELS
     if backend == "auto":
-        if labels.device.type == "cpu":
+        if labels.device.type == "cpu" and fits:
             from .native import available
 
             if available("components"):
@@ -172,6 +180,9 @@ def resolve_backend(backend: str, labels: Tensor) -> str:
         if labels.device.type != "cpu":
             raise ValueError(f"components backend 'native' runs on the CPU but the labels are on {labels.device}; "
                              "use backend='auto' or 'torch'")
+        if not fits:
+            raise ValueError(f"components backend 'native' takes images of fewer than 2^31 - 1 pixels but they are "
+                             f"{labels.shape[-2]} x {labels.shape[-1]}; use backend='torch'")
         _native_lib()  # raises NativeUnavailable with the reason
     return backend
 

@@ -172,6 +172,8 @@ def test_native_equals_torch_random(connectivity):
     rng = np.random.default_rng(10 + connectivity)
     _native_equals_torch(rng.integers(0, 2, size=(3, 37, 41)), connectivity)  # few labels, noise
     _native_equals_torch(rng.integers(0, 50, size=(2, 33, 29)), connectivity)  # many labels
+    # more runs than the kernel's first guess (4096): its run arrays have to grow, twice
+    _native_equals_torch(rng.integers(0, 50, size=(2, 90, 100)), connectivity)
     _native_equals_torch(_blobs(rng, 4, 64, 80, 20, 7), connectivity)  # blobs of various sizes
     masked = _blobs(rng, 3, 40, 45, 5, 4)
     masked[rng.random(masked.shape) < 0.3] = -1  # masked pixels: id 0, connect to nothing
@@ -270,6 +272,14 @@ def test_resolve_backend():
     assert resolve_backend("auto", lab) in ("native", "torch")
     with pytest.raises(ValueError, match="`backend` has to be one of 'auto', 'torch', 'native', 'cupy' but is 'c'"):
         resolve_backend("c", lab)
+
+
+def test_too_large_for_native():
+    """The kernel numbers runs with int32: images of 2^31 - 1 pixels or more go to torch."""
+    big = torch.zeros(1, 1, 1, dtype=torch.long).expand(1, 2**16, 2**15)  # (1, H, W), no memory
+    assert resolve_backend("auto", big) == "torch"
+    with pytest.raises(ValueError, match="takes images of fewer than 2.31 - 1 pixels but they are 65536 x 32768"):
+        resolve_backend("native", big)
 
 
 def test_native_disabled_falls_back(monkeypatch):
