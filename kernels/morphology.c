@@ -21,8 +21,9 @@
  * column W - 1 hold the outside value of the current operation (1 for erosion, 0 for
  * dilation) and are cleared at the end.
  *
- * Three parallel phases: per image, the rows and columns of every value's pixels; per task
- * (dynamic schedule), pack, open and dilate its mask; per output row, write the tasks in
+ * Four parallel phases: per image, the rows and columns of every value's pixels (a scan
+ * over runs of equal labels); per image, each run's bits set in its value's mask; per task
+ * (dynamic schedule), open and dilate the mask; per output row, write the tasks in
  * ascending value order (the last covering one wins).
  *
  * Returns 0, 1 when values is NULL and a label lies outside [0, 255] (the caller then passes
@@ -40,7 +41,6 @@ typedef struct {
     int64_t value;   /* label value */
     int64_t y0, y1;  /* stored rows [y0, y1] (image rows) */
     int64_t r0, r1;  /* rows of the value's pixels */
-    int64_t c0, c1;  /* columns of the value's pixels */
     size_t m_off;    /* word offset of m in the arena */
     size_t band_off; /* word offset of the band (== m_off for the uncertain label) */
     int empty;       /* nothing left after the opening */
@@ -113,6 +113,19 @@ static inline void morph_swap(uint64_t **a, uint64_t **tmp, int64_t y0, int64_t 
     *tmp = t;
 }
 
+/* set columns [x0, x1) of a packed row */
+static inline void set_bits(uint64_t *w, int64_t x0, int64_t x1) {
+    const int64_t i0 = x0 >> 6, i1 = (x1 - 1) >> 6;
+    const uint64_t lo = ~0ULL << (x0 & 63), hi = ~0ULL >> (63 - ((x1 - 1) & 63));
+    if (i0 == i1) {
+        w[i0] |= lo & hi;
+        return;
+    }
+    w[i0] |= lo;
+    for (int64_t i = i0 + 1; i < i1; ++i) w[i] = ~0ULL;
+    w[i1] |= hi;
+}
+
 static int any_bit(const uint64_t *w, size_t n) {
     for (size_t i = 0; i < n; ++i)
         if (w[i]) return 1;
@@ -134,26 +147,20 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
     const uint64_t pad = (W % 64) ? ~0ULL << (W % 64) : 0ULL;
     const int64_t grow = (int64_t)dilate_iters + band;
 
-    /* phase 1: rows and columns of each value's pixels, per image */
-    int64_t *box = malloc(sizeof(int64_t) * 4 * (size_t)(B * (S > 0 ? S : 1)));
+    /* phase 1: first and last row of each value's pixels, per image */
+    int64_t *box = malloc(sizeof(int64_t) * 2 * (size_t)(B * (S > 0 ? S : 1)));
     if (!box) return 2;
     int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(n_threads) reduction(| : bad)
     for (int64_t b = 0; b < B; ++b) {
-        int64_t *bx = box + 4 * b * S; /* (S, 4): r0, r1, c0, c1 */
-        for (int64_t s = 0; s < S; ++s) {
-            bx[4 * s] = -1;
-            bx[4 * s + 1] = -1;
-            bx[4 * s + 2] = W;
-            bx[4 * s + 3] = -1;
-        }
+        int64_t *bx = box + 2 * b * S; /* (S, 2): r0, r1 */
+        for (int64_t s = 0; s < 2 * S; ++s) bx[s] = -1;
         const int64_t *img = labels + b * H * W;
         for (int64_t y = 0; y < H && !bad; ++y) {
             const int64_t *row = img + y * W;
             int64_t x = 0;
             while (x < W) { /* runs of equal labels */
                 const int64_t v = row[x];
-                const int64_t start = x;
                 while (x < W && row[x] == v) ++x;
                 if (v == 0) continue;
                 int64_t s;
@@ -167,11 +174,9 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
                     s = find_value(values, C, v);
                     if (s < 0) continue;
                 }
-                int64_t *q = bx + 4 * s;
+                int64_t *q = bx + 2 * s;
                 if (q[0] < 0) q[0] = y;
                 q[1] = y;
-                if (start < q[2]) q[2] = start;
-                if (x - 1 > q[3]) q[3] = x - 1;
             }
         }
     }
@@ -182,7 +187,7 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
 
     /* the tasks, per image in ascending value order, and their place in the arena */
     int64_t T = 0;
-    for (int64_t i = 0; i < B * S; ++i) T += box[4 * i] >= 0;
+    for (int64_t i = 0; i < B * S; ++i) T += box[2 * i] >= 0;
     task_t *task = malloc(sizeof(task_t) * (size_t)(T > 0 ? T : 1));
     int64_t *first = malloc(sizeof(int64_t) * (size_t)(B + 1)); /* tasks of image b: [first[b], first[b+1]) */
     if (!task || !first) {
@@ -196,15 +201,13 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
     for (int64_t b = 0; b < B; ++b) {
         first[b] = t;
         for (int64_t s = 0; s < S; ++s) {
-            const int64_t *q = box + 4 * (b * S + s);
+            int64_t *q = box + 2 * (b * S + s);
             if (q[0] < 0) continue;
-            task_t *k = task + t++;
+            task_t *k = task + t;
             k->b = b;
             k->value = direct ? s : values[s];
             k->r0 = q[0];
             k->r1 = q[1];
-            k->c0 = q[2];
-            k->c1 = q[3];
             k->empty = 0;
             const int raw_only = k->value == ignore;
             const int64_t g = raw_only ? 0 : grow;
@@ -215,18 +218,43 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
             words += n;
             k->band_off = raw_only ? k->m_off : words;
             if (!raw_only) words += n;
+            q[0] = t++; /* from here on: the slot's task */
         }
     }
     first[B] = t;
-    free(box);
     uint64_t *arena = malloc(sizeof(uint64_t) * (words > 0 ? words : 1));
     if (!arena) {
+        free(box);
         free(task);
         free(first);
         return 2;
     }
 
-    /* phase 2: pack, open, band */
+    /* phase 2: the raw masks into the m planes, run by run, per image */
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = first[b]; i < first[b + 1]; ++i)
+            memset(arena + task[i].m_off, 0, sizeof(uint64_t) * (size_t)(task[i].y1 - task[i].y0 + 1) * (size_t)nw);
+        const int64_t *img = labels + b * H * W;
+        const int64_t *slot_task = box + 2 * b * S; /* stride 2 */
+        for (int64_t y = 0; y < H; ++y) {
+            const int64_t *row = img + y * W;
+            int64_t x = 0;
+            while (x < W) {
+                const int64_t v = row[x];
+                const int64_t start = x;
+                while (x < W && row[x] == v) ++x;
+                if (v == 0) continue;
+                const int64_t s = direct ? v : find_value(values, C, v);
+                if (s < 0) continue;
+                const task_t *k = task + slot_task[2 * s];
+                set_bits(arena + k->m_off + (size_t)(y - k->y0) * nw, start, x);
+            }
+        }
+    }
+    free(box);
+
+    /* phase 3: open, band */
     int oom = 0;
 #pragma omp parallel num_threads(n_threads) reduction(| : oom)
     {
@@ -240,16 +268,9 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
             const int64_t y0 = k->y0, y1 = k->y1, R = y1 - y0 + 1;
             const size_t n = (size_t)R * (size_t)nw;
             const int raw_only = k->value == ignore;
-            uint64_t *a = raw_only ? arena + k->m_off : work;
-            memset(a, 0, sizeof(uint64_t) * n);
-            const int64_t *img = labels + k->b * H * W;
-            const int64_t v = k->value;
-            for (int64_t y = k->r0; y <= k->r1; ++y) {
-                const int64_t *row = img + y * W;
-                uint64_t *dst = a + (y - y0) * nw;
-                for (int64_t x = k->c0; x <= k->c1; ++x) dst[x >> 6] |= (uint64_t)(row[x] == v) << (x & 63);
-            }
             if (raw_only) continue;
+            uint64_t *a = work;
+            memcpy(a, arena + k->m_off, sizeof(uint64_t) * n);
             uint64_t *b2 = tmp;
             morph_swap(&a, &b2, y0, y1, H, nw, erode_first, 1, pad);
             for (int64_t r = 0; r < R; ++r) a[r * nw + nw - 1] &= ~pad;
@@ -277,7 +298,7 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
         return 2;
     }
 
-    /* phase 3: every output row, tasks in ascending value order */
+    /* phase 4: every output row, tasks in ascending value order */
     const uint8_t ign = (uint8_t)ignore;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t by = 0; by < B * H; ++by) {
