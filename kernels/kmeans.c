@@ -1,25 +1,29 @@
-/* k-means on the CPU: fused k-means++ steps and an exact bounds-pruned Lloyd loop.
+/* k-means on the CPU: fused k-means++ steps and exact bounds-pruned Lloyd loops.
  *
  * Called from pccfast/kmeans.py (backend "native") through ctypes; one problem per batch
- * item, items spread over OpenMP threads. Points are float32 rows (B, N, D), already centred.
+ * item, items spread over OpenMP threads. Points are float32 and already centred.
  *
- * Lloyd with Hamerly's bounds: every point keeps an upper bound u on the distance to its own
- * centre and a lower bound l on the distance to any other centre; after an M-step u grows by
- * its centre's shift and l shrinks by the largest other shift. A point whose u is below
- * max(l, half the distance from its centre to the nearest other centre) cannot change
- * cluster, so its k distances are not computed. The test carries a relative margin (MARGIN)
- * far above the rounding of a computed distance, so a pruned point is one whose computed
- * distances would have picked the same centre: labels and centres are those of plain Lloyd
- * with the same arithmetic (tested against prune = 0). Cluster sums are kept in double and
- * updated only for points that move.
+ * Two layouts, chosen by the width D of the points:
+ * - narrow (D <= NARROW_D, the refinement's (R, G, B, x, y) pixels): points transposed,
+ *   (D, N) per item. Distances are computed for blocks of BLK points at once, vectorised
+ *   over the points; Hamerly's bounds (one upper bound u on the distance to the own centre,
+ *   one lower bound l on the distance to every other centre) skip the points that cannot
+ *   move, and the remaining ones are gathered into a block.
+ * - wide (the attention features, D = 632): points as rows, (N, D) per item. Distances are
+ *   dot-like loops over D with several partial sums; Elkan's bounds (u, and one lower bound
+ *   per point and centre) skip single point-centre distances.
  *
- * Distances are direct sums of squared differences: for D <= SMALL_D (refinement, D = 5)
- * vectorised over the centres in double, else (features, D = 632) vectorised over D in float.
+ * Exactness: every pruning test carries a relative margin (MARGIN) far above the rounding
+ * of a computed distance or of a bound update, so a skipped distance is one that could not
+ * have won: labels and centres equal those of plain Lloyd with the same distance arithmetic
+ * (pruning off: prune = 0; tested). Cluster sums are kept in double and updated only for
+ * points that move.
  *
- * Semantics as scikit-learn's Lloyd: iteration = E-step, M-step; stop when labels did not
- * change (strict) or the summed squared centre shift is <= tol_abs, or after max_iter; then a
- * final E-step unless strict. An empty cluster takes one of the points farthest from their
- * centres (the j-th empty cluster the j-th farthest), which leaves its old cluster.
+ * Semantics as scikit-learn's Lloyd: an iteration is an E-step then an M-step; stop when the
+ * labels did not change (strict), or the summed squared centre shift is <= tol_abs, or after
+ * max_iter iterations; then a final E-step unless strict. Ties go to the lower centre index.
+ * An empty cluster takes one of the points farthest from their centres (the j-th empty
+ * cluster the j-th farthest), which leaves its old cluster.
  */
 #include <float.h>
 #include <math.h>
@@ -30,254 +34,461 @@
 #include <omp.h>
 #endif
 
-#define SMALL_D 16
-#define MARGIN 1e-4
+#define NARROW_D 16
+#define BLK 256
+#define MARGIN 1e-4f
 
-typedef struct {
-    int64_t N, D, k;
-    const float *x; /* (N, D) */
-    double *ct;     /* small D: centres transposed (D, k) */
-    float *cf;      /* large D: centres (k, D) */
-    double *buf;    /* (k,) squared distances of one point */
-} space_t;
+/* ------------------------------------------------------------------ distances */
 
-static void set_centres(space_t *s, const float *c) {
-    if (s->D <= SMALL_D) {
-        for (int64_t j = 0; j < s->k; ++j)
-            for (int64_t d = 0; d < s->D; ++d) s->ct[d * s->k + j] = c[j * s->D + d];
-    } else {
-        memcpy(s->cf, c, sizeof(float) * s->k * s->D);
+/* squared distances of the n <= BLK points of a transposed block (D rows of stride `stride`)
+ * to centre c (D,) -> out (n,) */
+static inline void dist_block(const float *restrict xt, int64_t stride, int64_t D, int n, const float *restrict c,
+                              float *restrict out) {
+    {
+        const float c0 = c[0];
+#pragma omp simd
+        for (int p = 0; p < n; ++p) {
+            float t = xt[p] - c0;
+            out[p] = t * t;
+        }
+    }
+    for (int64_t d = 1; d < D; ++d) {
+        const float cd = c[d];
+        const float *restrict xr = xt + d * stride;
+#pragma omp simd
+        for (int p = 0; p < n; ++p) {
+            float t = xr[p] - cd;
+            out[p] += t * t;
+        }
     }
 }
 
-static inline double dist_large(const float *x, const float *c, int64_t D) {
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) {
+/* nearest and second-nearest of k centres (k, D) for W points of a transposed block (D
+ * rows of stride `stride`), D a compile-time constant after inlining so the coordinates and
+ * running minima stay in registers: bi (n,) first index of the minimum, m1 (n,) its squared
+ * distance, m2 (n,) the second (n <= W; lanes past n compute on zeros and are dropped) */
+#define W 16
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); } /* m ? a : b */
+
+/* squared distance of two float rows of length D: two vector accumulators, a tree sum */
+static inline float dist_row(const float *restrict x, const float *restrict c, int64_t D) {
+    vf a0 = {0}, a1 = {0};
+    int64_t d = 0;
+    for (; d + 2 * W <= D; d += 2 * W) {
+        vf x0, c0, x1, c1;
+        memcpy(&x0, x + d, sizeof(vf));
+        memcpy(&c0, c + d, sizeof(vf));
+        memcpy(&x1, x + d + W, sizeof(vf));
+        memcpy(&c1, c + d + W, sizeof(vf));
+        vf t0 = x0 - c0, t1 = x1 - c1;
+        a0 += t0 * t0;
+        a1 += t1 * t1;
+    }
+    for (; d + W <= D; d += W) {
+        vf x0, c0;
+        memcpy(&x0, x + d, sizeof(vf));
+        memcpy(&c0, c + d, sizeof(vf));
+        vf t0 = x0 - c0;
+        a0 += t0 * t0;
+    }
+    a0 += a1;
+    float f[W];
+    memcpy(f, &a0, sizeof f);
+    for (int h = W / 2; h >= 1; h /= 2)
+        for (int q = 0; q < h; ++q) f[q] += f[q + h];
+    float acc = f[0];
+    for (; d < D; ++d) {
         float t = x[d] - c[d];
         acc += t * t;
     }
-    return (double)acc;
+    return acc;
 }
 
-/* squared distances of point i to all centres into s->buf */
-static inline void all_dist(const space_t *s, int64_t i) {
-    const float *x = s->x + i * s->D;
-    double *out = s->buf;
-    const int64_t k = s->k, D = s->D;
-    if (D <= SMALL_D) {
-        for (int64_t j = 0; j < k; ++j) out[j] = 0.0;
-        for (int64_t d = 0; d < D; ++d) {
-            const double xd = x[d];
-            const double *row = s->ct + d * k;
-#pragma omp simd
-            for (int64_t j = 0; j < k; ++j) {
-                double t = xd - row[j];
-                out[j] += t * t;
-            }
-        }
+static inline __attribute__((always_inline)) void assign_w(const float *restrict xt, int64_t stride, const int D,
+                                                          int n, const float *restrict cen, int64_t k,
+                                                          int32_t *restrict bi, float *restrict m1,
+                                                          float *restrict m2) {
+    vf xv[NARROW_D];
+    if (n == W) {
+        for (int d = 0; d < D; ++d) memcpy(&xv[d], xt + d * stride, sizeof(vf));
     } else {
-        for (int64_t j = 0; j < k; ++j) out[j] = dist_large(x, s->cf + j * D, D);
-    }
-}
-
-static inline double one_dist(const space_t *s, int64_t i, int64_t j) {
-    const float *x = s->x + i * s->D;
-    if (s->D <= SMALL_D) {
-        double acc = 0.0;
-        for (int64_t d = 0; d < s->D; ++d) {
-            double t = (double)x[d] - s->ct[d * s->k + j];
-            acc += t * t;
-        }
-        return acc;
-    }
-    return dist_large(x, s->cf + j * s->D, s->D);
-}
-
-/* best (first minimum) and second-best squared distance in s->buf */
-static inline int64_t best_two(const space_t *s, double *b1, double *b2) {
-    int64_t best = 0;
-    double m1 = s->buf[0], m2 = INFINITY;
-    for (int64_t j = 1; j < s->k; ++j) {
-        double v = s->buf[j];
-        if (v < m1) {
-            m2 = m1;
-            m1 = v;
-            best = j;
-        } else if (v < m2) {
-            m2 = v;
+        for (int d = 0; d < D; ++d) {
+            float tmp[W] = {0};
+            for (int q = 0; q < n; ++q) tmp[q] = xt[d * stride + q];
+            memcpy(&xv[d], tmp, sizeof(vf));
         }
     }
-    *b1 = m1;
-    *b2 = m2;
-    return best;
+    const vf inf = (vf){0} + INFINITY;
+    vf b1 = inf, b2 = inf;
+    vi bj = (vi){0};
+    for (int64_t j = 0; j < k; ++j) {
+        const float *c = cen + j * D;
+        vf t = xv[0] - c[0];
+        vf dist = t * t;
+        for (int d = 1; d < D; ++d) {
+            t = xv[d] - c[d];
+            dist += t * t;
+        }
+        /* branch-free: second = min(second, max(first, v)), first = min(first, v) */
+        vi lt = dist < b1;
+        vf hi = vsel(lt, b1, dist);
+        b2 = vsel(hi < b2, hi, b2);
+        b1 = vsel(lt, dist, b1);
+        bj = (bj & ~lt) | ((vi){0} + (int32_t)j & lt);
+    }
+    float f1[W], f2[W];
+    int32_t fj[W];
+    memcpy(f1, &b1, sizeof f1);
+    memcpy(f2, &b2, sizeof f2);
+    memcpy(fj, &bj, sizeof fj);
+    for (int q = 0; q < n; ++q) {
+        bi[q] = fj[q];
+        m1[q] = f1[q];
+        m2[q] = f2[q];
+    }
 }
 
-static inline void move_point(const space_t *s, int64_t i, int64_t from, int64_t to, double *sums, int64_t *counts) {
-    const float *x = s->x + i * s->D;
-    double *sf = sums + from * s->D, *st = sums + to * s->D;
+#define ASSIGN_CASE(DD)                                                                 \
+    case DD:                                                                            \
+        for (int p = 0; p < n; p += W)                                                  \
+            assign_w(xt + p, stride, DD, n - p < W ? n - p : W, cen, k, bi + p, m1 + p, m2 + p); \
+        break;
+
+/* assign_w over a block of n <= BLK points */
+static void assign_block(const float *restrict xt, int64_t stride, int64_t D, int n, const float *restrict cen,
+                         int64_t k, int32_t *restrict bi, float *restrict m1, float *restrict m2) {
+    switch (D) {
+        ASSIGN_CASE(1) ASSIGN_CASE(2) ASSIGN_CASE(3) ASSIGN_CASE(4) ASSIGN_CASE(5) ASSIGN_CASE(6)
+        ASSIGN_CASE(7) ASSIGN_CASE(8) ASSIGN_CASE(9) ASSIGN_CASE(10) ASSIGN_CASE(11) ASSIGN_CASE(12)
+        ASSIGN_CASE(13) ASSIGN_CASE(14) ASSIGN_CASE(15) ASSIGN_CASE(16)
+    default:
+        break; /* wide points never come here */
+    }
+}
+
+/* ------------------------------------------------------------------ shared per-problem state */
+
+typedef struct {
+    int64_t N, D, k;
+    const float *x;  /* narrow: (D, N) transposed; wide: (N, D) rows */
+    int32_t *lab;    /* (N,) */
+    int32_t *list;   /* narrow: (N,) points a pruned pass has to look at */
+    float *u;        /* (N,) upper bound on the distance to the own centre */
+    float *l;        /* narrow: (N,) lower bound to any other centre; wide: (N, k) per centre */
+    double *sums;    /* (k, D) */
+    int64_t *counts; /* (k,) */
+    float *cen;      /* (k, D) current centres */
+    float *shift;    /* (k,) last M-step's centre shifts (distances) */
+    float *half;     /* (k,) half the distance to the nearest other centre */
+    float *cc;       /* (k, k) half centre-centre distances (wide) */
+    float max1, max2;
+    int64_t arg1;
+    int pending;     /* bounds not yet moved by the last M-step's shifts */
+} prob_t;
+
+static inline float coord(const prob_t *s, int64_t i, int64_t d) {
+    return s->D <= NARROW_D ? s->x[d * s->N + i] : s->x[i * s->D + d];
+}
+
+static inline void move_point(prob_t *s, int64_t i, int32_t from, int32_t to) {
+    double *sf = s->sums + (int64_t)from * s->D, *st = s->sums + (int64_t)to * s->D;
     for (int64_t d = 0; d < s->D; ++d) {
-        sf[d] -= x[d];
-        st[d] += x[d];
+        float v = coord(s, i, d);
+        sf[d] -= v;
+        st[d] += v;
     }
-    counts[from] -= 1;
-    counts[to] += 1;
+    s->counts[from] -= 1;
+    s->counts[to] += 1;
+    s->lab[i] = to;
 }
 
-/* Assign every point (prune = 0, or first pass: all distances); returns the number of points
- * whose label changed. u, l: bounds (distances, not squared); s_half: (k,) half distance to
- * the nearest other centre (used when pruning). */
-static int64_t assign_pass(space_t *s, int64_t *lab, double *u, double *l, const double *s_half, int prune,
-                           double *sums, int64_t *counts, int fresh) {
-    int64_t changed = 0;
-    for (int64_t i = 0; i < s->N; ++i) {
-        int64_t a = lab[i];
-        if (prune && !fresh) {
-            double m = l[i] > s_half[a] ? l[i] : s_half[a];
-            if (u[i] * (1.0 + MARGIN) < m * (1.0 - MARGIN)) continue;
+static inline int skip(float u, float bound) { return u * (1.0f + MARGIN) < bound * (1.0f - MARGIN); }
+
+static void centre_gaps(prob_t *s) {
+    const int64_t k = s->k, D = s->D;
+    for (int64_t j = 0; j < k; ++j) s->half[j] = INFINITY;
+    for (int64_t a = 0; a < k; ++a) {
+        if (s->cc) s->cc[a * k + a] = 0.f;
+        for (int64_t b = a + 1; b < k; ++b) {
+            double acc = 0.0;
+            for (int64_t d = 0; d < D; ++d) {
+                double t = (double)s->cen[a * D + d] - (double)s->cen[b * D + d];
+                acc += t * t;
+            }
+            float h = (float)(0.5 * sqrt(acc));
+            if (s->cc) s->cc[a * k + b] = s->cc[b * k + a] = h;
+            if (h < s->half[a]) s->half[a] = h;
+            if (h < s->half[b]) s->half[b] = h;
         }
-        all_dist(s, i);
-        double b1, b2;
-        int64_t best = best_two(s, &b1, &b2);
-        u[i] = sqrt(b1);
-        l[i] = sqrt(b2);
+    }
+}
+
+/* ------------------------------------------------------------------ E-steps */
+
+/* new labels and bounds of the cnt points idx[] from their assign_block results */
+static int64_t settle_narrow(prob_t *s, const int32_t *idx, int cnt, const int32_t *bi, const float *m1,
+                             const float *m2, int fresh) {
+    int64_t changed = 0;
+    for (int p = 0; p < cnt; ++p) {
+        int64_t i = idx[p];
+        s->u[i] = sqrtf(m1[p]);
+        s->l[i] = sqrtf(m2[p]);
         if (fresh) {
-            lab[i] = best;
-            const float *x = s->x + i * s->D;
-            for (int64_t d = 0; d < s->D; ++d) sums[best * s->D + d] += x[d];
-            counts[best] += 1;
+            s->lab[i] = bi[p];
+            for (int64_t d = 0; d < s->D; ++d) s->sums[(int64_t)bi[p] * s->D + d] += s->x[d * s->N + i];
+            s->counts[bi[p]] += 1;
             ++changed;
-        } else if (best != a) {
-            move_point(s, i, a, best, sums, counts);
-            lab[i] = best;
+        } else if (bi[p] != s->lab[i]) {
+            move_point(s, i, s->lab[i], bi[p]);
             ++changed;
         }
     }
     return changed;
 }
 
-/* half the distance from every centre to its nearest other centre: (k,) */
-static void half_gaps(const float *c, int64_t k, int64_t D, double *out) {
-    for (int64_t j = 0; j < k; ++j) out[j] = INFINITY;
-    for (int64_t a = 0; a < k; ++a)
-        for (int64_t b = a + 1; b < k; ++b) {
-            double acc = 0.0;
-            for (int64_t d = 0; d < D; ++d) {
-                double t = (double)c[a * D + d] - (double)c[b * D + d];
-                acc += t * t;
-            }
-            double h = 0.5 * sqrt(acc);
-            if (h < out[a]) out[a] = h;
-            if (h < out[b]) out[b] = h;
+/* narrow points: Hamerly pass (prune) or full pass; fresh = first pass (labels unset).
+ * Returns the number of points whose label changed. */
+static int64_t estep_narrow(prob_t *s, int prune, int fresh) {
+    const int64_t N = s->N, D = s->D, k = s->k;
+    int64_t changed = 0;
+    int32_t idx[BLK], bi[BLK];
+    float m1[BLK], m2[BLK], g[NARROW_D * BLK];
+    if (!prune || fresh) { /* every point, in contiguous blocks */
+        for (int64_t start = 0; start < N; start += BLK) {
+            int cnt = (int)(N - start < BLK ? N - start : BLK);
+            for (int p = 0; p < cnt; ++p) idx[p] = (int32_t)(start + p);
+            assign_block(s->x + start, N, D, cnt, s->cen, k, bi, m1, m2);
+            changed += settle_narrow(s, idx, cnt, bi, m1, m2, fresh);
         }
+        s->pending = 0;
+        return changed;
+    }
+    /* move the bounds by the last shifts (an M-step always precedes a pruned pass) and list
+     * the points they cannot settle, without branches */
+    int32_t *list = s->list;
+    int64_t m = 0;
+    const float *shift = s->shift, *half = s->half;
+    const float max1 = s->max1, max2 = s->max2;
+    const int32_t arg1 = (int32_t)s->arg1;
+    for (int64_t i = 0; i < N; ++i) {
+        int32_t a = s->lab[i];
+        float u = s->u[i] + shift[a];
+        float l = s->l[i] - (a == arg1 ? max2 : max1);
+        s->u[i] = u;
+        s->l[i] = l;
+        float bound = l > half[a] ? l : half[a];
+        list[m] = (int32_t)i;
+        m += !skip(u, bound);
+    }
+    for (int64_t start = 0; start < m; start += BLK) { /* gather the listed points into blocks */
+        int n = (int)(m - start < BLK ? m - start : BLK);
+        const int32_t *ids = list + start;
+        for (int64_t d = 0; d < D; ++d)
+            for (int p = 0; p < n; ++p) g[d * BLK + p] = s->x[d * N + ids[p]];
+        assign_block(g, BLK, D, n, s->cen, k, bi, m1, m2);
+        changed += settle_narrow(s, ids, n, bi, m1, m2, 0);
+    }
+    s->pending = 0;
+    return changed;
 }
 
-/* One problem. Returns the number of Lloyd iterations run, or -1 on allocation failure. */
-static int64_t lloyd_one(const float *x, int64_t N, int64_t D, int64_t k, float *cen, int64_t *lab, float *mind,
-                         double tol_abs, int64_t max_iter, int prune) {
-    space_t s = {N, D, k, x, NULL, NULL, NULL};
-    double *u = malloc(sizeof(double) * N), *l = malloc(sizeof(double) * N);
-    double *sums = calloc((size_t)(k * D), sizeof(double)), *shift = malloc(sizeof(double) * k);
-    double *gap = malloc(sizeof(double) * k);
-    int64_t *counts = calloc((size_t)k, sizeof(int64_t));
-    float *newc = malloc(sizeof(float) * k * D);
-    s.buf = malloc(sizeof(double) * k);
-    if (D <= SMALL_D)
-        s.ct = malloc(sizeof(double) * k * D);
-    else
-        s.cf = malloc(sizeof(float) * k * D);
+/* wide points: Elkan pass (prune) or full pass. Returns the number of changed labels. */
+static int64_t estep_wide(prob_t *s, int prune, int fresh) {
+    const int64_t N = s->N, D = s->D, k = s->k;
+    int64_t changed = 0;
+    for (int64_t i = 0; i < N; ++i) {
+        const float *xi = s->x + i * D;
+        float *li = s->l + i * k;
+        int32_t a = fresh ? 0 : s->lab[i];
+        if (!prune || fresh) {
+            float best = INFINITY;
+            int32_t bj = 0;
+            for (int64_t j = 0; j < k; ++j) {
+                float v = sqrtf(dist_row(xi, s->cen + j * D, D));
+                li[j] = v;
+                if (v < best) {
+                    best = v;
+                    bj = (int32_t)j;
+                }
+            }
+            s->u[i] = best;
+            if (fresh) {
+                s->lab[i] = bj;
+                for (int64_t d = 0; d < D; ++d) s->sums[(int64_t)bj * D + d] += xi[d];
+                s->counts[bj] += 1;
+                ++changed;
+            } else if (bj != a) {
+                move_point(s, i, a, bj);
+                ++changed;
+            }
+            continue;
+        }
+        if (s->pending) {
+            s->u[i] += s->shift[a];
+            for (int64_t j = 0; j < k; ++j) li[j] -= s->shift[j];
+        }
+        if (skip(s->u[i], s->half[a])) continue;
+        int tight = 0;
+        float u = s->u[i];
+        int32_t cur = a;
+        for (int64_t j = 0; j < k; ++j) {
+            if (j == cur) continue;
+            float gap = s->cc[cur * k + j];
+            if (skip(u, li[j]) || skip(u, gap)) continue;
+            if (!tight) { /* the exact distance to the own centre first */
+                u = sqrtf(dist_row(xi, s->cen + (int64_t)cur * D, D));
+                li[cur] = u;
+                tight = 1;
+                if (skip(u, li[j]) || skip(u, gap)) continue;
+            }
+            float v = sqrtf(dist_row(xi, s->cen + j * D, D));
+            li[j] = v;
+            if (v < u || (v == u && j < cur)) { /* first minimum, as plain argmin */
+                cur = (int32_t)j;
+                u = v;
+            }
+        }
+        s->u[i] = u;
+        if (cur != a) {
+            move_point(s, i, a, cur);
+            ++changed;
+        }
+    }
+    s->pending = 0;
+    return changed;
+}
+
+/* ------------------------------------------------------------------ Lloyd */
+
+static inline float own_dist(const prob_t *s, int64_t i) {
+    const int64_t D = s->D;
+    const float *c = s->cen + (int64_t)s->lab[i] * D;
+    if (D > NARROW_D) return dist_row(s->x + i * D, c, D);
+    float acc = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+        float t = s->x[d * s->N + i] - c[d];
+        acc += t * t;
+    }
+    return acc;
+}
+
+/* Empty clusters take the farthest points. Returns 1 if any was relocated. */
+static int relocate_empty(prob_t *s) {
+    int64_t n_empty = 0;
+    for (int64_t j = 0; j < s->k; ++j) n_empty += s->counts[j] == 0;
+    if (n_empty == 0) return 0;
+    float *dd = malloc(sizeof(float) * s->N);
+    if (!dd) return -1;
+    for (int64_t i = 0; i < s->N; ++i) dd[i] = own_dist(s, i);
+    for (int64_t j = 0; j < s->k; ++j) {
+        if (s->counts[j] != 0) continue;
+        int64_t far = 0;
+        for (int64_t i = 1; i < s->N; ++i)
+            if (dd[i] > dd[far]) far = i;
+        dd[far] = -1.f; /* taken */
+        move_point(s, far, s->lab[far], (int32_t)j);
+    }
+    free(dd);
+    return 1;
+}
+
+/* M-step: centres from the sums; shifts for the bounds. Returns the summed squared shift. */
+static double mstep(prob_t *s) {
+    const int64_t k = s->k, D = s->D;
+    double tot = 0.0;
+    s->max1 = s->max2 = 0.f;
+    s->arg1 = -1;
+    for (int64_t j = 0; j < k; ++j) {
+        double acc = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+            float old = s->cen[j * D + d];
+            float v = s->counts[j] > 0 ? (float)(s->sums[j * D + d] / (double)s->counts[j]) : old;
+            double t = (double)v - (double)old;
+            acc += t * t;
+            s->cen[j * D + d] = v;
+        }
+        tot += acc;
+        /* rounded up so that a bound moved by it stays a bound */
+        float sh = (float)sqrt(acc) * (1.0f + 1e-6f);
+        s->shift[j] = sh;
+        if (sh > s->max1) {
+            s->max2 = s->max1;
+            s->max1 = sh;
+            s->arg1 = j;
+        } else if (sh > s->max2) {
+            s->max2 = sh;
+        }
+    }
+    s->pending = 1;
+    return tot;
+}
+
+static int64_t lloyd_one(const float *x, int64_t N, int64_t D, int64_t k, float *cen, int64_t *labels_out,
+                         float *mind, double tol_abs, int64_t max_iter, int prune) {
+    const int wide = D > NARROW_D;
+    prob_t s;
+    memset(&s, 0, sizeof(s));
+    s.N = N, s.D = D, s.k = k, s.x = x, s.cen = cen;
+    s.lab = malloc(sizeof(int32_t) * N);
+    s.u = malloc(sizeof(float) * N);
+    s.l = malloc(sizeof(float) * N * (wide ? k : 1));
+    s.sums = calloc((size_t)(k * D), sizeof(double));
+    s.counts = calloc((size_t)k, sizeof(int64_t));
+    s.shift = calloc((size_t)k, sizeof(float));
+    s.half = malloc(sizeof(float) * k);
+    s.cc = wide ? malloc(sizeof(float) * k * k) : NULL;
+    s.list = wide ? NULL : malloc(sizeof(int32_t) * N);
     int64_t it = 0;
-    if (!u || !l || !sums || !shift || !gap || !counts || !newc || !s.buf || (!s.ct && !s.cf)) {
+    if (!s.lab || !s.u || !s.l || !s.sums || !s.counts || !s.shift || !s.half || (wide && !s.cc) || (!wide && !s.list)) {
         it = -1;
         goto out;
     }
-    set_centres(&s, cen);
-    for (int64_t i = 0; i < N; ++i) lab[i] = 0;
-    assign_pass(&s, lab, u, l, gap, 0, sums, counts, 1);
-    int strict = 0, full_next = 0, relocated = 0;
+    int64_t (*estep)(prob_t *, int, int) = wide ? estep_wide : estep_narrow;
+    estep(&s, 0, 1);
+    int strict = 0, full_next = 0;
     for (it = 0; it < max_iter; ++it) {
         int64_t changed = -1;
         if (it > 0) {
-            if (prune && !full_next) half_gaps(cen, k, D, gap);
-            changed = assign_pass(&s, lab, u, l, gap, prune && !full_next, sums, counts, 0);
-            full_next = 0;
+            int p = prune && !full_next;
+            if (p) centre_gaps(&s);
+            changed = estep(&s, p, 0);
         }
-        int was_relocated = relocated;
-        relocated = 0;
-        /* empty clusters: the j-th empty one takes the j-th farthest point */
-        int64_t n_empty = 0;
-        for (int64_t j = 0; j < k; ++j) n_empty += counts[j] == 0;
-        if (n_empty > 0) {
-            double *dd = malloc(sizeof(double) * N);
-            if (!dd) {
-                it = -1;
-                goto out;
-            }
-            for (int64_t i = 0; i < N; ++i) dd[i] = one_dist(&s, i, lab[i]);
-            for (int64_t j = 0; j < k; ++j) {
-                if (counts[j] != 0) continue;
-                int64_t far = 0;
-                for (int64_t i = 1; i < N; ++i)
-                    if (dd[i] > dd[far]) far = i;
-                dd[far] = -1.0; /* taken */
-                int64_t from = lab[far];
-                move_point(&s, far, from, j, sums, counts);
-                lab[far] = j;
-            }
-            free(dd);
-            full_next = 1;
-            relocated = 1;
+        int was_full = full_next;
+        int rel = relocate_empty(&s);
+        if (rel < 0) {
+            it = -1;
+            goto out;
         }
-        /* M-step */
-        double shift_tot = 0.0, max1 = 0.0, max2 = 0.0;
-        int64_t arg1 = -1;
-        for (int64_t j = 0; j < k; ++j) {
-            double acc = 0.0;
-            for (int64_t d = 0; d < D; ++d) {
-                float v = counts[j] > 0 ? (float)(sums[j * D + d] / (double)counts[j]) : cen[j * D + d];
-                double t = (double)v - (double)cen[j * D + d];
-                acc += t * t;
-                newc[j * D + d] = v;
-            }
-            shift_tot += acc;
-            shift[j] = sqrt(acc);
-            if (shift[j] > max1) {
-                max2 = max1;
-                max1 = shift[j];
-                arg1 = j;
-            } else if (shift[j] > max2) {
-                max2 = shift[j];
-            }
-        }
-        memcpy(cen, newc, sizeof(float) * k * D);
-        set_centres(&s, cen);
-        for (int64_t i = 0; i < N; ++i) {
-            u[i] += shift[lab[i]];
-            l[i] -= lab[i] == arg1 ? max2 : max1;
-        }
-        if (it > 0 && changed == 0 && !was_relocated && !relocated) {
+        full_next = rel;
+        double shift_tot = mstep(&s);
+        if (it > 0 && changed == 0 && !was_full && !rel) {
             strict = 1;
             break;
         }
         if (shift_tot <= tol_abs) break;
     }
-    if (it >= max_iter) it = max_iter - 1; /* the loop ran out: report max_iter iterations */
+    if (it >= max_iter) it = max_iter - 1; /* ran out: max_iter iterations */
     if (!strict) {                         /* final E-step with the final centres */
-        if (prune && !full_next) half_gaps(cen, k, D, gap);
-        assign_pass(&s, lab, u, l, gap, prune && !full_next, sums, counts, 0);
+        int p = prune && !full_next;
+        if (p) centre_gaps(&s);
+        estep(&s, p, 0);
     }
+    for (int64_t i = 0; i < N; ++i) labels_out[i] = s.lab[i];
     if (mind)
-        for (int64_t i = 0; i < N; ++i) mind[i] = (float)one_dist(&s, i, lab[i]);
+        for (int64_t i = 0; i < N; ++i) mind[i] = own_dist(&s, i);
     it += 1;
 out:
-    free(u), free(l), free(sums), free(shift), free(gap), free(counts), free(newc), free(s.buf), free(s.ct),
-        free(s.cf);
+    free(s.lab), free(s.u), free(s.l), free(s.sums), free(s.counts), free(s.shift), free(s.half), free(s.cc), free(s.list);
     return it;
 }
 
-/* Lloyd for B problems. x (B, N, D) float32 centred; centres (B, k, D) in: initial, out: final;
- * labels (B, N) out; min_dist (B, N) out (squared distance to the own centre) or NULL;
- * tol_abs (B,); n_iter (B,) out. Returns 0, or -1 if an allocation failed. */
+/* Lloyd for B problems. x: (B, D, N) if D <= 16 else (B, N, D), float32, centred;
+ * centres (B, k, D) in: initial, out: final; labels (B, N) out; min_dist (B, N) out (squared
+ * distance to the own centre) or NULL; tol_abs (B,); n_iter (B,) out (iterations run).
+ * Returns 0, or -1 if an allocation failed. */
 int pcc_kmeans_lloyd(const float *x, int64_t B, int64_t N, int64_t D, int64_t k, float *centres, int64_t *labels,
                      float *min_dist, const double *tol_abs, int64_t max_iter, int32_t prune, int32_t n_threads,
                      int64_t *n_iter) {
@@ -292,52 +503,63 @@ int pcc_kmeans_lloyd(const float *x, int64_t B, int64_t N, int64_t D, int64_t k,
     return fail ? -1 : 0;
 }
 
-/* One greedy k-means++ step for B problems: for each of the T candidate rows (B, T, D), the
- * potential sum_i min(closest_i, d(x_i, cand)^2) (double); chosen (B,) = the candidate of
- * the lowest potential (first on ties); closest (B, N) is updated with it. A first step is a
- * step with T = 1 and closest = +inf. potentials (B, T) out or NULL. */
+/* ------------------------------------------------------------------ k-means++ */
+
+/* One greedy k-means++ step for B problems (layout as pcc_kmeans_lloyd). cand (B, T, D):
+ * candidate rows; the potential of candidate t is sum_i min(closest_i, |x_i - cand_t|^2)
+ * (double); chosen (B,) = the lowest potential (first on ties); closest (B, N) is lowered
+ * with it. A first step is T = 1 with closest = +inf. potentials (B, T) out or NULL. */
 void pcc_kmeanspp_step(const float *x, int64_t B, int64_t N, int64_t D, const float *cand, int64_t T,
                        float *closest, int64_t *chosen, double *potentials, int32_t n_threads) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (int64_t b = 0; b < B; ++b) {
         const float *xb = x + b * N * D, *cb = cand + b * T * D;
         float *cl = closest + b * N;
-        double pot[64];
-        double *p = T <= 64 ? pot : malloc(sizeof(double) * T);
-        space_t s = {N, D, T, xb, NULL, NULL, NULL};
-        double ct_local[64 * SMALL_D];
-        double buf_local[64];
-        double *ctb = NULL, *bufb = buf_local;
-        if (T > 64) bufb = malloc(sizeof(double) * T);
-        if (D <= SMALL_D) {
-            ctb = T <= 64 ? ct_local : malloc(sizeof(double) * T * D);
-            s.ct = ctb;
-        } else {
-            s.cf = (float *)cb;
-        }
-        s.buf = bufb;
-        if (D <= SMALL_D) set_centres(&s, cb);
-        for (int64_t t = 0; t < T; ++t) p[t] = 0.0;
-        for (int64_t i = 0; i < N; ++i) {
-            all_dist(&s, i);
-            double c = cl[i];
-            for (int64_t t = 0; t < T; ++t) {
-                double v = (double)(float)s.buf[t];
-                p[t] += v < c ? v : c;
+        double pot_s[16];
+        double *pot = T <= 16 ? pot_s : malloc(sizeof(double) * T);
+        for (int64_t t = 0; t < T; ++t) pot[t] = 0.0;
+        if (D <= NARROW_D) {
+            float dist[BLK];
+            for (int64_t s0 = 0; s0 < N; s0 += BLK) {
+                int n = (int)(N - s0 < BLK ? N - s0 : BLK);
+                for (int64_t t = 0; t < T; ++t) {
+                    dist_block(xb + s0, N, D, n, cb + t * D, dist);
+                    float part = 0.f;
+#pragma omp simd reduction(+ : part)
+                    for (int p = 0; p < n; ++p) {
+                        float c = cl[s0 + p];
+                        part += dist[p] < c ? dist[p] : c;
+                    }
+                    pot[t] += part;
+                }
             }
+        } else {
+            for (int64_t i = 0; i < N; ++i)
+                for (int64_t t = 0; t < T; ++t) {
+                    float v = dist_row(xb + i * D, cb + t * D, D);
+                    pot[t] += v < cl[i] ? v : cl[i];
+                }
         }
         int64_t best = 0;
         for (int64_t t = 1; t < T; ++t)
-            if (p[t] < p[best]) best = t;
+            if (pot[t] < pot[best]) best = t;
         chosen[b] = best;
         if (potentials)
-            for (int64_t t = 0; t < T; ++t) potentials[b * T + t] = p[t];
-        for (int64_t i = 0; i < N; ++i) {
-            float v = (float)one_dist(&s, i, best);
-            if (v < cl[i]) cl[i] = v;
+            for (int64_t t = 0; t < T; ++t) potentials[b * T + t] = pot[t];
+        if (D <= NARROW_D) {
+            float dist[BLK];
+            for (int64_t s0 = 0; s0 < N; s0 += BLK) {
+                int n = (int)(N - s0 < BLK ? N - s0 : BLK);
+                dist_block(xb + s0, N, D, n, cb + best * D, dist);
+#pragma omp simd
+                for (int p = 0; p < n; ++p) cl[s0 + p] = dist[p] < cl[s0 + p] ? dist[p] : cl[s0 + p];
+            }
+        } else {
+            for (int64_t i = 0; i < N; ++i) {
+                float v = dist_row(xb + i * D, cb + best * D, D);
+                if (v < cl[i]) cl[i] = v;
+            }
         }
-        if (p != pot) free(p);
-        if (bufb != buf_local) free(bufb);
-        if (ctb && ctb != ct_local) free(ctb);
+        if (pot != pot_s) free(pot);
     }
 }

@@ -243,57 +243,71 @@ def _native_lib():
     return lib
 
 
-def _kmeanspp_native(x: Tensor, k: int, generator: torch.Generator, streams: int = 1) -> Tensor:
+_NARROW_D = 16  # kernels/kmeans.c NARROW_D: up to this width the kernel takes points transposed
+
+
+def _kmeanspp_native(x: Tensor, k: int, generator: torch.Generator, streams: int = 1,
+                     xt: Optional[Tensor] = None) -> Tensor:
     """``kmeans_plusplus`` with the distance and potential work in the C kernel (same draws,
     same greedy choice; squared distances summed directly instead of by expansion).
 
-    x: (B, N, D) float32 contiguous CPU -> (B, k, D) initial centres (rows of x)
+    x: (B, N, D) float32 contiguous CPU; xt: its (B, D, N) contiguous transpose, needed when
+    D <= 16 -> (B, k, D) initial centres (rows of x)
     """
     from .native import num_threads, ptr
 
     lib = _native_lib()
     b, n, d = x.shape
+    pts = _native_points(x, xt)
     races, first = _race_setup(x, k, generator, streams)
     cand_x = _rows(x, first).contiguous()  # (B, 1, D)
     centers = [cand_x]
     closest = torch.full((b, n), math.inf, dtype=torch.float32)  # (B, N)
     chosen = torch.empty(b, dtype=torch.int64)  # (B,)
     nt = num_threads()
-    lib.pcc_kmeanspp_step(ptr(x), b, n, d, ptr(cand_x), 1, ptr(closest), ptr(chosen), None, nt)
+    lib.pcc_kmeanspp_step(ptr(pts), b, n, d, ptr(cand_x), 1, ptr(closest), ptr(chosen), None, nt)
     for step in range(k - 1):
         cand = _race(races, step, closest)  # (B, T)
         cand_x = _rows(x, cand).contiguous()  # (B, T, D)
-        lib.pcc_kmeanspp_step(ptr(x), b, n, d, ptr(cand_x), cand.shape[1], ptr(closest), ptr(chosen), None, nt)
+        lib.pcc_kmeanspp_step(ptr(pts), b, n, d, ptr(cand_x), cand.shape[1], ptr(closest), ptr(chosen), None, nt)
         centers.append(torch.gather(cand_x, 1, chosen[:, None, None].expand(-1, 1, d)))  # (B, 1, D)
     return torch.cat(centers, dim=1)  # (B, k, D)
 
 
+def _native_points(x: Tensor, xt: Optional[Tensor]) -> Tensor:
+    """The layout the kernel takes: (B, D, N) for narrow points, else x (B, N, D)."""
+    if x.shape[-1] > _NARROW_D:
+        return x
+    return xt if xt is not None else x.transpose(1, 2).contiguous()
+
+
 def _kmeans_native(
     x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
-    init: Optional[Tensor] = None, prune: bool = True,
+    init: Optional[Tensor] = None, prepared: Optional[tuple] = None, prune: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The C kernel: k-means++ then Lloyd with exact Hamerly pruning (``kernels/kmeans.c``).
+    """The C kernel: k-means++ then Lloyd with exact Hamerly/Elkan pruning (``kernels/kmeans.c``).
 
-    x: (B, N, D) float32 CPU, init: optional (B, k, D) -> labels (B, N), centers (B, k, D), inertia (B,)
+    x: (B, N, D) float32 CPU, init: optional (B, k, D), prepared: optional
+    ``prepare_points(x)`` (float32) -> labels (B, N), centers (B, k, D), inertia (B,)
     """
     from .native import num_threads, ptr
 
     lib = _native_lib()
-    mean = x.mean(dim=1, keepdim=True)  # (B, 1, D)
-    xc = (x - mean).contiguous()  # centred, as scikit-learn, for precision
+    if prepared is None:
+        prepared = prepare_points(x, transpose=x.shape[-1] <= _NARROW_D)
+    xc, mean, xt, _, var = prepared  # centred (B, N, D), (B, 1, D), (B, D, N) or None, _, (B,)
     b, n, d = xc.shape
-    var = xc.double().pow(2).mean(dim=(1, 2))  # (B,) mean feature variance
-    tol_abs = (tol * var).contiguous()  # (B,) float64
+    tol_abs = (tol * var.double()).contiguous()  # (B,) float64
     if init is None:
-        centers = _kmeanspp_native(xc, k, generator, streams)
+        centers = _kmeanspp_native(xc, k, generator, streams, xt)
     else:
         centers = init.to(torch.float32) - mean
     centers = centers.contiguous().clone()  # (B, k, D) updated in place
     labels = torch.empty(b, n, dtype=torch.int64)
     min_dist = torch.empty(b, n, dtype=torch.float32)
     n_iter = torch.empty(b, dtype=torch.int64)
-    rc = lib.pcc_kmeans_lloyd(ptr(xc), b, n, d, k, ptr(centers), ptr(labels), ptr(min_dist), ptr(tol_abs),
-                              max_iter, int(prune), num_threads(), ptr(n_iter))
+    rc = lib.pcc_kmeans_lloyd(ptr(_native_points(xc, xt)), b, n, d, k, ptr(centers), ptr(labels), ptr(min_dist),
+                              ptr(tol_abs), max_iter, int(prune), num_threads(), ptr(n_iter))
     if rc != 0:
         raise MemoryError(f"native k-means could not allocate its work space (B={b}, N={n}, D={d}, k={k})")
     return labels, centers + mean, min_dist.sum(-1)
@@ -384,19 +398,20 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt
     return torch.where((counts > 0)[..., None], new, old)
 
 
-def prepare_points(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def prepare_points(x: Tensor, transpose: bool = True) -> tuple:
     """What every k-means of the same points shares: compute it once and pass it to
     ``kmeans(..., prepared=)`` for several k (the blocky mask clusters one feature tensor
     with k = 4, 7 and 10).
 
     x: (B, N, D) float -> centred x (B, N, D), mean (B, 1, D), centred x^T (B, D, N)
-    contiguous, squared norms (B, N), mean feature variance (B,)
+    contiguous (None unless ``transpose``; the torch backend and narrow points in the C
+    kernel need it), squared norms (B, N), mean feature variance (B,)
     """
     mean = x.mean(dim=1, keepdim=True)  # (B, 1, D); centring as scikit-learn, for precision
-    x = x - mean
-    xt = x.transpose(1, 2).contiguous()  # (B, D, N), points in columns for the E-step
+    x = (x - mean).contiguous()
+    xt = x.transpose(1, 2).contiguous() if transpose else None  # (B, D, N), points in columns
     x_sq = (x * x).sum(-1)  # (B, N)
-    var = (xt * xt).mean(dim=(1, 2))  # (B,) scikit-learn's _tolerance / tol (x is centred)
+    var = x_sq.mean(dim=1) / x.shape[-1]  # (B,) scikit-learn's _tolerance / tol (x is centred)
     return x, mean, xt, x_sq, var
 
 
@@ -561,11 +576,15 @@ def kmeans(
         work = work.float()
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
+    if n_init > 1 or prepared is None or prepared[0].shape != work.shape or prepared[0].dtype != work.dtype:
+        prepared = None  # restarts repeat the points: prepare them afresh
     if use_native:
-        labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, gen, n_init, init)
+        if prepared is not None and prepared[2] is None and d <= _NARROW_D:
+            prepared = None  # narrow points need the transpose
+        labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, gen, n_init, init, prepared)
     else:
-        if n_init > 1 or prepared is None or prepared[0].shape != work.shape:
-            prepared = None  # restarts repeat the points: prepare them afresh
+        if prepared is not None and prepared[2] is None:
+            prepared = None  # the torch E-step needs the transpose
         labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init, prepared)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)

@@ -34,7 +34,7 @@ import torch
 
 __all__ = ["NativeUnavailable", "load", "available", "kernel_source", "num_threads", "ptr"]
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-fno-math-errno"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fno-math-errno"]
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
 _failed: dict[str, str] = {}
