@@ -516,7 +516,7 @@ def kmeans(
     generator: Optional[torch.Generator] = None,
     n_init: int = 1,
     seed: int = 0,
-    backend: str = "torch",
+    backend: str = "auto",
     init: Optional[Tensor] = None,
     prepared: Optional[tuple] = None,
 ) -> tuple[Tensor, Tensor]:

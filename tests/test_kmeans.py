@@ -7,7 +7,17 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from pccfast.kmeans import assign, kmeans, kmeans_inertia, kmeans_plusplus
+from pccfast import native
+from pccfast.kmeans import assign, kmeans, kmeans_inertia, kmeans_plusplus, resolve_backend
+
+NATIVE = native.available("kmeans", warn=False)
+needs_native = pytest.mark.skipif(not NATIVE, reason="the C k-means kernel does not build here (no C compiler?)")
+
+
+@pytest.fixture(params=["torch", pytest.param("native", marks=needs_native)])
+def backend(request):
+    """Both CPU implementations: the torch path and the C kernel (kernels/kmeans.c)."""
+    return request.param
 
 
 def _blobs(seed, n=600, k=5, d=8, std=0.6):
@@ -33,20 +43,20 @@ def test_smoke(device):
     assert centers.shape == (3, 5, 4) and int(labels.min()) >= 0 and int(labels.max()) < 5
 
 
-def test_value_two_groups():
+def test_value_two_groups(backend):
     """Two tight groups far apart: labels split exactly, centres are the group means."""
     x = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [10.0, 10.0], [10.0, 11.0], [11.0, 10.0]]])
-    labels, centers = kmeans(x, 2)
+    labels, centers = kmeans(x, 2, backend=backend)
     assert labels[0, 0] == labels[0, 1] == labels[0, 2] != labels[0, 3] == labels[0, 4] == labels[0, 5]
     got = sorted(centers[0].tolist())
     assert np.allclose(got, [[1 / 3, 1 / 3], [31 / 3, 31 / 3]], atol=1e-5)
 
 
-def test_blobs_match_sklearn():
+def test_blobs_match_sklearn(backend):
     """ARI >= 0.9 against scikit-learn and inertia within 2% on well-separated blobs (batched)."""
     data = [_blobs(s) for s in range(4)]
     x = torch.from_numpy(np.stack([d[0] for d in data]))  # (4, 600, 8)
-    labels, centers = kmeans(x, 5, generator=torch.Generator().manual_seed(0))
+    labels, centers = kmeans(x, 5, generator=torch.Generator().manual_seed(0), backend=backend)
     inertia = kmeans_inertia(x, labels, centers)
     for i, (xi, yi) in enumerate(data):
         sk = KMeans(5, n_init=1, random_state=0).fit(xi)
@@ -71,22 +81,23 @@ def test_pcc_like_features_vs_sklearn(k):
 
 
 @pytest.mark.parametrize("k", [4, 10])
-def test_lloyd_matches_sklearn_from_same_init(k):
+def test_lloyd_matches_sklearn_from_same_init(k, backend):
     """Given the same initial centres, Lloyd (with scikit-learn's tolerance rule) gives the same
     partition and centres as scikit-learn."""
     x = np.stack([_pcc_like(s) for s in range(2)]).astype(np.float64)
     init = np.stack([xi[np.random.default_rng(i).choice(len(xi), k, replace=False)] for i, xi in enumerate(x)])
-    labels, centers = kmeans(torch.from_numpy(x), k, init=torch.from_numpy(init))
+    labels, centers = kmeans(torch.from_numpy(x), k, init=torch.from_numpy(init), backend=backend)
+    atol = 1e-6 if backend == "torch" else 1e-5  # the C kernel computes in float32
     for i in range(2):
         sk = KMeans(k, init=init[i], n_init=1).fit(x[i])
         assert adjusted_rand_score(sk.labels_, labels[i].numpy()) == 1.0
-        assert np.allclose(sk.cluster_centers_, centers[i].numpy(), atol=1e-6)
+        assert np.allclose(sk.cluster_centers_, centers[i].numpy(), atol=atol)
 
 
-def test_labels_are_nearest_centres_and_centres_are_means():
+def test_labels_are_nearest_centres_and_centres_are_means(backend):
     """A converged Lloyd solution: each point's centre is its nearest, each centre its points' mean."""
     x = torch.from_numpy(_pcc_like(7))[None]
-    labels, centers = kmeans(x, 7, tol=0.0)
+    labels, centers = kmeans(x, 7, tol=0.0, backend=backend)
     near, _ = assign(x, centers)
     assert torch.equal(near, labels)
     for c in range(7):
@@ -94,10 +105,10 @@ def test_labels_are_nearest_centres_and_centres_are_means():
         assert torch.allclose(sel.mean(0), centers[0, c], atol=1e-4)
 
 
-def test_empty_clusters_are_relocated():
+def test_empty_clusters_are_relocated(backend):
     """Only 3 distinct points but k = 3 with heavy duplicates: no NaN, every cluster used."""
     x = torch.tensor([[0.0, 0.0]] * 20 + [[5.0, 5.0]] * 20 + [[9.0, 0.0]])[None]
-    labels, centers = kmeans(x, 3)
+    labels, centers = kmeans(x, 3, backend=backend)
     assert torch.isfinite(centers).all()
     assert labels[0].unique().numel() == 3
 
@@ -132,12 +143,12 @@ def test_deterministic_global_rng_untouched_and_n_init():
     assert (many <= one + 1e-4).all()
 
 
-def test_batch_independent():
+def test_batch_independent(backend):
     """An image gets the same clusters alone as inside a batch (same random numbers per item)."""
     x = torch.from_numpy(np.stack([_pcc_like(s) for s in range(3)]))
-    together = kmeans(x, 7)[0]
+    together = kmeans(x, 7, backend=backend)[0]
     for i in range(3):
-        alone = kmeans(x[i:i + 1], 7)[0][0]
+        alone = kmeans(x[i:i + 1], 7, backend=backend)[0][0]
         assert adjusted_rand_score(alone.numpy(), together[i].numpy()) == 1.0
 
 
@@ -158,3 +169,98 @@ def test_exceptions():
 def test_cuml_missing_message():
     with pytest.raises(ImportError, match="pip install cuml-cu12"):
         kmeans(torch.zeros(1, 4, 2), 2, backend="cuml")
+
+
+# ---------------------------------------------------------------- the C kernel (backend "native")
+
+
+def _noisy_pixels(seed, side=48):
+    """Refinement-like points (R, G, B, x', y'): a few colour regions plus noise, many Lloyd steps."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    region = ((xx > side // 3).long() + 2 * ((xx - side // 2) ** 2 + (yy - side // 2) ** 2 < (side // 4) ** 2).long())
+    colours = torch.rand(4, 3, generator=g) * 255
+    rgb = colours[region.reshape(-1)] + 25 * torch.randn(side * side, 3, generator=g)
+    pos = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1).float() * (255 / side)
+    return torch.cat([rgb, pos], -1)  # (side*side, 5)
+
+
+@needs_native
+@pytest.mark.parametrize("wide", [False, True])
+def test_native_pruning_is_exact(wide):
+    """The bounds (Hamerly for narrow points, Elkan for wide ones) only skip distances that
+    cannot win: labels, centres and iteration count equal the unpruned Lloyd bit for bit."""
+    from pccfast.kmeans import _kmeans_native
+
+    if wide:
+        x = torch.from_numpy(np.stack([_pcc_like(s, side=40, d=30) for s in range(3)]))  # D = 32 > 16
+        k = 10
+    else:
+        x = torch.stack([_noisy_pixels(s) for s in range(3)])  # D = 5
+        k = 20
+    a = _kmeans_native(x, k, 300, 1e-4, torch.Generator().manual_seed(0), prune=True)
+    b = _kmeans_native(x, k, 300, 1e-4, torch.Generator().manual_seed(0), prune=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_native
+@pytest.mark.parametrize("d", [5, 32])
+def test_native_matches_torch_path(d):
+    """Same k-means++ draws and the same Lloyd rules: the C kernel and the torch path reach the
+    same partition (distances are summed differently, so only float ties could differ)."""
+    x = torch.stack([_noisy_pixels(s) for s in range(2)]) if d == 5 else \
+        torch.from_numpy(np.stack([_pcc_like(s, side=40, d=30) for s in range(2)]))
+    for k in (4, 10):
+        lt, ct = kmeans(x, k, backend="torch")
+        ln, cn = kmeans(x, k, backend="native")
+        for i in range(2):
+            assert adjusted_rand_score(lt[i].numpy(), ln[i].numpy()) >= 0.999
+        assert torch.allclose(ct, cn, rtol=1e-3, atol=1e-3)
+
+
+@needs_native
+def test_native_max_iter_and_empty_cluster_match_torch_from_same_init():
+    """From the same initial centres, with an iteration cap and with a cluster that starts
+    empty (its centre far from every point), both paths give the same labels and centres."""
+    x = torch.stack([_noisy_pixels(3, side=24)])  # (1, 576, 5)
+    init = x[:, [0, 100, 300, 500]].clone()
+    init[0, 2] = 1e4  # nobody's nearest: relocated to the farthest point in the first M-step
+    for max_iter in (1, 2, 300):
+        lt, ct = kmeans(x, 4, init=init, max_iter=max_iter, backend="torch")
+        ln, cn = kmeans(x, 4, init=init, max_iter=max_iter, backend="native")
+        assert torch.equal(lt, ln), max_iter
+        assert torch.allclose(ct, cn, atol=1e-3), max_iter
+
+
+def test_backend_resolution(monkeypatch):
+    x = torch.zeros(1, 4, 2)
+    assert resolve_backend("torch", x) == "torch"
+    assert resolve_backend("auto", x.double()) == "torch"  # float64 stays on the torch path
+    assert resolve_backend("auto", x) == ("native" if NATIVE else "torch")
+    with pytest.raises(ValueError, match="kmeans backend 'native' runs on the CPU but the points are on meta"):
+        resolve_backend("native", torch.zeros(1, 4, 2, device="meta"))
+    monkeypatch.setenv("PCCFAST_NATIVE", "0")
+    assert resolve_backend("auto", x) == "torch"
+    with pytest.raises(native.NativeUnavailable, match="disabled by PCCFAST_NATIVE=0"):
+        kmeans(x, 2, backend="native")
+
+
+def test_native_build_failure_is_one_line(monkeypatch, tmp_path):
+    """A kernel that does not compile gives NativeUnavailable with the compiler's error line,
+    and "auto" warns once and uses torch."""
+    bad = tmp_path / "broken.c"
+    bad.write_text("int f( { return 0; }\n")
+    monkeypatch.setenv("PCCFAST_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "kernel_source", lambda name: bad)
+    try:
+        native._compiler()
+    except native.NativeUnavailable:
+        pytest.skip("no C compiler here")
+    with pytest.raises(native.NativeUnavailable, match=r"compiling broken.c with .* failed: .*error") as err:
+        native.load("broken")
+    assert "\n" not in str(err.value)
+    with pytest.warns(RuntimeWarning, match="using the slower torch path"):
+        assert native.available("broken") is False
+    monkeypatch.undo()
+    with pytest.raises(native.NativeUnavailable, match="kernel source no_such_kernel.c not found"):
+        native.kernel_source("no_such_kernel")
