@@ -26,6 +26,9 @@
  * (dynamic schedule), open and dilate the mask; per output row, write the tasks in
  * ascending value order (the last covering one wins).
  *
+ * With at least as many images as threads, each image runs all phases on one thread (one
+ * fork and join per call); else every phase is spread over the threads.
+ *
  * Returns 0, 1 when values is NULL and a label lies outside [0, 255] (the caller then passes
  * the sorted non-zero values present), 2 when memory runs out.
  */
@@ -132,11 +135,10 @@ static int any_bit(const uint64_t *w, size_t n) {
     return 0;
 }
 
-int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const int64_t *values, int64_t C,
-                int32_t ignore, int32_t erode_first, int32_t dilate_iters, int32_t erode_after, int32_t band,
-                uint8_t *out, int32_t n_threads) {
-    if (B <= 0 || H <= 0 || W <= 0) return 0;
-    if (n_threads < 1) n_threads = 1;
+/* all phases for images [0, B), each phase spread over n_threads */
+static int cleanup_phased(const int64_t *labels, int64_t B, int64_t H, int64_t W, const int64_t *values, int64_t C,
+                          int32_t ignore, int32_t erode_first, int32_t dilate_iters, int32_t erode_after,
+                          int32_t band, uint8_t *out, int32_t n_threads) {
     if (erode_first < 0) erode_first = 0;
     if (dilate_iters < 0) dilate_iters = 0;
     if (erode_after < 0) erode_after = 0;
@@ -336,4 +338,24 @@ int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const in
     free(task);
     free(first);
     return 0;
+}
+
+int pcc_cleanup(const int64_t *labels, int64_t B, int64_t H, int64_t W, const int64_t *values, int64_t C,
+                int32_t ignore, int32_t erode_first, int32_t dilate_iters, int32_t erode_after, int32_t band,
+                uint8_t *out, int32_t n_threads) {
+    if (B <= 0 || H <= 0 || W <= 0) return 0;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads == 1 || B < n_threads)
+        return cleanup_phased(labels, B, H, W, values, C, ignore, erode_first, dilate_iters, erode_after, band, out,
+                              n_threads);
+    /* enough images: one image per thread at a time, one fork and join per call (the phases'
+     * barriers cost much more than their work on a busy machine) */
+    int rc = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) reduction(max : rc)
+    for (int64_t b = 0; b < B; ++b) {
+        const int r = cleanup_phased(labels + b * H * W, 1, H, W, values, C, ignore, erode_first, dilate_iters,
+                                     erode_after, band, out + b * H * W, 1);
+        if (r > rc) rc = r;
+    }
+    return rc;
 }

@@ -179,6 +179,23 @@ def test_cleanup_native_equals_torch(shape, iters, make):
 
 
 @needs_native
+def test_cleanup_native_threads():
+    """Both thread layouts of the kernel give the torch result: one image per thread (at least
+    as many images as threads) and every phase spread over the threads (fewer images)."""
+    lab = torch.cat([_sparse_labels(11, 3, 40, 70), _piecewise_labels(12, 3, 40, 70)])  # (6, 40, 70)
+    cfg = PCCConfig()
+    ref = cleanup(lab, cfg.replace(cleanup_backend="torch"))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for b in (1, 2, 6):
+            assert torch.equal(cleanup(lab[:b], cfg.replace(cleanup_backend="native")), ref[:b])
+            assert torch.equal(cleanup(lab[3:3 + b], cfg.replace(cleanup_backend="native")), ref[3:3 + b])
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
 def test_cleanup_native_other_values_and_ignore():
     """Labels outside [0, 255] (the kernel's sorted-values path; the uint8 cast wraps as torch's)
     and an uncertain label that is not the largest value."""
