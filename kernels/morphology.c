@@ -21,7 +21,7 @@
  * column W - 1 hold the outside value of the current operation (1 for erosion, 0 for
  * dilation) and are cleared at the end.
  *
- * Four parallel phases: per image, the rows and columns of every value's pixels (a scan
+ * Four parallel phases: per image, the first and last row of every value's pixels (a scan
  * over runs of equal labels); per image, each run's bits set in its value's mask; per task
  * (dynamic schedule), open and dilate the mask; per output row, write the tasks in
  * ascending value order (the last covering one wins).
