@@ -38,35 +38,6 @@
 #define BLK 256
 #define MARGIN 1e-4f
 
-/* ------------------------------------------------------------------ distances */
-
-/* squared distances of the n <= BLK points of a transposed block (D rows of stride `stride`)
- * to centre c (D,) -> out (n,) */
-static inline void dist_block(const float *restrict xt, int64_t stride, int64_t D, int n, const float *restrict c,
-                              float *restrict out) {
-    {
-        const float c0 = c[0];
-#pragma omp simd
-        for (int p = 0; p < n; ++p) {
-            float t = xt[p] - c0;
-            out[p] = t * t;
-        }
-    }
-    for (int64_t d = 1; d < D; ++d) {
-        const float cd = c[d];
-        const float *restrict xr = xt + d * stride;
-#pragma omp simd
-        for (int p = 0; p < n; ++p) {
-            float t = xr[p] - cd;
-            out[p] += t * t;
-        }
-    }
-}
-
-/* nearest and second-nearest of k centres (k, D) for W points of a transposed block (D
- * rows of stride `stride`), D a compile-time constant after inlining so the coordinates and
- * running minima stay in registers: bi (n,) first index of the minimum, m1 (n,) its squared
- * distance, m2 (n,) the second (n <= W; lanes past n compute on zeros and are dropped) */
 #define W 16
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
@@ -107,6 +78,82 @@ static inline float dist_row(const float *restrict x, const float *restrict c, i
     return acc;
 }
 
+
+/* ------------------------------------------------------------------ distances */
+
+/* squared distances of one row x (D,) to T rows c (T, D) -> out (T,), x loaded once per
+ * chunk for all T (T a compile-time constant after inlining: accumulators in registers) */
+static inline __attribute__((always_inline)) void dist_multi_t(const float *restrict x, const float *restrict c,
+                                                               const int T, int64_t D, float *restrict out) {
+    vf acc[16];
+    for (int t = 0; t < T; ++t) acc[t] = (vf){0};
+    int64_t d = 0;
+    for (; d + W <= D; d += W) {
+        vf xv;
+        memcpy(&xv, x + d, sizeof(vf));
+        for (int t = 0; t < T; ++t) {
+            vf cv;
+            memcpy(&cv, c + t * D + d, sizeof(vf));
+            vf diff = xv - cv;
+            acc[t] += diff * diff;
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        float f[W];
+        memcpy(f, &acc[t], sizeof f);
+        for (int h = W / 2; h >= 1; h /= 2)
+            for (int q = 0; q < h; ++q) f[q] += f[q + h];
+        float a = f[0];
+        for (int64_t e = d; e < D; ++e) {
+            float diff = x[e] - c[t * D + e];
+            a += diff * diff;
+        }
+        out[t] = a;
+    }
+}
+
+#define MULTI_CASE(TT)                          \
+    case TT:                                    \
+        dist_multi_t(x, c, TT, D, out);         \
+        break;
+
+/* dist_multi_t for any T (rows past 12 one at a time) */
+static void dist_multi(const float *restrict x, const float *restrict c, int64_t T, int64_t D, float *restrict out) {
+    switch (T) {
+        MULTI_CASE(1) MULTI_CASE(2) MULTI_CASE(3) MULTI_CASE(4) MULTI_CASE(5) MULTI_CASE(6)
+        MULTI_CASE(7) MULTI_CASE(8) MULTI_CASE(9) MULTI_CASE(10) MULTI_CASE(11) MULTI_CASE(12)
+    default:
+        for (int64_t t = 0; t < T; ++t) out[t] = dist_row(x, c + t * D, D);
+    }
+}
+
+/* squared distances of the n <= BLK points of a transposed block (D rows of stride `stride`)
+ * to centre c (D,) -> out (n,) */
+static inline void dist_block(const float *restrict xt, int64_t stride, int64_t D, int n, const float *restrict c,
+                              float *restrict out) {
+    {
+        const float c0 = c[0];
+#pragma omp simd
+        for (int p = 0; p < n; ++p) {
+            float t = xt[p] - c0;
+            out[p] = t * t;
+        }
+    }
+    for (int64_t d = 1; d < D; ++d) {
+        const float cd = c[d];
+        const float *restrict xr = xt + d * stride;
+#pragma omp simd
+        for (int p = 0; p < n; ++p) {
+            float t = xr[p] - cd;
+            out[p] += t * t;
+        }
+    }
+}
+
+/* nearest and second-nearest of k centres (k, D) for W points of a transposed block (D
+ * rows of stride `stride`), D a compile-time constant after inlining so the coordinates and
+ * running minima stay in registers: bi (n,) first index of the minimum, m1 (n,) its squared
+ * distance, m2 (n,) the second (n <= W; lanes past n compute on zeros and are dropped) */
 static inline __attribute__((always_inline)) void assign_w(const float *restrict xt, int64_t stride, const int D,
                                                           int n, const float *restrict cen, int64_t k,
                                                           int32_t *restrict bi, float *restrict m1,
@@ -137,7 +184,7 @@ static inline __attribute__((always_inline)) void assign_w(const float *restrict
         vf hi = vsel(lt, b1, dist);
         b2 = vsel(hi < b2, hi, b2);
         b1 = vsel(lt, dist, b1);
-        bj = (bj & ~lt) | ((vi){0} + (int32_t)j & lt);
+        bj = (bj & ~lt) | (((vi){0} + (int32_t)j) & lt);
     }
     float f1[W], f2[W];
     int32_t fj[W];
@@ -306,8 +353,9 @@ static int64_t estep_wide(prob_t *s, int prune, int fresh) {
         if (!prune || fresh) {
             float best = INFINITY;
             int32_t bj = 0;
+            dist_multi(xi, s->cen, k, D, li);
             for (int64_t j = 0; j < k; ++j) {
-                float v = sqrtf(dist_row(xi, s->cen + j * D, D));
+                float v = sqrtf(li[j]);
                 li[j] = v;
                 if (v < best) {
                     best = v;
@@ -517,6 +565,7 @@ void pcc_kmeanspp_step(const float *x, int64_t B, int64_t N, int64_t D, const fl
         float *cl = closest + b * N;
         double pot_s[16];
         double *pot = T <= 16 ? pot_s : malloc(sizeof(double) * T);
+        float *dstore = NULL; /* wide points: (N, T) distances of this step */
         for (int64_t t = 0; t < T; ++t) pot[t] = 0.0;
         if (D <= NARROW_D) {
             float dist[BLK];
@@ -533,12 +582,17 @@ void pcc_kmeanspp_step(const float *x, int64_t B, int64_t N, int64_t D, const fl
                     pot[t] += part;
                 }
             }
-        } else {
-            for (int64_t i = 0; i < N; ++i)
+        } else { /* all T distances of a point at once, kept for the update below */
+            dstore = malloc(sizeof(float) * N * T);
+            float tmp[64];
+            for (int64_t i = 0; i < N; ++i) {
+                float *o = dstore ? dstore + i * T : tmp;
+                if (T <= 64 || dstore) dist_multi(xb + i * D, cb, T, D, o);
                 for (int64_t t = 0; t < T; ++t) {
-                    float v = dist_row(xb + i * D, cb + t * D, D);
+                    float v = T <= 64 || dstore ? o[t] : dist_row(xb + i * D, cb + t * D, D);
                     pot[t] += v < cl[i] ? v : cl[i];
                 }
+            }
         }
         int64_t best = 0;
         for (int64_t t = 1; t < T; ++t)
@@ -556,10 +610,11 @@ void pcc_kmeanspp_step(const float *x, int64_t B, int64_t N, int64_t D, const fl
             }
         } else {
             for (int64_t i = 0; i < N; ++i) {
-                float v = dist_row(xb + i * D, cb + best * D, D);
+                float v = dstore ? dstore[i * T + best] : dist_row(xb + i * D, cb + best * D, D);
                 if (v < cl[i]) cl[i] = v;
             }
         }
+        free(dstore);
         if (pot != pot_s) free(pot);
     }
 }
