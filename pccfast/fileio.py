@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import tempfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -130,7 +131,9 @@ def save_mask_png(path: str, mask: np.ndarray, palette: list[int]) -> None:
     img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
     img.putpalette(palette)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    # zlib's run-length strategy: label masks are long runs of one value, so it is about 2x
+    # faster than the default strategy at the same size (the pixels are the same either way)
+    img.save(buf, format="PNG", compress_type=zlib.Z_RLE)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -148,7 +151,7 @@ def save_image(path: str, image: np.ndarray, quality: int = 95) -> None:
 def load_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # RGB: no extra copy
 
 
 def load_mask(path: str) -> np.ndarray:

@@ -20,12 +20,15 @@ import collections
 import importlib
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -63,9 +66,23 @@ class RelabelReport:
 class _Item:
     id: str
     capture: str
-    features: torch.Tensor  # (D, h, w)
-    class_attention: torch.Tensor  # (K, h, w)
-    image: torch.Tensor  # (3, H, W) uint8
+    features: np.ndarray  # (D, h, w) float32, usually a view of the memory-mapped file
+    class_attention: np.ndarray  # (K, h, w) float32
+    image: np.ndarray  # (H, W, 3) uint8
+
+
+@dataclass
+class _Batch:
+    ids: list[str]
+    captures: list[str]
+    features: torch.Tensor  # (B, D, h, w) float32
+    class_attention: torch.Tensor  # (B, K, h, w) float32
+    images: torch.Tensor  # (B, 3, H, W) uint8
+
+    def one(self, i: int) -> "_Batch":
+        """Item ``i`` alone (views, no copy)."""
+        return _Batch(self.ids[i:i + 1], self.captures[i:i + 1], self.features[i:i + 1],
+                      self.class_attention[i:i + 1], self.images[i:i + 1])
 
 
 def find_inputs(captures: str, images: str) -> list[tuple[str, str, str | None]]:
@@ -107,8 +124,115 @@ def _load(sample_id: str, capture: str, image: str | None, images_dir: str, labe
             f"{image}: image is {width}x{height} (width x height) but has to be a multiple of the capture grid "
             f"{w}x{h} of {capture}"
         )
-    return _Item(sample_id, capture, cap.features, cap.class_attention,
-                 torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (3, H, W), writable copy
+    return _Item(sample_id, capture, cap.features.numpy(), cap.class_attention.numpy(), pixels)
+
+
+def _stack_into(arrays: list[np.ndarray]) -> torch.Tensor:
+    """(B, *shape) C-contiguous tensor of B same-shape arrays (any strides)."""
+    out = np.empty((len(arrays),) + arrays[0].shape, arrays[0].dtype)
+    np.stack(arrays, out=out)
+    return torch.from_numpy(out)
+
+
+def _stack(items: list[_Item]) -> _Batch:
+    """One batch of same-size items. NumPy copies on the calling thread: torch.stack was 5-10x
+    slower here (and, run beside the labeller, would share its intra-op threads)."""
+    return _Batch(
+        ids=[it.id for it in items],
+        captures=[it.capture for it in items],
+        features=_stack_into([it.features for it in items]),  # (B, D, h, w)
+        class_attention=_stack_into([it.class_attention for it in items]),  # (B, K, h, w)
+        images=_stack_into([it.image.transpose(2, 0, 1) for it in items]),  # (B, 3, H, W) from (H, W, 3)
+    )
+
+
+def _events(todo: list, load: Callable, batch: int, pool: "ThreadPoolExecutor | None") -> Iterator[tuple]:
+    """``("failed", id, message)`` and ``("batch", _Batch)`` in input order.
+
+    Items are grouped by size into batches of ``batch``; a batch is given when it fills,
+    the partly filled ones at the end. With a ``pool``, up to ``2 * batch`` inputs are
+    read ahead in its threads; ``load(entry)`` returns an ``_Item`` or the ValueError.
+    """
+    buckets: dict[tuple, list[_Item]] = {}
+    ahead: collections.deque = collections.deque()
+    queue_ = iter(todo)
+    while True:
+        while pool is not None and len(ahead) < 2 * batch:
+            entry = next(queue_, None)
+            if entry is None:
+                break
+            ahead.append((entry, pool.submit(load, entry)))
+        if pool is not None:
+            if not ahead:
+                break
+            entry, fut = ahead.popleft()
+            item = fut.result()
+        else:
+            entry = next(queue_, None)
+            if entry is None:
+                break
+            item = load(entry)
+        if isinstance(item, Exception):
+            yield ("failed", entry[0], str(item))
+            continue
+        key = (item.features.shape, item.class_attention.shape, item.image.shape)
+        bucket = buckets.setdefault(key, [])
+        bucket.append(item)
+        if len(bucket) == batch:
+            del buckets[key]
+            yield ("batch", _stack(bucket))
+    for bucket in buckets.values():
+        yield ("batch", _stack(bucket))
+
+
+def _prefetched(items: Iterable, depth: int, name: str = "pccfast-prefetch") -> Iterator:
+    """Yield ``items`` in order, produced up to ``depth`` ahead by a background thread.
+
+    An exception raised by ``items`` is raised here, at its place in the order. Closing this
+    generator (also by an exception or Ctrl-C in the consumer) stops and joins the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        it = iter(items)
+        try:
+            for x in it:
+                if not put((True, x)):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put((False, e))
+            return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        put((False, None))
+
+    # a daemon: it only reads, so nothing is left half-written if the interpreter ends under it
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, x = q.get()
+            if ok:
+                yield x
+            elif x is None:
+                return
+            else:
+                raise x
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _out_paths(out: str, sample_id: str) -> tuple[str, str]:
@@ -150,7 +274,8 @@ def relabel_dir(
         label_set: the label set the captures follow (name, file or LabelSet).
         limit: only the first ``limit`` captures (sorted by id).
         overwrite: relabel ids whose outputs exist (default: skip them).
-        workers: threads reading inputs ahead of the labeller (0: read in line).
+        workers: threads reading inputs ahead of the labeller; with any, one more thread
+            batches them ahead and one writes the masks behind it (0: all in line).
         progress: show a tqdm progress bar on stderr.
         log: called with each failure's one-line message as it happens.
     Returns:
@@ -195,7 +320,9 @@ def relabel_dir(
     bar = tqdm(total=len(todo), desc="relabel", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     if report.skipped:
         bar.set_postfix_str(f"{len(report.skipped)} already done")
+    palette = ls.flat_palette()
 
+    # report, bar and log are touched on this thread only; the writer thread returns its outcomes
     def failed(sample_id: str, message: str) -> None:
         report.failures.append((sample_id, message))
         if log is not None:
@@ -203,34 +330,52 @@ def relabel_dir(
                 log(message)
         bar.update(1)
 
-    def write(items: list[_Item]) -> None:
-        features = torch.stack([it.features for it in items]).to(device)  # (B, D, h, w)
-        class_attention = torch.stack([it.class_attention for it in items]).to(device)  # (B, K, h, w)
-        pixels = torch.stack([it.image for it in items]).to(device)  # (B, 3, H, W) uint8
-        try:
-            res = label_images(features, class_attention, pixels, cfg, return_blocky=save_blocky)
-        except (ValueError, RuntimeError) as e:  # includes out-of-memory: retry one at a time
-            if len(items) > 1:
-                for it in items:
-                    write([it])
-                return
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            failed(items[0].id, f"{items[0].capture}: labelling failed: {first}")
-            return
-        masks = res.mask.to("cpu", torch.uint8).numpy()  # (B, H, W)
-        blocky = res.blocky_full.to("cpu", torch.uint8).numpy() if save_blocky else None  # (B, H, W)
-        palette = ls.flat_palette()
-        for i, it in enumerate(items):
-            mask_path, blocky_path = _out_paths(out, it.id)
+    def save(ids: list[str], masks: np.ndarray, blocky: "np.ndarray | None") -> list[tuple[str, str | None]]:
+        """Write one batch's PNGs; (id, None) or (id, one-line message) per id."""
+        outcome = []
+        for i, sample_id in enumerate(ids):
+            mask_path, blocky_path = _out_paths(out, sample_id)
             try:
                 if blocky is not None:
                     save_mask_png(blocky_path, blocky[i], palette)
                 save_mask_png(mask_path, masks[i], palette)  # last: a mask marks the id as done
             except OSError as e:
-                failed(it.id, f"{mask_path}: cannot write: {e.strerror or e}")
+                outcome.append((sample_id, f"{mask_path}: cannot write: {e.strerror or e}"))
                 continue
-            report.written.append(it.id)
-            bar.update(1)
+            outcome.append((sample_id, None))
+        return outcome
+
+    def saved(outcome: list[tuple[str, str | None]]) -> None:
+        for sample_id, message in outcome:
+            if message is None:
+                report.written.append(sample_id)
+                bar.update(1)
+            else:
+                failed(sample_id, message)
+
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pccfast-relabel-write") if workers > 0 else None
+    writing: collections.deque = collections.deque()  # futures of save(), oldest first
+
+    def label(b: _Batch) -> None:
+        try:
+            res = label_images(b.features.to(device), b.class_attention.to(device), b.images.to(device), cfg,
+                               return_blocky=save_blocky)
+        except (ValueError, RuntimeError) as e:  # includes out-of-memory: retry one at a time
+            if len(b.ids) > 1:
+                for i in range(len(b.ids)):
+                    label(b.one(i))
+                return
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            failed(b.ids[0], f"{b.captures[0]}: labelling failed: {first}")
+            return
+        masks = res.mask.to("cpu", torch.uint8).numpy()  # (B, H, W)
+        blocky = res.blocky_full.to("cpu", torch.uint8).numpy() if save_blocky else None  # (B, H, W)
+        if writer is None:
+            saved(save(b.ids, masks, blocky))
+            return
+        writing.append(writer.submit(save, b.ids, masks, blocky))
+        while writing and (writing[0].done() or len(writing) > 2):  # at most 2 batches wait to be written
+            saved(writing.popleft().result())
 
     def load(entry):
         try:
@@ -238,40 +383,24 @@ def relabel_dir(
         except ValueError as e:  # CaptureError is a ValueError
             return e
 
-    buckets: dict[tuple, list[_Item]] = collections.defaultdict(list)
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pccfast-relabel-read") if workers > 0 else None
+    events = _events(todo, load, batch, pool)
+    if pool is not None:  # the next batch is read and stacked while this one is labelled
+        events = _prefetched(events, depth=1, name="pccfast-relabel-batches")
     try:
-        ahead: collections.deque = collections.deque()
-        queue = iter(todo)
-        while True:
-            # keep up to 2 batches of reads in flight ahead of the labeller
-            while pool is not None and len(ahead) < 2 * batch:
-                entry = next(queue, None)
-                if entry is None:
-                    break
-                ahead.append((entry, pool.submit(load, entry)))
-            if pool is not None:
-                if not ahead:
-                    break
-                entry, fut = ahead.popleft()
-                item = fut.result()
+        for event in events:
+            if event[0] == "failed":
+                failed(event[1], event[2])
             else:
-                entry = next(queue, None)
-                if entry is None:
-                    break
-                item = load(entry)
-            if isinstance(item, Exception):
-                failed(entry[0], str(item))
-                continue
-            key = (tuple(item.features.shape), tuple(item.class_attention.shape), tuple(item.image.shape))
-            buckets[key].append(item)
-            if len(buckets[key]) == batch:
-                write(buckets.pop(key))
-        for items in buckets.values():
-            write(items)
+                label(event[1])
+        while writing:
+            saved(writing.popleft().result())
     finally:
+        events.close()  # stops the batching thread
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        if writer is not None:
+            writer.shutdown(wait=True)  # masks already labelled are written whole (Ctrl-C too)
         bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -309,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captures of one size per labeller call (default: %(default)s)")
     add_device_arguments(r, dtype=False)
     r.add_argument("--workers", type=int, default=2, metavar="N",
-                   help="threads reading captures and images ahead of the labeller, 0 = none (default: %(default)s)")
+                   help="threads reading captures and images ahead of the labeller (with any, one more batches "
+                   "them ahead and one writes masks behind), 0 = all in line (default: %(default)s)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(p)
     return p

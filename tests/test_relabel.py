@@ -2,6 +2,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import types
 
 import numpy as np
@@ -25,7 +26,7 @@ from pccfast.capture_io import read_capture
 from pccfast.config import PCCConfig
 from pccfast.fileio import load_mask, save_image
 from pccfast.labelset import get_label_set, voc_palette
-from pccfast.relabel import find_inputs, main, relabel_dir
+from pccfast.relabel import _prefetched, find_inputs, main, relabel_dir
 
 
 # ------------------------------------------------------------------------------------------
@@ -35,14 +36,19 @@ class FakeLabeller:
     """blocky = argmax of the class maps; mask = blocky upsampled, with the top-left image
     pixel set to 255 (so the uncertain value is exercised). Records every call's batch size."""
 
-    def __init__(self, fail_batches=False, fail_marker=None):
+    def __init__(self, fail_batches=False, fail_marker=None, interrupt_at=None):
         self.calls = []
         self.fail_batches = fail_batches  # RuntimeError (as out of memory) for any batch > 1
         self.fail_marker = fail_marker  # ValueError for a capture whose features[0, 0, 0] equals this
+        self.interrupt_at = interrupt_at  # KeyboardInterrupt (Ctrl-C) in this call (0-based)
 
     def label_images(self, features, class_attention, images, cfg=None, *, return_blocky=True):
         assert features.ndim == 4 and class_attention.ndim == 4 and images.shape[1] == 3
         assert images.dtype == torch.uint8 and isinstance(cfg, PCCConfig)
+        assert features.dtype == class_attention.dtype == torch.float32
+        assert features.is_contiguous() and class_attention.is_contiguous() and images.is_contiguous()
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
         if self.fail_batches and features.shape[0] > 1:
             raise RuntimeError("CUDA out of memory (pretend)\nsecond line")
         if self.fail_marker is not None and bool((features[:, 0, 0, 0] == self.fail_marker).any()):
@@ -256,6 +262,98 @@ def test_real_labeller_end_to_end(tmp_path):
         assert labels[np.argmax(counts)] == s.cls
         blocky = load_mask(os.path.join(out, "SegmentationClassBlocky", f"{s.id}.png"))
         assert (blocky[inside] == s.cls).mean() > 0.9
+
+
+def _relabel_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("pccfast-")]
+
+
+def test_prefetched_order_errors_and_close():
+    """The background producer keeps the order, raises its error once at its place, and
+    stops when the consumer stops early."""
+    assert list(_prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield from range(5)
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="^disk gone$"):
+        for x in _prefetched(broken(), depth=3):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    gen = _prefetched(endless(), depth=2)
+    assert [next(gen) for _ in range(3)] == [0, 1, 2]
+    gen.close()
+    assert not _relabel_threads()
+    assert len(produced) <= 3 + 2 + 1  # taken, queued, one waiting to be queued
+
+
+def test_threads_match_in_line(tmp_path, fake):
+    """Reading ahead and writing behind in threads gives what the in-line run gives: the same
+    files byte for byte, the same report, a bad capture reported once with its name."""
+    captures, images, _ = make_dataset(str(tmp_path), n=5)
+    make_scene(captures, images, "2b", seed=9)  # sorts between 2 and 3
+    bad = os.path.join(captures, "2b.safetensors")
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    runs = {}
+    for workers in (0, 3):
+        logged = []
+        out = str(tmp_path / f"out{workers}")
+        report = relabel_dir(captures, images, out, batch=2, device="cpu", save_blocky=True, workers=workers,
+                             log=logged.append)
+        files = {f: open(os.path.join(out, f), "rb").read() for f in all_files(out)}
+        runs[workers] = (report.written, report.failures, logged, files)
+        assert not _relabel_threads()
+    assert runs[0] == runs[3]
+    written, failures, logged, files = runs[3]
+    assert written == ["0", "1", "2", "3", "4"]
+    assert [f[0] for f in failures] == ["2b"] and failures[0][1].startswith(bad + ": ")
+    assert logged == [failures[0][1]]
+    assert len(files) == 11  # 5 masks, 5 blocky masks, labelset.json
+    assert fake.calls == [2, 2, 1] * 2
+
+
+def test_interrupt_stops_cleanly(tmp_path, fake):
+    """Ctrl-C while the labeller runs: the exception reaches the caller, the threads end,
+    batches labelled before are written whole, nothing half-written is left, and a second
+    run does the rest."""
+    captures, images, _ = make_dataset(str(tmp_path), n=4)
+    out = str(tmp_path / "out")
+    fake.interrupt_at = 1
+    with pytest.raises(KeyboardInterrupt):
+        relabel_dir(captures, images, out, batch=1, device="cpu", workers=2)
+    assert not _relabel_threads()
+    assert all_files(out) == ["SegmentationClass/0.png", "labelset.json"]
+    assert load_mask(os.path.join(out, "SegmentationClass", "0.png")).shape == (64, 64)
+    fake.interrupt_at = None
+    report = relabel_dir(captures, images, out, batch=1, device="cpu", workers=2)
+    assert report.written == ["1", "2", "3"] and report.skipped == ["0"]
+
+
+def test_labeller_crash_propagates(tmp_path, fake, monkeypatch):
+    """An unexpected error in a reader thread (not a bad input) is raised to the caller."""
+    captures, images, _ = make_dataset(str(tmp_path), n=3)
+
+    def boom(*args, **kw):
+        raise MemoryError("pretend")
+
+    monkeypatch.setattr("pccfast.relabel.read_capture", boom)
+    for workers in (0, 2):
+        with pytest.raises(MemoryError, match="pretend"):
+            relabel_dir(captures, images, str(tmp_path / "out"), device="cpu", workers=workers)
+        assert not _relabel_threads()
 
 
 # ------------------------------------------------------------------------------------------
