@@ -63,9 +63,12 @@ def check_tensor(
                     f"`{name}` has to have at least {lo} entries in dimension {dim} "
                     f"but has shape {tuple(x.shape)}"
                 )
-    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+    # one summing pass: a NaN or inf anywhere makes the sum NaN or inf; only then (or when
+    # finite values overflow the sum) look element by element
+    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x.sum())):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"`{name}` has to be finite but holds {bad} NaN or inf values")
+        if bad:
+            raise ValueError(f"`{name}` has to be finite but holds {bad} NaN or inf values")
     return x
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from ._checks import check_tensor, local_generator
 from .components import connected_components
 from .config import PCCConfig
-from .features import assemble_features
+from .features import assemble_features, clustering_points
 from .kmeans import kmeans, prepare_points, resolve_backend
 
 __all__ = ["normalise_class_maps", "binary_class_maps", "piece_iou_labels", "vote", "cluster_pieces",
@@ -105,24 +105,25 @@ def vote(labels: Tensor, n_classes: int, min_share: float, ignore_index: int) ->
 
 
 def cluster_pieces(
-    feats: Tensor, h: int, w: int, cfg: PCCConfig, generator: Optional[torch.Generator] = None
+    feats: Tensor, h: int, w: int, cfg: PCCConfig, generator: Optional[torch.Generator] = None,
+    prepared: Optional[tuple] = None,
 ) -> Tensor:
     """k-means for every k in ``cfg.cluster_ks``, then connected pieces of every clustering.
 
-    feats: (B, h*w, D') assembled features -> (B, len(ks), h*w) long piece ids 1..N
+    feats: (B, h*w, D') assembled features; prepared: optional ``prepare_points(feats)`` (or
+    ``features.clustering_points``) shared by every k -> (B, len(ks), h*w) long piece ids 1..N
     """
     out = []
-    # centring, transpose, norms and variance once for all k (torch backend, one initialisation)
+    # centring, norms and variance once for all k (one initialisation, not cuML)
     backend = resolve_backend(cfg.kmeans_backend, feats) if cfg.kmeans_backend != "cuml" else "cuml"
-    prepared = None
-    if backend != "cuml" and cfg.kmeans_n_init == 1:
+    if prepared is None and backend != "cuml" and cfg.kmeans_n_init == 1:
         work = feats.float() if backend == "native" or feats.dtype != torch.float64 else feats
         # the C kernel takes wide points as rows: no transpose
         prepared = prepare_points(work, transpose=backend == "torch" or feats.shape[-1] <= 16)
     for k in cfg.cluster_ks:  # a handful of k values; batched over images inside
         gen = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
         labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen,
-                           n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=cfg.kmeans_backend,
+                           n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=backend,
                            prepared=prepared)
         pieces = connected_components(labels.view(-1, h, w), cfg.connectivity,
                                       backend=cfg.components_backend)  # (B, h, w)
@@ -162,7 +163,14 @@ def blocky_mask(
             f"`class_attention` has to hold 1 to {min(cfg.ignore_index, 255)} classes (dimension 1) "
             f"but holds {k}"
         )
-    pieces = cluster_pieces(assemble_features(features), h, w, cfg, generator)  # (B, len(ks), h*w)
+    backend = resolve_backend(cfg.kmeans_backend, features) if cfg.kmeans_backend != "cuml" else "cuml"
+    if backend != "cuml" and cfg.kmeans_n_init == 1:
+        # normalised, centred points straight from the features, shared by every k; k-means
+        # is translation invariant, so the centred points cluster as the assembled ones
+        prepared = clustering_points(features, transpose=backend == "torch")
+        pieces = cluster_pieces(prepared[0], h, w, cfg, generator, prepared)  # (B, len(ks), h*w)
+    else:
+        pieces = cluster_pieces(assemble_features(features), h, w, cfg, generator)  # (B, len(ks), h*w)
     norm, usable = normalise_class_maps(class_attention)  # (B, K, h, w), (B, K)
     binary = binary_class_maps(norm, usable, cfg.thresholds, cfg.background_factor)  # (B, T, K, h*w)
     labels = piece_iou_labels(pieces, binary)  # (B, len(ks), T, h*w)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._checks import check_tensor
 
-__all__ = ["minmax_columns", "pixel_coordinates", "assemble_features"]
+__all__ = ["minmax_columns", "pixel_coordinates", "assemble_features", "clustering_points"]
 
 
 def minmax_columns(x: Tensor) -> Tensor:
@@ -50,3 +50,43 @@ def assemble_features(features: Tensor) -> Tensor:
     cols = features.float().reshape(b, d, h * w).transpose(1, 2)  # (B, h*w, D), row-major pixels
     xy = pixel_coordinates(h, w, device=features.device).expand(b, -1, -1)  # (B, h*w, 2)
     return torch.cat([minmax_columns(cols), xy], dim=-1)  # (B, h*w, D+2)
+
+
+def clustering_points(features: Tensor, transpose: bool = False) -> tuple:
+    """``kmeans.prepare_points(assemble_features(features))`` in three passes over the features.
+
+    The k-means of section 2 centres its points; the centred normalised column d is
+    ``f_d * inv_d - mean(f_d) * inv_d`` with ``inv_d = 1 / (max - min)`` (0 for a constant
+    column), so min/max, mean/variance and one multiply-add give it directly, written into
+    the (B, N, D + 2) layout the k-means takes (values equal ``assemble_features`` then
+    centring up to float rounding).
+
+    Args:
+        features: (B, D, h, w) head-wise PCA features, float.
+        transpose: also return the centred points transposed and their squared norms (the
+            torch k-means backend needs both).
+
+    Returns:
+        centred points (B, h*w, D+2) float32, their column means (B, 1, D+2), the transpose
+        (B, D+2, h*w) contiguous or None, squared norms (B, h*w) or None, mean feature
+        variance (B,) (scikit-learn's tolerance scale): the tuple ``kmeans(prepared=)`` takes.
+    """
+    check_tensor(features, "features", 4, floating=True)
+    b, d, h, w = features.shape
+    n = h * w
+    f = features.float().reshape(b, d, n)  # (B, D, N), pixels contiguous
+    lo, hi = torch.aminmax(f, dim=-1)  # (B, D) each
+    span = hi - lo
+    inv = torch.where(span > 0, 1.0 / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(span))
+    var_f, mean_f = torch.var_mean(f, dim=-1, correction=0)  # (B, D) each
+    xy = pixel_coordinates(h, w, device=features.device)  # (N, 2) in [0, 1]
+    xy_mean = xy.mean(0)  # (2,)
+    out = torch.empty(b, n, d + 2, device=features.device, dtype=torch.float32)  # (B, N, D+2)
+    cols = out[..., :d].transpose(1, 2)  # (B, D, N) strided view into out
+    torch.addcmul((-mean_f * inv)[..., None], f, inv[..., None], out=cols)  # centred normalised columns
+    out[..., d:] = xy - xy_mean  # centred coordinates, the same for every image
+    mean = torch.cat([(mean_f - lo) * inv, xy_mean.expand(b, 2)], dim=-1)[:, None, :]  # (B, 1, D+2)
+    var = ((var_f * inv * inv).sum(-1) + ((xy - xy_mean) ** 2).mean(0).sum()) / (d + 2)  # (B,)
+    if not transpose:
+        return out, mean, None, None, var
+    return out, mean, out.transpose(1, 2).contiguous(), (out * out).sum(-1), var

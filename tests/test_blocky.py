@@ -119,3 +119,39 @@ def test_exceptions():
         blocky_mask(feats, cams[:, :0])
     with pytest.raises(ValueError, match=r"`features` has to have 4 dimensions but has shape \(6, 16, 16\)"):
         blocky_mask(feats[0], cams)
+
+
+def test_clustering_points_equal_assembled_then_centred():
+    """The fused preparation gives what assemble_features + kmeans.prepare_points give: centred
+    normalised columns (a constant column stays 0), column means, transpose, norms, variance."""
+    from pccfast.features import assemble_features, clustering_points
+    from pccfast.kmeans import prepare_points
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 30, 8, 12, generator=g) * 3 + 5
+    f[0, 3] = 1.5  # constant column
+    got = clustering_points(f, transpose=True)
+    want = prepare_points(assemble_features(f))
+    for name, a, b in zip(("x", "mean", "xt", "x_sq", "var"), got, want):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+    assert float(got[0][0, :, 3].abs().max()) == 0.0
+    lean = clustering_points(f)
+    assert lean[2] is None and lean[3] is None and torch.equal(lean[0], got[0])
+
+
+def test_finite_check_catches_nan_inf_but_not_large_finite_values():
+    """check_tensor(finite=True) sums once and looks closer only when the sum is not finite."""
+    from pccfast._checks import check_tensor
+
+    big = torch.full((4,), 3e38)  # the sum overflows to inf, every value is finite
+    assert check_tensor(big, "x", finite=True) is big
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(5)
+        x[2] = bad
+        with pytest.raises(ValueError, match="`x` has to be finite but holds 1 NaN or inf values"):
+            check_tensor(x, "x", finite=True)
+    x = torch.ones(5)
+    x[0], x[1] = float("inf"), -float("inf")  # inf + -inf = NaN in the sum
+    with pytest.raises(ValueError, match="holds 2 NaN or inf values"):
+        check_tensor(x, "x", finite=True)
