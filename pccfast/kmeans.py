@@ -187,9 +187,12 @@ def _race(streams: list[_RaceStream], step: int, weights: Tensor) -> Tensor:
     kept = [s.kept(step) for s in streams]
     if all(k is not None for k in kept):
         pick = torch.arange(b, device=weights.device) % len(streams)  # (B,) stream of each item
-        idx, val, tau = (torch.stack(parts)[pick] for parts in zip(*kept))  # (B, T, m), (B, T, m), (B, T)
+        if len(streams) == 1:  # every item the same numbers: a view, no copy
+            idx, val, tau = (parts[0].expand(b, *parts[0].shape) for parts in zip(*kept))
+        else:
+            idx, val, tau = (torch.stack(parts)[pick] for parts in zip(*kept))  # (B, T, m), (B, T, m), (B, T)
         t, m = idx.shape[1:]
-        keys = weights.double().gather(1, idx.view(b, t * m)).view(b, t, m) / val  # (B, T, m)
+        keys = weights.gather(1, idx.reshape(b, t * m)).double().view(b, t, m) / val  # (B, T, m)
         best, arg = keys.max(dim=-1)  # (B, T); first max = lowest index, as the full race
         bound = weights.amax(dim=-1).double()[:, None] / tau  # (B, T) the best any other point reaches
         if bool((best > bound).all()):
@@ -293,8 +296,15 @@ def _kmeans_native(
     from .native import num_threads, ptr
 
     lib = _native_lib()
-    if prepared is None:
-        prepared = prepare_points(x, transpose=x.shape[-1] <= _NARROW_D)
+    if prepared is None and x.shape[-1] <= _NARROW_D:
+        # narrow points: work transposed, (B, D, N); free when x is a transposed view (as
+        # refine_points returns); variance and means in one pass, centring in another
+        xt_in = x.transpose(1, 2)  # (B, D, N) view
+        var_d, mean_d = torch.var_mean(xt_in, dim=-1, correction=0)  # (B, D) each
+        xt = (xt_in - mean_d[..., None]).contiguous()  # (B, D, N) centred
+        prepared = (xt.transpose(1, 2), mean_d[:, None, :], xt, None, var_d.mean(-1))
+    elif prepared is None:
+        prepared = prepare_points(x, transpose=False)
     xc, mean, xt, _, var = prepared  # centred (B, N, D), (B, 1, D), (B, D, N) or None, _, (B,)
     b, n, d = xc.shape
     tol_abs = (tol * var.double()).contiguous()  # (B,) float64

@@ -28,14 +28,19 @@ def refine_points(images: Tensor, position_range: float = 255.0) -> Tensor:
     """Clustering points of section 3.
 
     images: (B, 3, H, W) in [0, 255] -> (B, H*W, 5) float32: R, G, B, x * range / W, y * range / H
+    (a transposed view of a contiguous (B, 5, H*W) tensor)
     """
     b, _, h, w = images.shape
-    rgb = images.float().reshape(b, 3, h * w).transpose(1, 2)  # (B, H*W, 3), row-major pixels
     ys = torch.arange(h, device=images.device, dtype=torch.float32) * (position_range / h)  # (H,)
     xs = torch.arange(w, device=images.device, dtype=torch.float32) * (position_range / w)  # (W,)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
-    xy = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1).expand(b, -1, -1)  # (B, H*W, 2)
-    return torch.cat([rgb, xy], dim=-1)
+    pts = torch.empty(b, 5, h * w, device=images.device, dtype=torch.float32)  # (B, 5, H*W)
+    pts[:, :3] = images.reshape(b, 3, h * w)  # R, G, B planes, row-major pixels
+    pts[:, 3] = xx.reshape(-1)
+    pts[:, 4] = yy.reshape(-1)
+    # a transposed view: the coordinates of a pixel are strided, each feature plane is
+    # contiguous (the layout the k-means kernel takes, so it needs no copy)
+    return pts.transpose(1, 2)
 
 
 def pool_small_pieces(pieces: Tensor, min_pixels: int) -> Tensor:
@@ -65,7 +70,12 @@ def piece_majority(pieces: Tensor, labels: Tensor, ratio: float, ignore_index: i
         (B, P) long relabelled pixels.
     """
     b, p = pieces.shape
-    values, compact = torch.unique(labels, return_inverse=True)  # (L,), (B, P) in [0, L)
+    if labels.numel() and 0 <= int(labels.min()) and int(labels.max()) <= 255:  # a table, no sort
+        present = torch.bincount(labels.reshape(-1), minlength=256) > 0  # (256,)
+        values = present.nonzero().squeeze(1)  # (L,) ascending
+        compact = (torch.cumsum(present, 0) - 1)[labels]  # (B, P) in [0, L)
+    else:
+        values, compact = torch.unique(labels, return_inverse=True)  # (L,), (B, P) in [0, L)
     n_lab = values.numel()
     n = int(pieces.max()) + 1
     hist = torch.zeros(b, n * n_lab, dtype=torch.int32, device=pieces.device)
