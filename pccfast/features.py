@@ -70,10 +70,17 @@ def clustering_points(features: Tensor, transpose: bool = False) -> tuple:
         centred points (B, h*w, D+2) float32, their column means (B, 1, D+2), the transpose
         (B, D+2, h*w) contiguous or None, squared norms (B, h*w) or None, mean feature
         variance (B,) (scikit-learn's tolerance scale): the tuple ``kmeans(prepared=)`` takes.
+        Without ``transpose``, CPU tensors go through the C kernel ``kernels/features.c``
+        (statistics in double, the transpose in cache-sized tiles) when it builds.
     """
     check_tensor(features, "features", 4, floating=True)
     b, d, h, w = features.shape
     n = h * w
+    if not transpose and features.device.type == "cpu" and b * h * w > 0:
+        from . import native
+
+        if native.available("features"):
+            return _clustering_points_native(features)
     f = features.float().reshape(b, d, n)  # (B, D, N), pixels contiguous
     lo, hi = torch.aminmax(f, dim=-1)  # (B, D) each
     span = hi - lo
@@ -90,3 +97,26 @@ def clustering_points(features: Tensor, transpose: bool = False) -> tuple:
     if not transpose:
         return out, mean, None, None, var
     return out, mean, out.transpose(1, 2).contiguous(), (out * out).sum(-1), var
+
+
+def _clustering_points_native(features: Tensor) -> tuple:
+    """``clustering_points(features)`` by ``kernels/features.c``. features: (B, D, h, w) CPU."""
+    import ctypes
+
+    from . import native
+
+    lib = native.load("features")
+    if not getattr(lib, "_pcc_typed", False):
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.pcc_clustering_points.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int32]
+        lib.pcc_clustering_points.restype = ctypes.c_int
+        lib._pcc_typed = True
+    b, d, h, w = features.shape
+    f = features.float().contiguous()  # (B, D, h, w)
+    out = torch.empty(b, h * w, d + 2, dtype=torch.float32)  # (B, N, D+2)
+    mean = torch.empty(b, d + 2, dtype=torch.float32)  # (B, D+2)
+    var = torch.empty(b, dtype=torch.float64)  # (B,)
+    if lib.pcc_clustering_points(native.ptr(f), b, d, h, w, native.ptr(out), native.ptr(mean), native.ptr(var),
+                                 native.num_threads()) != 0:
+        raise MemoryError(f"the features kernel could not allocate its work space (D={d})")
+    return out, mean[:, None, :], None, None, var.float()

@@ -137,7 +137,7 @@ def test_clustering_points_equal_assembled_then_centred():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
     assert float(got[0][0, :, 3].abs().max()) == 0.0
     lean = clustering_points(f)
-    assert lean[2] is None and lean[3] is None and torch.equal(lean[0], got[0])
+    assert lean[2] is None and lean[3] is None and torch.allclose(lean[0], got[0], atol=1e-6)
 
 
 def test_finite_check_catches_nan_inf_but_not_large_finite_values():
@@ -155,3 +155,23 @@ def test_finite_check_catches_nan_inf_but_not_large_finite_values():
     x[0], x[1] = float("inf"), -float("inf")  # inf + -inf = NaN in the sum
     with pytest.raises(ValueError, match="holds 2 NaN or inf values"):
         check_tensor(x, "x", finite=True)
+
+
+@pytest.mark.parametrize("shape", [(3, 30, 8, 12), (2, 5, 1, 7), (1, 40, 16, 1)])
+def test_clustering_points_native_equals_torch(shape, monkeypatch):
+    """kernels/features.c (CPU, no transpose) gives the torch path's points, means and variance."""
+    from pccfast import native
+    from pccfast.features import clustering_points
+
+    if not native.available("features", warn=False):
+        pytest.skip("the C features kernel does not build here (no C compiler?)")
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(*shape, generator=g) * 4 - 2
+    f[0, 1] = 7.0  # constant column
+    got = clustering_points(f)
+    monkeypatch.setenv("PCCFAST_NATIVE", "0")
+    want = clustering_points(f)
+    for name, i in (("x", 0), ("mean", 1), ("var", 4)):
+        assert got[i].shape == want[i].shape, name
+        assert torch.allclose(got[i], want[i], atol=2e-6, rtol=1e-5), name
+    assert got[2] is None and got[3] is None
