@@ -298,11 +298,12 @@ def _kmeans_native(
     lib = _native_lib()
     if prepared is None and x.shape[-1] <= _NARROW_D:
         # narrow points: work transposed, (B, D, N); free when x is a transposed view (as
-        # refine_points returns); variance and means in one pass, centring in another
+        # refine_points returns); means, centring and the variance in three passes
         xt_in = x.transpose(1, 2)  # (B, D, N) view
-        var_d, mean_d = torch.var_mean(xt_in, dim=-1, correction=0)  # (B, D) each
+        mean_d = xt_in.mean(dim=-1)  # (B, D)
         xt = (xt_in - mean_d[..., None]).contiguous()  # (B, D, N) centred
-        prepared = (xt.transpose(1, 2), mean_d[:, None, :], xt, None, var_d.mean(-1))
+        var = torch.linalg.vector_norm(xt, dim=(1, 2)).square() / xt[0].numel()  # (B,) mean variance
+        prepared = (xt.transpose(1, 2), mean_d[:, None, :], xt, None, var)
     elif prepared is None:
         prepared = prepare_points(x, transpose=False)
     xc, mean, xt, _, var = prepared  # centred (B, N, D), (B, 1, D), (B, D, N) or None, _, (B,)
