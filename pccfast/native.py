@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["NativeUnavailable", "load", "available", "kernel_source", "num_threads", "ptr"]
+__all__ = ["NativeUnavailable", "available", "kernel_names", "kernel_source", "load", "main", "num_threads", "ptr"]
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fno-math-errno"]
 _lock = threading.Lock()
@@ -106,8 +106,19 @@ def _build(name: str) -> Path:
         return target
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NativeUnavailable(f"kernel cache folder {out_dir} cannot be created: {e}") from None
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"{out_dir} is not writable")
+    except OSError as e:  # e.g. a read-only home: a private folder under the temp dir
+        import tempfile
+
+        fallback = Path(tempfile.gettempdir()) / f"pccfast-kernels-{os.getuid() if hasattr(os, 'getuid') else 'u'}"
+        try:
+            fallback.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            raise NativeUnavailable(f"kernel cache folder {out_dir} cannot be created: {e}") from None
+        out_dir, target = fallback, fallback / target.name
+        if target.is_file():
+            return target
     tmp = out_dir / f".{target.name}.{platform.node()}.{os.getpid()}.tmp"
     cmd = [cc, *_FLAGS, str(src), "-o", str(tmp), "-lm"]
     try:
@@ -174,11 +185,32 @@ def ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-if __name__ == "__main__":  # python -m pccfast.native NAME...: build and report
-    names = sys.argv[1:] or ["kmeans"]
-    for n in names:
+def kernel_names() -> list[str]:
+    """Names of every kernel source shipped (``kernels/*.c``)."""
+    return sorted(p.stem for p in kernel_source("kmeans").parent.glob("*.c"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m pccfast.native [NAME...]``: build (or find in the cache) and load the
+    kernels, e.g. once per machine before a large run; exit 1 if one is unavailable."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pccfast.native",
+                                description="Build and load pccfast's C kernels (kernels/*.c) into the kernel cache "
+                                "and report where each one is. Later processes reuse the cached builds. Environment: "
+                                "PCCFAST_KERNEL_CACHE (cache folder), PCCFAST_NATIVE=0 (disable), CC (compiler).")
+    p.add_argument("names", nargs="*", help="kernels to build (default: all of them)")
+    args = p.parse_args(argv)
+    ok = True
+    for n in args.names or kernel_names():
         try:
             load(n)
             print(f"{n}: ok ({_build(n)})")
         except NativeUnavailable as e:
+            ok = False
             print(f"{n}: unavailable: {e}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -264,3 +264,21 @@ def test_native_build_failure_is_one_line(monkeypatch, tmp_path):
     monkeypatch.undo()
     with pytest.raises(native.NativeUnavailable, match="kernel source no_such_kernel.c not found"):
         native.kernel_source("no_such_kernel")
+
+
+@needs_native
+def test_native_cli_builds_every_kernel(capsys, tmp_path, monkeypatch):
+    """python -m pccfast.native builds each shipped kernel into the cache folder it is given
+    and reports it; a cache folder that cannot be created falls back to the temp dir."""
+    monkeypatch.setenv("PCCFAST_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.main(["kmeans"]) == 0
+    assert "kmeans: ok" in capsys.readouterr().out
+    assert list((tmp_path / "cache").glob("kmeans-*.so"))
+    assert {"kmeans", "features", "components", "morphology"} <= set(native.kernel_names())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("PCCFAST_KERNEL_CACHE", str(blocker / "cache"))  # under a file: cannot be made
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.main(["kmeans"]) == 0
+    assert "pccfast-kernels-" in capsys.readouterr().out
