@@ -127,23 +127,33 @@ def _load(sample_id: str, capture: str, image: str | None, images_dir: str, labe
     return _Item(sample_id, capture, cap.features.numpy(), cap.class_attention.numpy(), pixels)
 
 
-def _stack_into(arrays: list[np.ndarray]) -> torch.Tensor:
-    """(B, *shape) C-contiguous tensor of B same-shape arrays (any strides)."""
-    out = np.empty((len(arrays),) + arrays[0].shape, arrays[0].dtype)
-    np.stack(arrays, out=out)
-    return torch.from_numpy(out)
+class _Bucket:
+    """Items of one size, copied into preallocated batch arrays as they arrive (so the copy
+    of one overlaps the reading of the next). NumPy copies on the calling thread: torch.stack
+    was 5-10x slower here and, beside the labeller, would share its intra-op threads."""
 
+    def __init__(self, first: _Item, size: int):
+        self.ids: list[str] = []
+        self.captures: list[str] = []
+        self.features = np.empty((size,) + first.features.shape, first.features.dtype)  # (B, D, h, w)
+        self.class_attention = np.empty((size,) + first.class_attention.shape, first.class_attention.dtype)  # (B, K, h, w)
+        h, w, c = first.image.shape
+        self.images = np.empty((size, c, h, w), first.image.dtype)  # (B, 3, H, W)
 
-def _stack(items: list[_Item]) -> _Batch:
-    """One batch of same-size items. NumPy copies on the calling thread: torch.stack was 5-10x
-    slower here (and, run beside the labeller, would share its intra-op threads)."""
-    return _Batch(
-        ids=[it.id for it in items],
-        captures=[it.capture for it in items],
-        features=_stack_into([it.features for it in items]),  # (B, D, h, w)
-        class_attention=_stack_into([it.class_attention for it in items]),  # (B, K, h, w)
-        images=_stack_into([it.image.transpose(2, 0, 1) for it in items]),  # (B, 3, H, W) from (H, W, 3)
-    )
+    def add(self, item: _Item) -> bool:
+        """Copy ``item`` in; True when the bucket is full."""
+        i = len(self.ids)
+        np.copyto(self.features[i], item.features)
+        np.copyto(self.class_attention[i], item.class_attention)
+        np.copyto(self.images[i], item.image.transpose(2, 0, 1))  # (3, H, W) from (H, W, 3)
+        self.ids.append(item.id)
+        self.captures.append(item.capture)
+        return len(self.ids) == len(self.features)
+
+    def batch(self) -> _Batch:
+        k = len(self.ids)  # the first k slots (views; a partly filled bucket's rest was never touched)
+        return _Batch(self.ids, self.captures, torch.from_numpy(self.features[:k]),
+                      torch.from_numpy(self.class_attention[:k]), torch.from_numpy(self.images[:k]))
 
 
 def _events(todo: list, load: Callable, batch: int, pool: "ThreadPoolExecutor | None") -> Iterator[tuple]:
@@ -153,7 +163,7 @@ def _events(todo: list, load: Callable, batch: int, pool: "ThreadPoolExecutor | 
     the partly filled ones at the end. With a ``pool``, up to ``2 * batch`` inputs are
     read ahead in its threads; ``load(entry)`` returns an ``_Item`` or the ValueError.
     """
-    buckets: dict[tuple, list[_Item]] = {}
+    buckets: dict[tuple, _Bucket] = {}
     ahead: collections.deque = collections.deque()
     queue_ = iter(todo)
     while True:
@@ -176,13 +186,14 @@ def _events(todo: list, load: Callable, batch: int, pool: "ThreadPoolExecutor | 
             yield ("failed", entry[0], str(item))
             continue
         key = (item.features.shape, item.class_attention.shape, item.image.shape)
-        bucket = buckets.setdefault(key, [])
-        bucket.append(item)
-        if len(bucket) == batch:
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = _Bucket(item, batch)
+        if bucket.add(item):
             del buckets[key]
-            yield ("batch", _stack(bucket))
+            yield ("batch", bucket.batch())
     for bucket in buckets.values():
-        yield ("batch", _stack(bucket))
+        yield ("batch", bucket.batch())
 
 
 def _prefetched(items: Iterable, depth: int, name: str = "pccfast-prefetch") -> Iterator:
