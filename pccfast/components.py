@@ -106,13 +106,8 @@ def _native_lib():
     """The compiled ``kernels/components.c`` with its argument types (raises NativeUnavailable)."""
     from . import native
 
-    lib = native.load("components")
-    if not getattr(lib, "_pcc_typed", False):
-        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-        lib.pcc_components.argtypes = [vp, i64, i64, i64, i32, vp, i32]
-        lib.pcc_components.restype = ctypes.c_int
-        lib._pcc_typed = True
-    return lib
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    return native.typed("components", {"pcc_components": ([vp, i64, i64, i64, i32, vp, i32], ctypes.c_int)})
 
 
 def _components_native(labels: Tensor, connectivity: int) -> Tensor:
@@ -169,22 +164,12 @@ def resolve_backend(backend: str, labels: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` has to be one of {', '.join(map(repr, BACKENDS))} but is {backend!r}")
     fits = labels.shape[-2] * labels.shape[-1] < _NATIVE_MAX_PIXELS
-    if backend == "auto":
-        if labels.device.type == "cpu" and fits:
-            from .native import available
+    if backend == "native" and not fits:
+        raise ValueError(f"components backend 'native' takes images of fewer than 2^31 - 1 pixels but they are "
+                         f"{labels.shape[-2]} x {labels.shape[-1]}; use backend='torch'")
+    from .native import resolve
 
-            if available("components"):
-                return "native"
-        return "torch"
-    if backend == "native":
-        if labels.device.type != "cpu":
-            raise ValueError(f"components backend 'native' runs on the CPU but the labels are on {labels.device}; "
-                             "use backend='auto' or 'torch'")
-        if not fits:
-            raise ValueError(f"components backend 'native' takes images of fewer than 2^31 - 1 pixels but they are "
-                             f"{labels.shape[-2]} x {labels.shape[-1]}; use backend='torch'")
-        _native_lib()  # raises NativeUnavailable with the reason
-    return backend
+    return resolve(backend, labels, "components", "components", "backend", fits=fits)
 
 
 def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str = "torch") -> Tensor:

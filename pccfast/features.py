@@ -105,12 +105,9 @@ def _clustering_points_native(features: Tensor) -> tuple:
 
     from . import native
 
-    lib = native.load("features")
-    if not getattr(lib, "_pcc_typed", False):
-        vp, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.pcc_clustering_points.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int32]
-        lib.pcc_clustering_points.restype = ctypes.c_int
-        lib._pcc_typed = True
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib = native.typed("features", {
+        "pcc_clustering_points": ([vp, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int32], ctypes.c_int)})
     b, d, h, w = features.shape
     f = features.float().contiguous()  # (B, D, h, w)
     out = torch.empty(b, h * w, d + 2, dtype=torch.float32)  # (B, N, D+2)

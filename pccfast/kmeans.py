@@ -235,15 +235,11 @@ def _native_lib():
     """The compiled ``kernels/kmeans.c`` with its argument types (raises NativeUnavailable)."""
     from . import native
 
-    lib = native.load("kmeans")
-    if not getattr(lib, "_pcc_typed", False):
-        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-        lib.pcc_kmeans_lloyd.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, vp, i64, i32, i32, vp]
-        lib.pcc_kmeans_lloyd.restype = ctypes.c_int
-        lib.pcc_kmeanspp_step.argtypes = [vp, i64, i64, i64, vp, i64, vp, vp, vp, i32]
-        lib.pcc_kmeanspp_step.restype = None
-        lib._pcc_typed = True
-    return lib
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    return native.typed("kmeans", {
+        "pcc_kmeans_lloyd": ([vp, i64, i64, i64, i64, vp, vp, vp, vp, i64, i32, i32, vp], ctypes.c_int),
+        "pcc_kmeanspp_step": ([vp, i64, i64, i64, vp, i64, vp, vp, vp, i32], None),
+    })
 
 
 _NARROW_D = 16  # kernels/kmeans.c NARROW_D: up to this width the kernel takes points transposed
@@ -501,21 +497,11 @@ BACKENDS = ("auto", "torch", "native", "cuml")
 
 def resolve_backend(backend: str, x: Tensor) -> str:
     """The implementation ``backend`` stands for with points ``x``: "auto" is "native" (the C
-    kernel) for CPU tensors when it builds, else "torch"; "native" needs a CPU tensor and the
-    kernel (``NativeUnavailable`` otherwise); others are themselves."""
-    if backend == "auto":
-        if x.device.type == "cpu" and x.dtype != torch.float64:
-            from .native import available
+    kernel) for float32 CPU tensors when it builds, else "torch"; "native" needs a CPU tensor
+    and the kernel (``NativeUnavailable`` otherwise); others are themselves."""
+    from .native import resolve
 
-            if available("kmeans"):
-                return "native"
-        return "torch"
-    if backend == "native":
-        if x.device.type != "cpu":
-            raise ValueError(f"kmeans backend 'native' runs on the CPU but the points are on {x.device}; "
-                             "use backend='auto' or 'torch'")
-        _native_lib()  # raises NativeUnavailable with the reason
-    return backend
+    return resolve(backend, x, "kmeans", "kmeans", "backend", fits=x.dtype != torch.float64)
 
 
 def kmeans(

@@ -32,7 +32,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["NativeUnavailable", "available", "kernel_names", "kernel_source", "load", "main", "num_threads", "ptr"]
+__all__ = ["NativeUnavailable", "available", "kernel_names", "kernel_source", "load", "main", "num_threads", "ptr",
+           "resolve", "typed"]
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fno-math-errno"]
 _lock = threading.Lock()
@@ -168,6 +169,42 @@ def available(name: str, warn: bool = True) -> bool:
             _warned.add(name)
             warnings.warn(f"pccfast: {e}; using the slower torch path on the CPU", RuntimeWarning, stacklevel=3)
         return False
+
+
+def typed(name: str, signatures: dict) -> ctypes.CDLL:
+    """``load(name)`` with ctypes argument and result types set once per library.
+
+    signatures: {function name: (argtypes list, restype)}
+    """
+    lib = load(name)
+    if not getattr(lib, "_pcc_typed", False):
+        for fn, (args, res) in signatures.items():
+            getattr(lib, fn).argtypes = args
+            getattr(lib, fn).restype = res
+        lib._pcc_typed = True
+    return lib
+
+
+def resolve(backend: str, x: torch.Tensor, kernel: str, what: str, option: str, fits: bool = True) -> str:
+    """Shared meaning of "auto" and "native" for a stage with a C kernel.
+
+    "auto" -> "native" for a CPU tensor when ``kernel`` builds (and the input ``fits`` it),
+    else "torch"; "native" -> checked: a CPU tensor and a kernel that builds; anything else
+    is returned as it is (the caller validated it). ``what`` names the stage and ``option``
+    the setting, for the messages.
+
+    Raises:
+        ValueError: "native" with a tensor off the CPU.
+        NativeUnavailable: "native" and the kernel cannot be built.
+    """
+    if backend == "auto":
+        return "native" if x.device.type == "cpu" and fits and available(kernel) else "torch"
+    if backend == "native":
+        if x.device.type != "cpu":
+            raise ValueError(f"{what} backend 'native' runs on the CPU but the input is on {x.device}; "
+                             f"use {option}='auto' or 'torch'")
+        load(kernel)  # raises NativeUnavailable with the reason
+    return backend
 
 
 def num_threads() -> int:

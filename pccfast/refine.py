@@ -137,13 +137,9 @@ def _native_lib():
     """The compiled ``kernels/morphology.c`` with its argument types (raises NativeUnavailable)."""
     from . import native
 
-    lib = native.load("morphology")
-    if not getattr(lib, "_pcc_typed", False):
-        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-        lib.pcc_cleanup.argtypes = [vp, i64, i64, i64, vp, i64, i32, i32, i32, i32, i32, vp, i32]
-        lib.pcc_cleanup.restype = ctypes.c_int
-        lib._pcc_typed = True
-    return lib
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    return native.typed("morphology", {
+        "pcc_cleanup": ([vp, i64, i64, i64, vp, i64, i32, i32, i32, i32, i32, vp, i32], ctypes.c_int)})
 
 
 def _resolve_cleanup_backend(backend: str, labels: Tensor) -> str:
@@ -152,19 +148,9 @@ def _resolve_cleanup_backend(backend: str, labels: Tensor) -> str:
     if backend not in CLEANUP_BACKENDS:
         raise ValueError(f"`cleanup_backend` has to be one of {', '.join(map(repr, CLEANUP_BACKENDS))} "
                          f"but is {backend!r}")
-    if backend == "auto":
-        if labels.device.type == "cpu":
-            from .native import available
+    from .native import resolve
 
-            if available("morphology"):
-                return "native"
-        return "torch"
-    if backend == "native":
-        if labels.device.type != "cpu":
-            raise ValueError(f"cleanup backend 'native' runs on the CPU but the labels are on {labels.device}; "
-                             "use cleanup_backend='auto' or 'torch'")
-        _native_lib()  # raises NativeUnavailable with the reason
-    return backend
+    return resolve(backend, labels, "morphology", "cleanup", "cleanup_backend")
 
 
 def _cleanup_native(labels: Tensor, cfg: PCCConfig) -> Tensor:

@@ -294,5 +294,5 @@ def test_native_disabled_falls_back(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_native_rejects_gpu_tensors():
-    with pytest.raises(ValueError, match="components backend 'native' runs on the CPU but the labels are on cuda"):
+    with pytest.raises(ValueError, match="components backend 'native' runs on the CPU but the input is on cuda"):
         connected_components(torch.zeros(1, 3, 3, dtype=torch.long, device="cuda"), backend="native")

@@ -237,7 +237,7 @@ def test_backend_resolution(monkeypatch):
     assert resolve_backend("torch", x) == "torch"
     assert resolve_backend("auto", x.double()) == "torch"  # float64 stays on the torch path
     assert resolve_backend("auto", x) == ("native" if NATIVE else "torch")
-    with pytest.raises(ValueError, match="kmeans backend 'native' runs on the CPU but the points are on meta"):
+    with pytest.raises(ValueError, match="kmeans backend 'native' runs on the CPU but the input is on meta"):
         resolve_backend("native", torch.zeros(1, 4, 2, device="meta"))
     monkeypatch.setenv("PCCFAST_NATIVE", "0")
     assert resolve_backend("auto", x) == "torch"

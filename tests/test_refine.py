@@ -236,7 +236,7 @@ def test_cleanup_backend_exceptions():
     cfg.cleanup_backend = "fast"  # bypasses the config's own check
     with pytest.raises(ValueError, match=r"`cleanup_backend` has to be one of 'auto', 'torch', 'native' but is 'fast'"):
         cleanup(lab, cfg)
-    with pytest.raises(ValueError, match=r"cleanup backend 'native' runs on the CPU but the labels are on meta"):
+    with pytest.raises(ValueError, match=r"cleanup backend 'native' runs on the CPU but the input is on meta"):
         cleanup(lab.to("meta"), PCCConfig(cleanup_backend="native"))
     assert _resolve_cleanup_backend("auto", lab.to("meta")) == "torch"
 
