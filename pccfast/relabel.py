@@ -132,7 +132,9 @@ class _Bucket:
     of one overlaps the reading of the next). NumPy copies on the calling thread: torch.stack
     was 5-10x slower here and, beside the labeller, would share its intra-op threads."""
 
-    def __init__(self, first: _Item, size: int):
+    def __init__(self, first: _Item, batch: int, size: int):
+        self.full = batch  # a batch is given at this many items...
+        # ...and the arrays hold ``size`` <= ``batch``: as many as the inputs left can fill
         self.ids: list[str] = []
         self.captures: list[str] = []
         self.features = np.empty((size,) + first.features.shape, first.features.dtype)  # (B, D, h, w)
@@ -148,7 +150,7 @@ class _Bucket:
         np.copyto(self.images[i], item.image.transpose(2, 0, 1))  # (3, H, W) from (H, W, 3)
         self.ids.append(item.id)
         self.captures.append(item.capture)
-        return len(self.ids) == len(self.features)
+        return len(self.ids) == self.full
 
     def batch(self) -> _Batch:
         k = len(self.ids)  # the first k slots (views; a partly filled bucket's rest was never touched)
@@ -166,6 +168,7 @@ def _events(todo: list, load: Callable, batch: int, pool: "ThreadPoolExecutor | 
     buckets: dict[tuple, _Bucket] = {}
     ahead: collections.deque = collections.deque()
     queue_ = iter(todo)
+    left = len(todo)  # inputs not yet taken: no bucket is allocated larger than it can fill
     while True:
         while pool is not None and len(ahead) < 2 * batch:
             entry = next(queue_, None)
@@ -182,13 +185,14 @@ def _events(todo: list, load: Callable, batch: int, pool: "ThreadPoolExecutor | 
             if entry is None:
                 break
             item = load(entry)
+        left -= 1
         if isinstance(item, Exception):
             yield ("failed", entry[0], str(item))
             continue
         key = (item.features.shape, item.class_attention.shape, item.image.shape)
         bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = _Bucket(item, batch)
+            bucket = buckets[key] = _Bucket(item, batch, min(batch, left + 1))
         if bucket.add(item):
             del buckets[key]
             yield ("batch", bucket.batch())

@@ -325,6 +325,19 @@ def test_threads_match_in_line(tmp_path, fake):
     assert fake.calls == [2, 2, 1] * 2
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_partial_batches_in_first_seen_order(tmp_path, fake, workers):
+    """Batches that never fill are labelled at the end in the order their first capture came,
+    also when the inputs left could not fill a batch (regression: a bucket sized to the inputs
+    left was taken for full)."""
+    captures, images = str(tmp_path / "c"), str(tmp_path / "i")
+    make_scene(captures, images, "a0", grid=16, scale=4, seed=1)
+    make_scene(captures, images, "b0", grid=8, scale=4, seed=2)
+    make_scene(captures, images, "b1", grid=8, scale=4, seed=3)
+    report = relabel_dir(captures, images, str(tmp_path / "out"), batch=4, device="cpu", workers=workers)
+    assert report.written == ["a0", "b0", "b1"] and fake.calls == [1, 2]
+
+
 def test_interrupt_stops_cleanly(tmp_path, fake):
     """Ctrl-C while the labeller runs: the exception reaches the caller, the threads end,
     batches labelled before are written whole, nothing half-written is left, and a second
