@@ -284,8 +284,14 @@ def scene_features(layers: list[torch.Tensor], grid: int, cfg: PCCConfig | None 
     from .pca import headwise_features
 
     unbatched = layers[0].dim() == 3
-    feats = [headwise_features(x[None] if unbatched else x, grid, cfg, generator=generator) for x in layers]
-    out = torch.cat(feats, dim=1)  # (B, D, grid, grid)
+    layers = [x[None] if unbatched else x for x in layers]  # (B, heads, S*S, d) each
+    c = (cfg or PCCConfig()).pca_components
+    widths = [x.shape[1] * c for x in layers]
+    out = torch.empty(layers[0].shape[0], sum(widths), grid, grid, device=layers[0].device)  # (B, D, grid, grid)
+    start = 0
+    for x, width in zip(layers, widths):  # each layer writes its channel slice, no concatenation
+        headwise_features(x, grid, cfg, generator=generator, out=out[:, start:start + width])
+        start += width
     return out[0] if unbatched else out
 
 

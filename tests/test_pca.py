@@ -125,3 +125,42 @@ def test_exceptions():
         headwise_features(torch.zeros(1, 2, 10, 4), 64)
     with pytest.raises(TypeError, match="`x` has to be a floating-point tensor but has dtype torch.int64"):
         headwise_pca(torch.zeros(1, 10, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("offset", [-3.0, 0.0, 1e3])
+def test_large_means_keep_the_subspace(offset):
+    """The scatter matrix comes from the raw Gram minus a float64 mean correction; columns whose
+    mean dwarfs their spread (offset 1e3: mean^2 / var ~ 1e5) are centred explicitly, so the
+    subspace stays that of a float64 SVD and the projections are centred."""
+    from pccfast.pca import _MAX_MEAN_RATIO
+
+    gen = torch.Generator().manual_seed(3)
+    x = _gapped(3, 1024, 64, 3, gen) + offset  # (3, 1024, 64) float64, column means 3 + offset
+    comps, mean = pca_components(x.float(), 3, method="eigh")
+    want = _svd_components(x, 3)
+    c = comps.double()  # (3, 3, 64)
+    residual = want - (want @ c.transpose(1, 2)) @ c  # the part of the exact axes outside the found span
+    print(f"offset {offset}: largest sine of a principal angle {float(residual.norm(dim=-1).max()):.2e}")
+    assert float(residual.norm(dim=-1).max()) < 2e-5
+    y = headwise_pca(x.float(), 3, method="eigh")
+    assert float(y.mean(dim=1).abs().max()) < 1e-3 * float(y.abs().max())
+    ratio = float((x.mean(1) ** 2 / x.var(1)).amax())
+    if offset == -3.0:
+        assert ratio < _MAX_MEAN_RATIO  # the raw-Gram path
+    if offset == 1e3:
+        assert ratio > _MAX_MEAN_RATIO  # the explicitly centred path
+
+
+def test_headwise_features_into_out_slice():
+    """Writing into a channel slice of a larger tensor gives the same values as a new tensor,
+    for integer and non-integer upsampling factors, and a wrong `out` is refused."""
+    gen = torch.Generator().manual_seed(4)
+    for side, grid in ((8, 16), (8, 8), (6, 16)):
+        x = torch.randn(2, 3, side * side, 16, generator=gen)
+        alone = headwise_features(x, grid)
+        big = torch.zeros(2, 20, grid, grid)
+        res = headwise_features(x, grid, out=big[:, 5:14])
+        assert res.data_ptr() == big[:, 5:14].data_ptr()
+        assert torch.equal(big[:, 5:14], alone) and big[:, :5].abs().sum() == 0 and big[:, 14:].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"`out` has to be a float32 tensor of shape \(2, 9, 16, 16\)"):
+        headwise_features(x, 16, out=torch.zeros(2, 8, 16, 16))
