@@ -248,6 +248,7 @@ def test_backend_resolution(monkeypatch):
 def test_native_build_failure_is_one_line(monkeypatch, tmp_path):
     """A kernel that does not compile gives NativeUnavailable with the compiler's error line,
     and "auto" warns once and uses torch."""
+    monkeypatch.delenv("PCCFAST_NATIVE", raising=False)
     bad = tmp_path / "broken.c"
     bad.write_text("int f( { return 0; }\n")
     monkeypatch.setenv("PCCFAST_KERNEL_CACHE", str(tmp_path / "cache"))
