@@ -16,7 +16,7 @@ from ._checks import check_tensor, local_generator
 from .components import connected_components
 from .config import PCCConfig
 from .features import assemble_features, clustering_points
-from .kmeans import kmeans, prepare_points, resolve_backend
+from .kmeans import NARROW_D, kmeans, prepare_points, resolve_backend
 
 __all__ = ["normalise_class_maps", "binary_class_maps", "piece_iou_labels", "vote", "cluster_pieces",
            "blocky_mask"]
@@ -119,7 +119,7 @@ def cluster_pieces(
     if prepared is None and backend != "cuml" and cfg.kmeans_n_init == 1:
         work = feats.float() if backend == "native" or feats.dtype != torch.float64 else feats
         # the C kernel takes wide points as rows: no transpose
-        prepared = prepare_points(work, transpose=backend == "torch" or feats.shape[-1] <= 16)
+        prepared = prepare_points(work, transpose=backend == "torch" or feats.shape[-1] <= NARROW_D)
     for k in cfg.cluster_ks:  # a handful of k values; batched over images inside
         gen = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
         labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen,

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ._checks import check_tensor, local_generator
 
-__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "resolve_backend", "BACKENDS"]
+__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "resolve_backend", "BACKENDS",
+           "NARROW_D"]
 
 
 _SLOTS = 8  # partial sums per cluster and feature in the M-step for narrow points
@@ -242,7 +243,7 @@ def _native_lib():
     })
 
 
-_NARROW_D = 16  # kernels/kmeans.c NARROW_D: up to this width the kernel takes points transposed
+NARROW_D = 16  # kernels/kmeans.c NARROW_D: up to this width the kernel takes points transposed
 
 
 def _kmeanspp_native(x: Tensor, k: int, generator: torch.Generator, streams: int = 1,
@@ -275,7 +276,7 @@ def _kmeanspp_native(x: Tensor, k: int, generator: torch.Generator, streams: int
 
 def _native_points(x: Tensor, xt: Optional[Tensor]) -> Tensor:
     """The layout the kernel takes: (B, D, N) for narrow points, else x (B, N, D)."""
-    if x.shape[-1] > _NARROW_D:
+    if x.shape[-1] > NARROW_D:
         return x
     return xt if xt is not None else x.transpose(1, 2).contiguous()
 
@@ -292,7 +293,7 @@ def _kmeans_native(
     from .native import num_threads, ptr
 
     lib = _native_lib()
-    if prepared is None and x.shape[-1] <= _NARROW_D:
+    if prepared is None and x.shape[-1] <= NARROW_D:
         # narrow points: work transposed, (B, D, N); free when x is a transposed view (as
         # refine_points returns); means, centring and the variance in three passes
         xt_in = x.transpose(1, 2)  # (B, D, N) view
@@ -568,15 +569,13 @@ def kmeans(
         raise ValueError(f"`backend` has to be one of {', '.join(map(repr, BACKENDS))} but is {backend!r}")
     use_native = resolve_backend(backend, x) == "native"
     gen = local_generator(generator, seed, x.device)
-    work = x if x.dtype == torch.float64 or use_native else x.float()
-    if use_native:
-        work = work.float()
+    work = x.float() if use_native or x.dtype != torch.float64 else x  # the kernel computes in float32
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
     if n_init > 1 or prepared is None or prepared[0].shape != work.shape or prepared[0].dtype != work.dtype:
         prepared = None  # restarts repeat the points: prepare them afresh
     if use_native:
-        if prepared is not None and prepared[2] is None and d <= _NARROW_D:
+        if prepared is not None and prepared[2] is None and d <= NARROW_D:
             prepared = None  # narrow points need the transpose
         labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, gen, n_init, init, prepared)
     else:
