@@ -283,3 +283,11 @@ def test_native_cli_builds_every_kernel(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_loaded", {})
     assert native.main(["kmeans"]) == 0
     assert "pccfast-kernels-" in capsys.readouterr().out
+
+
+def test_native_cli_unknown_kernel_is_one_line(capsys, monkeypatch):
+    """An unknown kernel name: one line saying it is unavailable and why, exit status 1."""
+    monkeypatch.delenv("PCCFAST_NATIVE", raising=False)
+    assert native.main(["no_such_kernel"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("no_such_kernel: unavailable: kernel source no_such_kernel.c not found")
