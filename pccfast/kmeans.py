@@ -293,16 +293,8 @@ def _kmeans_native(
     from .native import num_threads, ptr
 
     lib = _native_lib()
-    if prepared is None and x.shape[-1] <= NARROW_D:
-        # narrow points: work transposed, (B, D, N); free when x is a transposed view (as
-        # refine_points returns); means, centring and the variance in three passes
-        xt_in = x.transpose(1, 2)  # (B, D, N) view
-        mean_d = xt_in.mean(dim=-1)  # (B, D)
-        xt = (xt_in - mean_d[..., None]).contiguous()  # (B, D, N) centred
-        var = torch.linalg.vector_norm(xt, dim=(1, 2)).square() / xt[0].numel()  # (B,) mean variance
-        prepared = (xt.transpose(1, 2), mean_d[:, None, :], xt, None, var)
-    elif prepared is None:
-        prepared = prepare_points(x, transpose=False)
+    if prepared is None:
+        prepared = prepare_points(x, transpose=x.shape[-1] <= NARROW_D, norms=False)
     xc, mean, xt, _, var = prepared  # centred (B, N, D), (B, 1, D), (B, D, N) or None, _, (B,)
     b, n, d = xc.shape
     tol_abs = (tol * var.double()).contiguous()  # (B,) float64
@@ -406,20 +398,30 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt
     return torch.where((counts > 0)[..., None], new, old)
 
 
-def prepare_points(x: Tensor, transpose: bool = True) -> tuple:
+def prepare_points(x: Tensor, transpose: bool = True, norms: bool = True) -> tuple:
     """What every k-means of the same points shares: compute it once and pass it to
     ``kmeans(..., prepared=)`` for several k (the blocky mask clusters one feature tensor
     with k = 4, 7 and 10).
 
+    Points stored feature-major (``x`` a transposed view of a contiguous (B, D, N) tensor,
+    as ``refine.refine_points`` returns) are centred in that layout: the transpose is then
+    free and the centred x is again a transposed view.
+
     x: (B, N, D) float -> centred x (B, N, D), mean (B, 1, D), centred x^T (B, D, N)
-    contiguous (None unless ``transpose``; the torch backend and narrow points in the C
-    kernel need it), squared norms (B, N), mean feature variance (B,)
+    contiguous (None unless ``transpose`` or free; the torch backend and narrow points in
+    the C kernel need it), squared norms (B, N) (None unless ``norms``; the torch backend
+    needs them), mean feature variance (B,)
     """
     mean = x.mean(dim=1, keepdim=True)  # (B, 1, D); centring as scikit-learn, for precision
-    x = (x - mean).contiguous()
-    xt = x.transpose(1, 2).contiguous() if transpose else None  # (B, D, N), points in columns
-    x_sq = (x * x).sum(-1)  # (B, N)
-    var = x_sq.mean(dim=1) / x.shape[-1]  # (B,) scikit-learn's _tolerance / tol (x is centred)
+    if x.shape[-1] > 1 and x.transpose(1, 2).is_contiguous():  # feature-major storage
+        xt = (x.transpose(1, 2) - mean.transpose(1, 2)).contiguous()  # (B, D, N)
+        x = xt.transpose(1, 2)  # (B, N, D) view
+    else:
+        x = (x - mean).contiguous()
+        xt = x.transpose(1, 2).contiguous() if transpose else None  # (B, D, N), points in columns
+    x_sq = ((xt * xt).sum(1) if xt is not None else (x * x).sum(-1)) if norms else None  # (B, N)
+    sq = x_sq.sum(1) if norms else torch.linalg.vector_norm(x, dim=(1, 2)).square()  # (B,)
+    var = sq / x[0].numel()  # (B,) scikit-learn's _tolerance / tol (x is centred)
     return x, mean, xt, x_sq, var
 
 
