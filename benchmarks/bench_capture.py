@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from pccfast.capture import AttentionCapture, cross_attention_layers, self_attention_layers
-from pccfast.pca import headwise_features
-from pccfast.tiny import build_tiny_pipeline
+from pccfast.diffusion.capture import AttentionCapture, cross_attention_layers, self_attention_layers
+from pccfast.core.pca import headwise_features
+from pccfast.diffusion.tiny import build_tiny_pipeline
 
 
 def _sync(device):

@@ -24,14 +24,14 @@ import time
 
 import torch
 
-from pccfast import native
-from pccfast.components import connected_components
-from pccfast.config import PCCConfig
-from pccfast.features import clustering_points
-from pccfast.kmeans import kmeans
-from pccfast.labeller import label_images
-from pccfast.refine import cleanup, piece_majority, pool_small_pieces, refine_points
-from pccfast.synthetic import make_scene, scene_features
+from pccfast.backends import native
+from pccfast.core.components import connected_components
+from pccfast.core.config import PCCConfig
+from pccfast.core.features import clustering_points
+from pccfast.core.kmeans import kmeans
+from pccfast.core.labeller import label_images
+from pccfast.core.refine import cleanup, piece_majority, pool_small_pieces, refine_points
+from pccfast.testing.synthetic import make_scene, scene_features
 
 __all__ = ["main"]
 

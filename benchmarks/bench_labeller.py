@@ -41,12 +41,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference_impl as ref  # noqa: E402
+import pccfast.testing.reference as ref  # noqa: E402
 
-from pccfast.config import PCCConfig  # noqa: E402
-from pccfast.fileio import load_mask  # noqa: E402
-from pccfast.labelset import get_label_set  # noqa: E402
-from pccfast.synthetic import make_scene, mask_miou, pixel_agreement, scene_features  # noqa: E402
+from pccfast.core.config import PCCConfig  # noqa: E402
+from pccfast.data.fileio import load_mask  # noqa: E402
+from pccfast.core.labelset import get_label_set  # noqa: E402
+from pccfast.testing.synthetic import make_scene, mask_miou, pixel_agreement, scene_features  # noqa: E402
 
 __all__ = ["build_parser", "main"]
 
@@ -141,8 +141,8 @@ def _run(args) -> int:
             raise SystemExit(f"--{name} has to be at least 1 but is {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pccfast.labeller import label_images  # the module under test
-    from pccfast.refine import refine_mask
+    from pccfast.core.labeller import label_images  # the module under test
+    from pccfast.core.refine import refine_mask
 
     load_start = os.getloadavg()
     version = _git_version()
@@ -262,8 +262,8 @@ def _run(args) -> int:
     file_note = "pccfast: capture files + JPEG -> relabel_dir -> palette PNG"
     relabel_dir = write_capture = None
     try:
-        from pccfast.capture_io import write_capture
-        from pccfast.relabel import relabel_dir
+        from pccfast.data.captures import write_capture
+        from pccfast.runs.relabel import relabel_dir
     except ImportError as e:
         file_note = f"pccfast.relabel/capture_io unavailable ({e}); timed label_images + image load + PNG write"
     pdir = os.path.join(workdir, "pccfast")
@@ -281,7 +281,7 @@ def _run(args) -> int:
             if not rep.ok:
                 raise RuntimeError(f"relabel failed: {rep.failures[:3]}")
             return
-        from pccfast.fileio import load_image, save_mask_png
+        from pccfast.data.fileio import load_image, save_mask_png
         for r in idx:
             ims = torch.stack([torch.from_numpy(load_image(os.path.join(jpg_dir, ids[i] + ".jpg")).copy()).permute(2, 0, 1)
                                for i in r]).to(device)

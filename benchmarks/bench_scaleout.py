@@ -32,11 +32,11 @@ import time
 
 import torch
 
-from pccfast.config import PCCConfig
-from pccfast.dataset import DatasetWriter
-from pccfast.generate import BatchRunner, GenerationConfig, run_generation
-from pccfast.labelset import get_label_set
-from pccfast.prompts import builtin_prompts, read_prompts
+from pccfast.core.config import PCCConfig
+from pccfast.data.dataset import DatasetWriter
+from pccfast.runs.generate import BatchRunner, GenerationConfig, run_generation
+from pccfast.core.labelset import get_label_set
+from pccfast.data.prompts import builtin_prompts, read_prompts
 
 __all__ = ["build_parser", "main"]
 
@@ -82,7 +82,7 @@ def _baseline(entries, gen, cfg, label_set, tmp, threads):
 
 
 def _ray_run(entries, gen, cfg, label_set, tmp, workers, cpus, k):
-    from pccfast.distributed import run_ray
+    from pccfast.runs.ray import run_ray
 
     writer = DatasetWriter(os.path.join(tmp, f"ray{workers}-{cpus}-{k}"), label_set)
     rep = run_ray(entries, gen, cfg, label_set, writer, workers=workers, cpus_per_worker=cpus, progress=False)

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference_impl as ref  # noqa: E402
+import pccfast.testing.reference as ref  # noqa: E402
 from bench_labeller import _jpeg_roundtrip  # noqa: E402
 
-from pccfast.config import PCCConfig  # noqa: E402
-from pccfast.labeller import label_images  # noqa: E402
-from pccfast.labelset import get_label_set  # noqa: E402
-from pccfast.synthetic import make_scene, mask_miou, scene_features  # noqa: E402
+from pccfast.core.config import PCCConfig  # noqa: E402
+from pccfast.core.labeller import label_images  # noqa: E402
+from pccfast.core.labelset import get_label_set  # noqa: E402
+from pccfast.testing.synthetic import make_scene, mask_miou, scene_features  # noqa: E402
 
 __all__ = ["main"]
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import importlib
 
-from .config import PCCConfig
-from .labelset import LabelSet, get_label_set
+from pccfast.core.config import PCCConfig
+from pccfast.core.labelset import LabelSet, get_label_set
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "label_images": "pccfast.labeller",
-    "LabelResult": "pccfast.labeller",
-    "load_pipeline": "pccfast.pipeline",
-    "build_tiny_pipeline": "pccfast.tiny",
-    "read_capture": "pccfast.capture_io",
-    "write_capture": "pccfast.capture_io",
+    "label_images": "pccfast.core.labeller",
+    "LabelResult": "pccfast.core.labeller",
+    "load_pipeline": "pccfast.diffusion.pipeline",
+    "build_tiny_pipeline": "pccfast.diffusion.tiny",
+    "read_capture": "pccfast.data.captures",
+    "write_capture": "pccfast.data.captures",
 }
 
 __all__ = ["PCCConfig", "LabelSet", "get_label_set", "__version__", *_LAZY]

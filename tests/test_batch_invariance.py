@@ -14,11 +14,11 @@ themselves compete for it.
 """
 import torch
 
-from pccfast.config import PCCConfig
-from pccfast.kmeans import _d2_sample, kmeans_plusplus
-from pccfast.labeller import label_images
-from pccfast.refine import refine_points
-from pccfast.synthetic import make_scene, scene_features, stack_scenes
+from pccfast.core.config import PCCConfig
+from pccfast.core.kmeans import _d2_sample, kmeans_plusplus
+from pccfast.core.labeller import label_images
+from pccfast.core.refine import refine_points
+from pccfast.testing.synthetic import make_scene, scene_features, stack_scenes
 
 
 def _nudge(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pccfast.blocky import (binary_class_maps, blocky_mask, normalise_class_maps, piece_iou_labels,
+from pccfast.core.blocky import (binary_class_maps, blocky_mask, normalise_class_maps, piece_iou_labels,
                             vote)
-from pccfast.config import PCCConfig
-from pccfast.features import assemble_features, minmax_columns, pixel_coordinates
+from pccfast.core.config import PCCConfig
+from pccfast.core.features import assemble_features, minmax_columns, pixel_coordinates
 
 
 def _two_halves(b=2, d=6, side=16, seed=0):
@@ -124,8 +124,8 @@ def test_exceptions():
 def test_clustering_points_equal_assembled_then_centred():
     """The fused preparation gives what assemble_features + kmeans.prepare_points give: centred
     normalised columns (a constant column stays 0), column means, transpose, norms, variance."""
-    from pccfast.features import assemble_features, clustering_points
-    from pccfast.kmeans import prepare_points
+    from pccfast.core.features import assemble_features, clustering_points
+    from pccfast.core.kmeans import prepare_points
 
     g = torch.Generator().manual_seed(0)
     f = torch.randn(2, 30, 8, 12, generator=g) * 3 + 5
@@ -142,7 +142,7 @@ def test_clustering_points_equal_assembled_then_centred():
 
 def test_finite_check_catches_nan_inf_but_not_large_finite_values():
     """check_tensor(finite=True) sums once and looks closer only when the sum is not finite."""
-    from pccfast._checks import check_tensor
+    from pccfast.core.checks import check_tensor
 
     big = torch.full((4,), 3e38)  # the sum overflows to inf, every value is finite
     assert check_tensor(big, "x", finite=True) is big
@@ -160,8 +160,8 @@ def test_finite_check_catches_nan_inf_but_not_large_finite_values():
 @pytest.mark.parametrize("shape", [(3, 30, 8, 12), (2, 5, 1, 7), (1, 40, 16, 1)])
 def test_clustering_points_native_equals_torch(shape, monkeypatch):
     """kernels/features.c (CPU, no transpose) gives the torch path's points, means and variance."""
-    from pccfast import native
-    from pccfast.features import clustering_points
+    from pccfast.backends import native
+    from pccfast.core.features import clustering_points
 
     if not native.available("features", warn=False):
         pytest.skip("the C features kernel does not build here (no C compiler?)")

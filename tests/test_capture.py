@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from pccfast.capture import (
+from pccfast.diffusion.capture import (
     AttentionCapture,
     ClassAttentionProcessor,
     HeadFeatureProcessor,
@@ -17,12 +17,12 @@ from pccfast.capture import (
     generate_with_capture,
     self_attention_layers,
 )
-from pccfast.config import PCCConfig
-from pccfast.labelset import get_label_set
-from pccfast.pca import headwise_features
-from pccfast.pipeline import ModelNotFoundError, load_pipeline
-from pccfast.tiny import build_tiny_pipeline
-from pccfast.tokens import class_text
+from pccfast.core.config import PCCConfig
+from pccfast.core.labelset import get_label_set
+from pccfast.core.pca import headwise_features
+from pccfast.diffusion.pipeline import ModelNotFoundError, load_pipeline
+from pccfast.diffusion.tiny import build_tiny_pipeline
+from pccfast.diffusion.tokens import class_text
 
 VOC = get_label_set("voc")
 PROMPTS = ["a cat on a sofa", "a pot plant next to a motorbike", "a dog and a dog"]

@@ -4,11 +4,11 @@ import re
 
 import pytest
 import torch
-from fixtures import good_metadata, make_scene, write_raw_capture
+from pccfast.testing.fixtures import good_metadata, make_scene, write_raw_capture
 from safetensors import safe_open
 
-from pccfast.capture_io import FORMAT_VERSION, CaptureError, read_capture, write_capture
-from pccfast.labelset import VOC_CLASSES, get_label_set
+from pccfast.data.captures import FORMAT_VERSION, CaptureError, read_capture, write_capture
+from pccfast.core.labelset import VOC_CLASSES, get_label_set
 
 
 def _pair(d=6, k=21, h=4, w=5, seed=0):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pccfast import native
-from pccfast.components import connected_components, resolve_backend
+from pccfast.backends import native
+from pccfast.core.components import connected_components, resolve_backend
 
 STRUCT = {8: np.ones((3, 3), bool), 4: None}
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from pccfast.evaluate import EvalReport, confusion_matrix, evaluate_dirs, main, scores
-from pccfast.fileio import save_mask_png
-from pccfast.labelset import get_label_set
+from pccfast.tools.evaluate import EvalReport, confusion_matrix, evaluate_dirs, main, scores
+from pccfast.data.fileio import save_mask_png
+from pccfast.core.labelset import get_label_set
 
 VOC = get_label_set("voc")
 

@@ -20,10 +20,10 @@ pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import reference_impl as ref  # noqa: E402
+import pccfast.testing.reference as ref  # noqa: E402
 
-from pccfast.config import PCCConfig  # noqa: E402
-from pccfast.synthetic import make_scene, mask_miou, pixel_agreement, scene_features  # noqa: E402
+from pccfast.core.config import PCCConfig  # noqa: E402
+from pccfast.testing.synthetic import make_scene, mask_miou, pixel_agreement, scene_features  # noqa: E402
 
 # Held-out fidelity scenes (seeds not used elsewhere), small so the test takes seconds.
 FIDELITY_SEEDS = tuple(range(200, 208))
@@ -135,9 +135,9 @@ def test_exact_given_the_reference_kmeans(monkeypatch):
     label_images reproduces the reference bit for bit: feature assembly, pieces, class maps,
     thresholds, IoU, vote, image points, pooling, dominance, clean-up. The stand-in k-means
     also checks the points and settings pccfast clusters with."""
-    import pccfast.blocky
-    import pccfast.refine
-    from pccfast.labeller import label_images
+    import pccfast.core.blocky
+    import pccfast.core.refine
+    from pccfast.core.labeller import label_images
 
     grid = 32
     scenes = [make_scene(seed, grid=grid, image_size=128, heads=(4, 2, 2), head_dim=16) for seed in (300, 301, 302)]
@@ -157,8 +157,8 @@ def test_exact_given_the_reference_kmeans(monkeypatch):
             return torch.from_numpy(np.stack(labels)).long(), None
         return kmeans
 
-    monkeypatch.setattr(pccfast.blocky, "kmeans", fake("blocky"))
-    monkeypatch.setattr(pccfast.refine, "kmeans", fake("refine"))
+    monkeypatch.setattr(pccfast.core.blocky, "kmeans", fake("blocky"))
+    monkeypatch.setattr(pccfast.core.refine, "kmeans", fake("refine"))
     feats = torch.stack([torch.from_numpy(r["feats"].T.reshape(-1, grid, grid).copy()) for r in runs])  # (B, D, h, w)
     ca = torch.stack([s.class_attention for s in scenes])
     images = torch.stack([s.image for s in scenes])
@@ -180,7 +180,7 @@ def _scenes():
 def test_fidelity_against_reference():
     """pccfast agrees with the reference (seed 0) at least as well as the reference with
     seed 1 does, and its masks are as good against the planted ground truth."""
-    from pccfast.labeller import label_images
+    from pccfast.core.labeller import label_images
 
     scenes = _scenes()
     cfg = PCCConfig()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pccfast.generate import main
+from pccfast.runs.generate import main
 
 SHARED_PROMPTS = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "datadif_prompts_voc.json")
@@ -81,7 +81,7 @@ def test_end_to_end_shared_prompts(reference_run, shared_prompts):
 def test_kill_and_resume(reference_run, shared_prompts, tmp_path):
     """kill -9 mid-run, then the same command again: same files, all valid, masks agree."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pccfast.generate", "--prompts", shared_prompts, "--limit", "16", "--batch", "8",
+    cmd = [sys.executable, "-m", "pccfast.runs.generate", "--prompts", shared_prompts, "--limit", "16", "--batch", "8",
            "--out", str(out), *TINY]
     # the same thread count as this process (conftest): float results depend on it, and the
     # masks are compared with the in-process reference run

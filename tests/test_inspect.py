@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pccfast.fileio import save_image, save_mask_png
-from pccfast.inspect import (
+from pccfast.data.fileio import save_image, save_mask_png
+from pccfast.tools.inspection import (
     contact_sheet,
     dataset_stats,
     find_samples,
@@ -18,7 +18,7 @@ from pccfast.inspect import (
     overlay,
     suspicious_reasons,
 )
-from pccfast.labelset import get_label_set
+from pccfast.core.labelset import get_label_set
 
 VOC = get_label_set("voc")
 DOG, CAT, SOFA, BIRD = (VOC.index(c) for c in ("dog", "cat", "sofa", "bird"))
@@ -177,12 +177,12 @@ def test_exceptions(tmp_path, capsys):
 def test_stdlib_inspect_unaffected_and_module_runs(tmp_path):
     import inspect as std_inspect
 
-    import pccfast.inspect as ours
+    import pccfast.tools.inspection as ours
 
     assert std_inspect is not ours and hasattr(std_inspect, "signature")
     root = make_dataset(tmp_path / "ds")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run([sys.executable, "-m", "pccfast.inspect", str(root)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "pccfast.tools.inspection", str(root)], capture_output=True, text=True,
                          env=env, cwd=str(tmp_path), timeout=120)
     assert res.returncode == 0, res.stderr
     assert "suspicious images: 1" in res.stdout

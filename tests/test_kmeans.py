@@ -7,8 +7,8 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from pccfast import native
-from pccfast.kmeans import assign, kmeans, kmeans_inertia, kmeans_plusplus, resolve_backend
+from pccfast.backends import native
+from pccfast.core.kmeans import assign, kmeans, kmeans_inertia, kmeans_plusplus, resolve_backend
 
 NATIVE = native.available("kmeans", warn=False)
 needs_native = pytest.mark.skipif(not NATIVE, reason="the C k-means kernel does not build here (no C compiler?)")
@@ -115,7 +115,7 @@ def test_empty_clusters_are_relocated(backend):
 
 def test_empty_cluster_in_update():
     """Regression: an empty cluster after an E-step takes the farthest point and no NaN appears."""
-    from pccfast.kmeans import _update
+    from pccfast.core.kmeans import _update
 
     x = torch.tensor([[[0.0], [1.0], [2.0], [10.0]]])
     labels = torch.tensor([[0, 0, 0, 0]])
@@ -190,7 +190,7 @@ def _noisy_pixels(seed, side=48):
 def test_native_pruning_is_exact(wide):
     """The bounds (Hamerly for narrow points, Elkan for wide ones) only skip distances that
     cannot win: labels, centres and iteration count equal the unpruned Lloyd bit for bit."""
-    from pccfast.kmeans import _kmeans_native
+    from pccfast.core.kmeans import _kmeans_native
 
     if wide:
         x = torch.from_numpy(np.stack([_pcc_like(s, side=40, d=30) for s in range(3)]))  # D = 32 > 16

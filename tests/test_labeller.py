@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pccfast.config import PCCConfig
-from pccfast.labeller import Labeller, LabelResult, label_images, upsample_nearest
+from pccfast.core.config import PCCConfig
+from pccfast.core.labeller import Labeller, LabelResult, label_images, upsample_nearest
 
 
 def _scene(b=1, grid=64, size=256, d=24, k=21, seed=0):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pccfast.capture_io import read_capture
-from pccfast.generate import main as generate_main
-from pccfast.labelset import get_label_set
-from pccfast.relabel import main as relabel_main
+from pccfast.data.captures import read_capture
+from pccfast.runs.generate import main as generate_main
+from pccfast.core.labelset import get_label_set
+from pccfast.runs.relabel import main as relabel_main
 
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--batch", "2"]
 

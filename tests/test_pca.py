@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pccfast.config import PCCConfig
-from pccfast.pca import headwise_features, headwise_pca, pca_components
+from pccfast.core.config import PCCConfig
+from pccfast.core.pca import headwise_features, headwise_pca, pca_components
 
 
 def _gapped(b, n, d, c, gen, gap=20.0):
@@ -132,7 +132,7 @@ def test_large_means_keep_the_subspace(offset):
     """The scatter matrix comes from the raw Gram minus a float64 mean correction; columns whose
     mean dwarfs their spread (offset 1e3: mean^2 / var ~ 1e5) are centred explicitly, so the
     subspace stays that of a float64 SVD and the projections are centred."""
-    from pccfast.pca import _MAX_MEAN_RATIO
+    from pccfast.core.pca import _MAX_MEAN_RATIO
 
     gen = torch.Generator().manual_seed(3)
     x = _gapped(3, 1024, 64, 3, gen) + offset  # (3, 1024, 64) float64, column means 3 + offset

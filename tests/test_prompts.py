@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from pccfast.labelset import LabelSet, get_label_set
-from pccfast.prompts import (
+from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.data.prompts import (
     PAIR_TEMPLATES,
     RELATION_TEMPLATES,
     SINGLE_TEMPLATES,

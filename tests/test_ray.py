@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pccfast.config import PCCConfig
-from pccfast.dataset import DatasetWriter, dataset_paths
-from pccfast.fileio import read_jsonl
-from pccfast.generate import GenerationConfig
-from pccfast.generate import main as generate_main
-from pccfast.labelset import get_label_set
-from pccfast.prompts import PromptEntry
+from pccfast.core.config import PCCConfig
+from pccfast.data.dataset import DatasetWriter, dataset_paths
+from pccfast.data.fileio import read_jsonl
+from pccfast.runs.generate import GenerationConfig
+from pccfast.runs.generate import main as generate_main
+from pccfast.core.labelset import get_label_set
+from pccfast.data.prompts import PromptEntry
 
 VOC = get_label_set("voc")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,7 +97,7 @@ def _entries(n, poison=()):
 
 
 def _run_fake(tmp_path, entries, runner_factory=FakeRunner, **kw):
-    from pccfast.distributed import run_ray
+    from pccfast.runs.ray import run_ray
 
     writer = DatasetWriter(str(tmp_path / "out"), VOC)
     report = run_ray(entries, GenerationConfig(batch=2), PCCConfig(), VOC, writer, workers=2, progress=False,
@@ -130,7 +130,7 @@ def _worker_pids(busy=False):
 
 # --- without Ray --------------------------------------------------------------------------
 def test_without_ray_one_line_message(monkeypatch, tmp_path, capsys):
-    import pccfast.distributed as distributed
+    import pccfast.runs.ray as distributed
 
     monkeypatch.setattr(distributed, "ray_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
@@ -141,7 +141,7 @@ def test_without_ray_one_line_message(monkeypatch, tmp_path, capsys):
 
 
 def test_resolve_workers():
-    from pccfast.distributed import resolve_workers
+    from pccfast.runs.ray import resolve_workers
 
     assert resolve_workers(None, "cpu", {"CPU": 8.0}, [8.0]) == (1, dict(num_cpus=8.0, num_gpus=0))
     assert resolve_workers(3, "cpu", {"CPU": 2.0}, [2.0]) == (3, dict(num_cpus=0.666, num_gpus=0))
@@ -161,7 +161,7 @@ def test_resolve_workers():
 def test_every_batch_once_failing_batch_reported_cuda_error_restarts(ray, tmp_path):
     """Every batch committed once; the poisoned batch is tried three times and
     reported; the (simulated) CUDA error ends its worker's process, which Ray restarts, and the batch is redone."""
-    from pccfast.distributed import _fatal_device_error
+    from pccfast.runs.ray import _fatal_device_error
 
     assert _fatal_device_error(RuntimeError("CUDA error: device-side assert triggered"))
     assert not _fatal_device_error(RuntimeError("shape mismatch"))

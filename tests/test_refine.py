@@ -3,9 +3,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pccfast import native
-from pccfast.config import PCCConfig
-from pccfast.refine import (_resolve_cleanup_backend, cleanup, dilate, erode, piece_majority, pool_small_pieces,
+from pccfast.backends import native
+from pccfast.core.config import PCCConfig
+from pccfast.core.refine import (_resolve_cleanup_backend, cleanup, dilate, erode, piece_majority, pool_small_pieces,
                             refine_mask, refine_points)
 
 SQUARE = np.ones((3, 3), bool)

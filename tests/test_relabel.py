@@ -8,11 +8,11 @@ import types
 import numpy as np
 import pytest
 import torch
-from fixtures import make_dataset, make_scene
+from pccfast.testing.fixtures import make_dataset, make_scene
 from PIL import Image
 
-from pccfast import cli_common
-from pccfast.cli_common import (
+from pccfast.cli import common as cli_common
+from pccfast.cli.common import (
     CONFIG_HELP,
     add_config_arguments,
     add_device_arguments,
@@ -22,11 +22,11 @@ from pccfast.cli_common import (
     fail,
     label_set_from_args,
 )
-from pccfast.capture_io import read_capture
-from pccfast.config import PCCConfig
-from pccfast.fileio import load_mask, save_image
-from pccfast.labelset import get_label_set, voc_palette
-from pccfast.relabel import _prefetched, find_inputs, main, relabel_dir
+from pccfast.data.captures import read_capture
+from pccfast.core.config import PCCConfig
+from pccfast.data.fileio import load_mask, save_image
+from pccfast.core.labelset import get_label_set, voc_palette
+from pccfast.runs.relabel import _prefetched, find_inputs, main, relabel_dir
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,9 +66,9 @@ class FakeLabeller:
 @pytest.fixture
 def fake(monkeypatch):
     lab = FakeLabeller()
-    module = types.ModuleType("pccfast.labeller")
+    module = types.ModuleType("pccfast.core.labeller")
     module.label_images = lab.label_images
-    monkeypatch.setitem(sys.modules, "pccfast.labeller", module)
+    monkeypatch.setitem(sys.modules, "pccfast.core.labeller", module)
     return lab
 
 
@@ -248,7 +248,7 @@ def test_find_inputs_prefers_jpg(tmp_path):
 def test_real_labeller_end_to_end(tmp_path):
     """With the real pccfast.labeller: palette PNGs, values in the label set or 255, and the
     rectangle of each scene mostly labelled with its class."""
-    pytest.importorskip("pccfast.labeller")
+    pytest.importorskip("pccfast.core.labeller")
     captures, images, scenes = make_dataset(str(tmp_path), n=2)
     out = str(tmp_path / "out")
     report = relabel_dir(captures, images, out, device="cpu", save_blocky=True, batch=2)
@@ -362,7 +362,7 @@ def test_labeller_crash_propagates(tmp_path, fake, monkeypatch):
     def boom(*args, **kw):
         raise MemoryError("pretend")
 
-    monkeypatch.setattr("pccfast.relabel.read_capture", boom)
+    monkeypatch.setattr("pccfast.runs.relabel.read_capture", boom)
     for workers in (0, 2):
         with pytest.raises(MemoryError, match="pretend"):
             relabel_dir(captures, images, str(tmp_path / "out"), device="cpu", workers=workers)

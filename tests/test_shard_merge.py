@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pccfast.dataset import DatasetWriter, dataset_paths, merge_datasets
-from pccfast.fileio import read_jsonl
-from pccfast.generate import batches, select_shard
-from pccfast.labelset import get_label_set
-from pccfast.merge import main as merge_main
-from pccfast.prompts import PromptEntry
+from pccfast.data.dataset import DatasetWriter, dataset_paths, merge_datasets
+from pccfast.data.fileio import read_jsonl
+from pccfast.runs.generate import batches, select_shard
+from pccfast.core.labelset import get_label_set
+from pccfast.cli.merge import main as merge_main
+from pccfast.data.prompts import PromptEntry
 
 VOC = get_label_set("voc")
 
@@ -228,10 +228,10 @@ TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "-
 def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts):
     """Shard 0/2 through the CLI, shard 1/2 (another batch size) and the unsharded run through
     run_generation with one loaded pipeline (as the CLI does); the merge equals the unsharded run."""
-    from pccfast.config import PCCConfig
-    from pccfast.generate import BatchRunner, GenerationConfig, run_generation
-    from pccfast.generate import main as generate_main
-    from pccfast.prompts import read_prompts
+    from pccfast.core.config import PCCConfig
+    from pccfast.runs.generate import BatchRunner, GenerationConfig, run_generation
+    from pccfast.runs.generate import main as generate_main
+    from pccfast.data.prompts import read_prompts
 
     ref, shared = tmp_path / "ref", tmp_path / "shared"
     assert generate_main(["--prompts", shared_prompts, "--limit", "8", *TINY, "--out", str(shared), "--shard", "0/2"]) == 0

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pccfast.synthetic import layer_spec, make_scene, mask_miou, pixel_agreement, scene_features, stack_scenes
+from pccfast.testing.synthetic import layer_spec, make_scene, mask_miou, pixel_agreement, scene_features, stack_scenes
 
 SMALL = dict(grid=16, image_size=64, heads=(2, 2, 1), head_dim=8)
 

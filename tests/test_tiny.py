@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pccfast.labelset import get_label_set
-from pccfast.tiny import TINY_SPLIT_WORDS, build_tiny_pipeline, build_tiny_tokenizer, tiny_vocab_and_merges
+from pccfast.core.labelset import get_label_set
+from pccfast.diffusion.tiny import TINY_SPLIT_WORDS, build_tiny_pipeline, build_tiny_tokenizer, tiny_vocab_and_merges
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import itertools
 import pytest
 import torch
 
-from pccfast.labelset import get_label_set
-from pccfast.tiny import build_tiny_tokenizer
-from pccfast.tokens import DROP, batch_class_tokens, class_text, class_tokens, tokens_to_classes
+from pccfast.core.labelset import get_label_set
+from pccfast.diffusion.tiny import build_tiny_tokenizer
+from pccfast.diffusion.tokens import DROP, batch_class_tokens, class_text, class_tokens, tokens_to_classes
 
 VOC = get_label_set("voc")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor
+from pccfast.core.checks import check_tensor
 
 __all__ = ["minmax_columns", "pixel_coordinates", "assemble_features", "clustering_points"]
 
@@ -77,7 +77,7 @@ def clustering_points(features: Tensor, transpose: bool = False) -> tuple:
     b, d, h, w = features.shape
     n = h * w
     if not transpose and features.device.type == "cpu" and b * h * w > 0:
-        from . import native
+        from pccfast.backends import native
 
         if native.available("features"):
             return _clustering_points_native(features)
@@ -103,7 +103,7 @@ def _clustering_points_native(features: Tensor) -> tuple:
     """``clustering_points(features)`` by ``kernels/features.c``. features: (B, D, h, w) CPU."""
     import ctypes
 
-    from . import native
+    from pccfast.backends import native
 
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     lib = native.typed("features", {

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_tensor, local_generator
-from .config import PCCConfig
+from pccfast.core.checks import check_tensor, local_generator
+from pccfast.core.config import PCCConfig
 
 __all__ = ["headwise_pca", "headwise_features", "pca_components"]
 

@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, local_generator
-from .components import connected_components
-from .config import PCCConfig
-from .features import assemble_features, clustering_points
-from .kmeans import NARROW_D, kmeans, prepare_points, resolve_backend
+from pccfast.core.checks import check_tensor, local_generator
+from pccfast.core.components import connected_components
+from pccfast.core.config import PCCConfig
+from pccfast.core.features import assemble_features, clustering_points
+from pccfast.core.kmeans import NARROW_D, kmeans, prepare_points, resolve_backend
 
 __all__ = ["normalise_class_maps", "binary_class_maps", "piece_iou_labels", "vote", "cluster_pieces",
            "blocky_mask"]

@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
-from .fileio import atomic_write_bytes
-from .labelset import LabelSet, get_label_set
+from pccfast.data.fileio import atomic_write_bytes
+from pccfast.core.labelset import LabelSet, get_label_set
 
 __all__ = ["FORMAT_VERSION", "Capture", "CaptureError", "write_capture", "read_capture"]
 

@@ -16,8 +16,8 @@ import typing
 
 import torch
 
-from .config import PCCConfig
-from .labelset import LabelSet, get_label_set
+from pccfast.core.config import PCCConfig
+from pccfast.core.labelset import LabelSet, get_label_set
 
 __all__ = [
     "CONFIG_HELP",

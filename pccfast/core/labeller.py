@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor
-from .blocky import blocky_mask
-from .config import PCCConfig
-from .refine import refine_mask
+from pccfast.core.checks import check_tensor
+from pccfast.core.blocky import blocky_mask
+from pccfast.core.config import PCCConfig
+from pccfast.core.refine import refine_mask
 
 __all__ = ["LabelResult", "label_images", "upsample_nearest", "Labeller"]
 

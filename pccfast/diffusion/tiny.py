@@ -154,7 +154,7 @@ def _apply_bpe(syms: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 def _label_words(label_set) -> list[str]:
-    from .labelset import get_label_set
+    from pccfast.core.labelset import get_label_set
 
     ls = get_label_set(label_set)
     words = []

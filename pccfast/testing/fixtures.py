@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from pccfast.capture_io import write_capture
-from pccfast.fileio import save_image
-from pccfast.labelset import get_label_set
+from pccfast.data.captures import write_capture
+from pccfast.data.fileio import save_image
+from pccfast.core.labelset import get_label_set
 
 __all__ = ["Scene", "make_scene", "make_dataset", "write_raw_capture", "good_metadata"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .labelset import LabelSet, get_label_set
+from pccfast.core.labelset import LabelSet, get_label_set
 
 __all__ = ["ClassTokens", "class_text", "class_tokens", "batch_class_tokens", "tokens_to_classes", "DROP"]
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import PCCConfig
-from .labelset import get_label_set
-from .pca import headwise_features
-from .tokens import batch_class_tokens, tokens_to_classes
+from pccfast.core.config import PCCConfig
+from pccfast.core.labelset import get_label_set
+from pccfast.core.pca import headwise_features
+from pccfast.diffusion.tokens import batch_class_tokens, tokens_to_classes
 
 __all__ = [
     "CaptureOutput",

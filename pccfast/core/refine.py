@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, local_generator
-from .components import connected_components
-from .config import PCCConfig
-from .kmeans import kmeans
+from pccfast.core.checks import check_tensor, local_generator
+from pccfast.core.components import connected_components
+from pccfast.core.config import PCCConfig
+from pccfast.core.kmeans import kmeans
 
 __all__ = ["refine_points", "pool_small_pieces", "piece_majority", "dilate", "erode", "cleanup",
            "refine_mask"]
@@ -135,7 +135,7 @@ CLEANUP_BACKENDS = ("auto", "torch", "native")
 
 def _native_lib():
     """The compiled ``kernels/morphology.c`` with its argument types (raises NativeUnavailable)."""
-    from . import native
+    from pccfast.backends import native
 
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     return native.typed("morphology", {
@@ -148,7 +148,7 @@ def _resolve_cleanup_backend(backend: str, labels: Tensor) -> str:
     if backend not in CLEANUP_BACKENDS:
         raise ValueError(f"`cleanup_backend` has to be one of {', '.join(map(repr, CLEANUP_BACKENDS))} "
                          f"but is {backend!r}")
-    from .native import resolve
+    from pccfast.backends.native import resolve
 
     return resolve(backend, labels, "morphology", "cleanup", "cleanup_backend")
 
@@ -158,7 +158,7 @@ def _cleanup_native(labels: Tensor, cfg: PCCConfig) -> Tensor:
 
     labels: (B, H, W) integer CPU -> (B, H, W) uint8
     """
-    from .native import num_threads, ptr
+    from pccfast.backends.native import num_threads, ptr
 
     lib = _native_lib()
     lab = labels.to(torch.int64).contiguous()  # (B, H, W)

@@ -46,7 +46,7 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"`name_or_path` has to be a non-empty string but is {name_or_path!r}")
     if name_or_path == "tiny":
-        from .tiny import build_tiny_pipeline
+        from pccfast.diffusion.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(device=device, dtype=dtype, label_set=label_set)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .config import PCCConfig
+from pccfast.core.config import PCCConfig
 
 __all__ = [
     "SyntheticScene",
@@ -281,7 +281,7 @@ def scene_features(layers: list[torch.Tensor], grid: int, cfg: PCCConfig | None 
     Returns:
         (B, D, grid, grid) or (D, grid, grid), D = n_components * sum(heads), layers in order.
     """
-    from .pca import headwise_features
+    from pccfast.core.pca import headwise_features
 
     unbatched = layers[0].dim() == 3
     layers = [x[None] if unbatched else x for x in layers]  # (B, heads, S*S, d) each

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import PCCConfig
-from .dataset import DatasetWriter, dataset_paths
-from .generate import BatchRunner, GenerationConfig, GenerationReport, batches, pending
-from .labelset import LabelSet
+from pccfast.core.config import PCCConfig
+from pccfast.data.dataset import DatasetWriter, dataset_paths
+from pccfast.runs.generate import BatchRunner, GenerationConfig, GenerationReport, batches, pending
+from pccfast.core.labelset import LabelSet
 
 __all__ = ["RayReport", "RayRunError", "ray_available", "run_ray", "resolve_workers"]
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fileio import append_line, atomic_write_bytes, check_id, clean_stale_temps, read_jsonl, save_image, save_mask_png
-from .labelset import LabelSet
+from pccfast.data.fileio import append_line, atomic_write_bytes, check_id, clean_stale_temps, read_jsonl, save_image, save_mask_png
+from pccfast.core.labelset import LabelSet
 
 __all__ = ["DatasetWriter", "MergeReport", "merge_datasets", "dataset_paths"]
 
@@ -140,7 +140,7 @@ class DatasetWriter:
         if self.save_blocky and blocky is not None:
             save_mask_png(p["blocky"], blocky, pal)
         if self.save_captures and capture is not None:
-            from .capture_io import write_capture
+            from pccfast.data.captures import write_capture
 
             write_capture(p["capture"], **capture)
         save_mask_png(p["mask"], mask, pal)

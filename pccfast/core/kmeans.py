@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, local_generator
+from pccfast.core.checks import check_tensor, local_generator
 
 __all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "resolve_backend", "BACKENDS",
            "NARROW_D"]
@@ -234,7 +234,7 @@ def _race_setup(x: Tensor, k: int, generator: torch.Generator, streams: int) -> 
 
 def _native_lib():
     """The compiled ``kernels/kmeans.c`` with its argument types (raises NativeUnavailable)."""
-    from . import native
+    from pccfast.backends import native
 
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     return native.typed("kmeans", {
@@ -254,7 +254,7 @@ def _kmeanspp_native(x: Tensor, k: int, generator: torch.Generator, streams: int
     x: (B, N, D) float32 contiguous CPU; xt: its (B, D, N) contiguous transpose, needed when
     D <= 16 -> (B, k, D) initial centres (rows of x)
     """
-    from .native import num_threads, ptr
+    from pccfast.backends.native import num_threads, ptr
 
     lib = _native_lib()
     b, n, d = x.shape
@@ -290,7 +290,7 @@ def _kmeans_native(
     x: (B, N, D) float32 CPU, init: optional (B, k, D), prepared: optional
     ``prepare_points(x)`` (float32) -> labels (B, N), centers (B, k, D), inertia (B,)
     """
-    from .native import num_threads, ptr
+    from pccfast.backends.native import num_threads, ptr
 
     lib = _native_lib()
     if prepared is None:
@@ -502,7 +502,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     """The implementation ``backend`` stands for with points ``x``: "auto" is "native" (the C
     kernel) for float32 CPU tensors when it builds, else "torch"; "native" needs a CPU tensor
     and the kernel (``NativeUnavailable`` otherwise); others are themselves."""
-    from .native import resolve
+    from pccfast.backends.native import resolve
 
     return resolve(backend, x, "kmeans", "kmeans", "backend", fits=x.dtype != torch.float64)
 

@@ -22,7 +22,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor
+from pccfast.core.checks import check_tensor
 
 __all__ = ["BACKENDS", "connected_components", "resolve_backend"]
 
@@ -104,7 +104,7 @@ def _components_torch(labels: Tensor, connectivity: int) -> Tensor:
 
 def _native_lib():
     """The compiled ``kernels/components.c`` with its argument types (raises NativeUnavailable)."""
-    from . import native
+    from pccfast.backends import native
 
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     return native.typed("components", {"pcc_components": ([vp, i64, i64, i64, i32, vp, i32], ctypes.c_int)})
@@ -112,7 +112,7 @@ def _native_lib():
 
 def _components_native(labels: Tensor, connectivity: int) -> Tensor:
     """labels: (B, H, W) long CPU -> (B, H, W) long piece ids (the C kernel, same numbering)."""
-    from . import native
+    from pccfast.backends import native
 
     lib = _native_lib()
     labels = labels.contiguous()
@@ -167,7 +167,7 @@ def resolve_backend(backend: str, labels: Tensor) -> str:
     if backend == "native" and not fits:
         raise ValueError(f"components backend 'native' takes images of fewer than 2^31 - 1 pixels but they are "
                          f"{labels.shape[-2]} x {labels.shape[-1]}; use backend='torch'")
-    from .native import resolve
+    from pccfast.backends.native import resolve
 
     return resolve(backend, labels, "components", "components", "backend", fits=fits)
 

@@ -1,0 +1,1 @@
+from pccfast.tools.evaluate import build_parser, main  # noqa: F401

@@ -1,0 +1,1 @@
+from pccfast.runs.generate import build_parser, main  # noqa: F401

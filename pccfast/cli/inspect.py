@@ -1,0 +1,1 @@
+from pccfast.tools.inspection import build_parser, main  # noqa: F401

@@ -1,0 +1,73 @@
+"""``python -m pccfast.merge DIR... [--out DIR]``: one dataset from what sharded runs wrote.
+
+Job arrays run ``python -m pccfast.generate ... --shard I/N`` (SLURM, Kubernetes, plain
+``for``) into one shared directory, or each into its own. Every shard writes its samples'
+files, its manifest ``manifests/shard-I-of-N.jsonl`` and the list of ids it was given,
+``manifests/shard-I-of-N.plan``. This command rebuilds ``manifest.jsonl`` and
+``ImageSets/Segmentation/train.txt`` from them (in place for one directory; several
+directories are linked or copied into ``--out``) and reports the gaps: ids a shard was given
+but did not finish, shards that never started, manifest records whose files are gone. Gaps
+are printed one per line on stdout (``missing <id> shard I/N``) and make the exit status 1
+(as does a merge that finds no finished sample at all);
+re-running the unfinished shards with the same command fills them (they resume), after which
+the merge is run again.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pccfast.data.dataset import MergeReport, merge_datasets
+
+__all__ = ["gap_lines", "main"]
+
+
+def gap_lines(report: MergeReport) -> list[str]:
+    """One line per gap: ``missing-shard I/N``, ``missing <id> shard I/N``, ``incomplete <id>``."""
+    lines = [f"missing-shard {s} (no plan file: the job never started)" for s in report.missing_shards]
+    for shard, ids in sorted(report.missing_by_shard.items(), key=lambda kv: tuple(map(int, kv[0].split("/")))):
+        lines += [f"missing {i} shard {shard}" for i in ids]
+    planned_missing = set(report.missing)
+    lines += [f"incomplete {i} (manifest record without its image or mask)" for i in report.incomplete
+              if i not in planned_missing]
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pccfast.merge",
+        description="Merge the output of sharded 'python -m pccfast.generate --shard I/N' runs: rebuild "
+        "manifest.jsonl and ImageSets/Segmentation/train.txt and report gaps (exit status 1 if any, one line "
+        "per missing id or shard on stdout).",
+    )
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="dataset directories the shards wrote into (one shared "
+                   "directory is merged in place)")
+    p.add_argument("--out", default=None, help="merged dataset directory; needed for several DIRs (files are "
+                   "hard-linked where possible, else copied)")
+    p.add_argument("--quiet", action="store_true", help="print only the gaps, no summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pccfast.cli.common import fail
+
+    args = build_parser().parse_args(argv)
+    try:
+        report = merge_datasets(args.dirs, args.out)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    target = args.out or args.dirs[0]
+    gaps = gap_lines(report)
+    for line in gaps:
+        print(line)
+    if not args.quiet:
+        print(f"{len(report.ids)} samples -> {target} (train.txt, manifest.jsonl); "
+              f"{f'{len(gaps)} gaps' if gaps else 'no gaps'}", file=sys.stderr)
+    if not report.ids and not gaps:
+        print(f"error: no finished samples (no manifest records) in {', '.join(args.dirs)}", file=sys.stderr)
+        return 1
+    return 1 if gaps else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

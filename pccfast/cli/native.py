@@ -1,0 +1,1 @@
+from pccfast.backends.native import main  # noqa: F401

@@ -1,0 +1,1 @@
+from pccfast.data.prompts import build_parser, main  # noqa: F401

@@ -1,0 +1,285 @@
+"""Segmentation scores of predicted masks against ground-truth masks (the VOC convention).
+
+- Ground-truth pixels labelled ``ignore_index`` (255) are not counted.
+- A predicted label outside the label set (255 included) is always wrong: the pixel counts for
+  its ground-truth class (a false negative) and for no predicted class.
+- IoU of class c = TP / (TP + FP + FN); accuracy of class c = TP / (ground-truth pixels of c);
+  a class with no pixel in either the ground truth or the prediction has IoU NaN and is left
+  out of the mean (mIoU = mean over the other classes).
+- Pixel accuracy = correct pixels / counted pixels.
+
+Command line: ``python -m pccfast.evaluate PRED_DIR GT_DIR`` prints a table (see ``--help``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pccfast.data.fileio import atomic_write_bytes, load_mask
+from pccfast.core.labelset import get_label_set
+
+__all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "main"]
+
+
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255):
+    """Pixel counts per (ground truth, prediction) pair.
+
+    Args:
+        pred: (*) integer labels, any shape, e.g. (B, H, W).
+        gt: (*) integer labels, the same shape; ``ignore_index`` pixels are not counted.
+        num_classes: C, labels 0..C-1.
+        ignore_index: the ground truth's "do not count" label.
+
+    Returns: (C, C + 1) int64: ``[g, p]`` pixels of ground truth g predicted as p; column C
+    counts predictions outside 0..C-1 (e.g. 255), all wrong. A torch tensor on ``gt``'s device
+    if either input is a tensor, else a NumPy array (NumPy is the faster choice on the CPU for
+    the per-image counts of the CLI).
+    Raises: ValueError if ``gt`` holds a label outside 0..C-1 other than ``ignore_index``.
+    """
+    if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
+        xp, gt = torch, torch.as_tensor(gt)
+        pred = torch.as_tensor(pred).to(gt.device)
+        integer = not (pred.is_floating_point() or gt.is_floating_point())
+        as_long = lambda x: x.long()  # noqa: E731
+    else:
+        xp, pred, gt = np, np.asarray(pred), np.asarray(gt)
+        integer = all(np.issubdtype(x.dtype, np.integer) or x.dtype == bool for x in (pred, gt))
+        as_long = lambda x: x.astype(np.int64)  # noqa: E731
+    if tuple(pred.shape) != tuple(gt.shape):
+        raise ValueError(f"`pred` and `gt` have to have the same shape but have {tuple(pred.shape)} and {tuple(gt.shape)}")
+    if not integer:
+        raise TypeError(f"`pred` and `gt` have to hold integer labels but are {pred.dtype} and {gt.dtype}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"`num_classes` has to be a positive int but is {num_classes!r}")
+    c = num_classes
+    gt = as_long(gt.reshape(-1))  # (N,)
+    pred = as_long(pred.reshape(-1))  # (N,)
+    ignored = gt == ignore_index
+    bad = ~ignored & ((gt < 0) | (gt >= c))
+    if bool(bad.any()):
+        values = xp.unique(gt[bad])[:5].tolist()
+        raise ValueError(f"`gt` has to hold labels 0..{c - 1} or {ignore_index} (ignored) but holds {values}")
+    pred = xp.where((pred >= 0) & (pred < c), pred, c)  # invalid -> column C
+    # ignored pixels go to one extra bin past the matrix (cheaper than selecting the others)
+    index = xp.where(ignored, c * (c + 1), gt * (c + 1) + pred)  # (N,)
+    counts = xp.bincount(index, minlength=c * (c + 1) + 1)[: c * (c + 1)]
+    return counts.reshape(c, c + 1)  # (C, C+1)
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def scores(confusion) -> dict:
+    """IoU and accuracy from a (C, C + 1) confusion matrix (see :func:`confusion_matrix`).
+
+    Returns: ``iou`` (C,), ``acc`` (C,) float64 arrays (NaN where undefined), ``miou``,
+    ``macc`` (NaN-skipping means), ``pixel_acc``, ``tp``/``gt_pixels``/``pred_pixels`` (C,).
+    """
+    cm = _numpy(confusion).astype(np.float64)
+    if cm.ndim != 2 or cm.shape[1] != cm.shape[0] + 1:
+        raise ValueError(f"`confusion` has to be (C, C + 1) but has shape {cm.shape}")
+    c = cm.shape[0]
+    tp = np.diag(cm[:, :c])  # (C,)
+    gt_pixels = cm.sum(1)  # (C,) incl. invalid predictions
+    pred_pixels = cm[:, :c].sum(0)  # (C,)
+    union = gt_pixels + pred_pixels - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        acc = np.where(gt_pixels > 0, tp / gt_pixels, np.nan)
+    total = gt_pixels.sum()
+    return {
+        "iou": iou,
+        "acc": acc,
+        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan,
+        "macc": float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan,
+        "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
+        "tp": tp,
+        "gt_pixels": gt_pixels,
+        "pred_pixels": pred_pixels,
+    }
+
+
+def _num(x: float):
+    return None if x is None or math.isnan(x) else float(x)
+
+
+@dataclass
+class EvalReport:
+    """Scores of a prediction folder against a ground-truth folder."""
+
+    classes: tuple[str, ...]  # class names, index = label
+    confusion: np.ndarray  # (C, C+1) int64 pixel counts (column C: predictions outside the label set)
+    iou: np.ndarray  # (C,) per-class IoU, NaN where the class is in neither
+    acc: np.ndarray  # (C,) per-class accuracy (recall), NaN where the class is not in the ground truth
+    miou: float  # mean IoU over classes with a defined IoU
+    macc: float  # mean class accuracy over classes present in the ground truth
+    pixel_acc: float  # correct / counted pixels
+    n_images: int  # images scored (present in both folders)
+    only_in_pred: list = field(default_factory=list)  # ids with a prediction but no ground truth
+    only_in_gt: list = field(default_factory=list)  # ids with ground truth but no prediction
+    missing: list = field(default_factory=list)  # ids asked for (``ids``) but in neither folder
+
+    @classmethod
+    def from_confusion(cls, confusion, classes, n_images: int = 0, **lists) -> "EvalReport":
+        cm = _numpy(confusion).astype(np.int64)
+        s = scores(cm)
+        return cls(tuple(classes), cm, s["iou"], s["acc"], s["miou"], s["macc"], s["pixel_acc"], n_images, **lists)
+
+    @property
+    def invalid_pred_share(self) -> float:
+        """Share of counted pixels predicted with a label outside the set (e.g. 255)."""
+        total = self.confusion.sum()
+        return float(self.confusion[:, -1].sum() / total) if total else math.nan
+
+    def to_json(self) -> dict:
+        return {
+            "classes": list(self.classes),
+            "iou": {c: _num(v) for c, v in zip(self.classes, self.iou)},
+            "acc": {c: _num(v) for c, v in zip(self.classes, self.acc)},
+            "miou": _num(self.miou),
+            "macc": _num(self.macc),
+            "pixel_acc": _num(self.pixel_acc),
+            "invalid_pred_share": _num(self.invalid_pred_share),
+            "n_images": self.n_images,
+            "only_in_pred": list(self.only_in_pred),
+            "only_in_gt": list(self.only_in_gt),
+            "missing": list(self.missing),
+            "confusion": self.confusion.tolist(),
+        }
+
+    def table(self) -> str:
+        """A plain-text table: one row per class, then the means and the unmatched ids."""
+        width = max(12, *(len(c) for c in self.classes))
+        gt_px = self.confusion.sum(1)
+        pred_px = self.confusion[:, :-1].sum(0)
+        total = max(int(self.confusion.sum()), 1)
+        pct = lambda v: "     -" if math.isnan(v) else f"{100 * v:6.2f}"  # noqa: E731
+        lines = [f"{'class':<{width}}    IoU    acc   gt %  pred %"]
+        for i, c in enumerate(self.classes):
+            lines.append(f"{c:<{width}} {pct(self.iou[i])} {pct(self.acc[i])} {100 * gt_px[i] / total:6.2f} "
+                         f"{100 * pred_px[i] / total:6.2f}")
+        lines.append(f"{'mean':<{width}} {pct(self.miou)} {pct(self.macc)}")
+        lines.append(f"mIoU {pct(self.miou).strip()}  mean acc {pct(self.macc).strip()}  pixel acc "
+                     f"{pct(self.pixel_acc).strip()}  ({self.n_images} images)")
+        if self.confusion[:, -1].any():
+            lines.append(f"predictions outside the label set (e.g. 255): {100 * self.invalid_pred_share:.2f}% of "
+                         "counted pixels, scored as wrong")
+        for what, ids in (("only in the predictions", self.only_in_pred), ("only in the ground truth", self.only_in_gt),
+                          ("in neither folder", self.missing)):
+            if ids:
+                more = f" ... (+{len(ids) - 8})" if len(ids) > 8 else ""
+                lines.append(f"{len(ids)} images {what} (not scored): {', '.join(ids[:8])}{more}")
+        return "\n".join(lines)
+
+
+def mask_dir(path: str) -> str:
+    """``path`` itself, or its ``SegmentationClass`` folder when ``path`` is a dataset root."""
+    sub = os.path.join(path, "SegmentationClass")
+    if os.path.isdir(sub) and not any(n.lower().endswith(".png") for n in os.listdir(path)):
+        return sub
+    return path
+
+
+def _stems(d: str) -> dict[str, str]:
+    if not os.path.isdir(d):
+        raise ValueError(f"{d}: not a folder")
+    return {os.path.splitext(n)[0]: os.path.join(d, n) for n in sorted(os.listdir(d)) if n.lower().endswith(".png")}
+
+
+def evaluate_dirs(pred_dir: str, gt_dir: str, label_set="voc", *, ids=None) -> EvalReport:
+    """Score every ``<id>.png`` of ``pred_dir`` against ``gt_dir/<id>.png``.
+
+    Args:
+        pred_dir, gt_dir: folders of palette/greyscale PNG masks (a dataset root is taken as
+            its ``SegmentationClass`` folder).
+        label_set: the classes (its ``ignore_index`` is the ignored ground-truth label).
+        ids: score only these ids (e.g. the lines of VOC's ``val.txt``); default: all.
+
+    Ids in only one folder are listed in the report, not scored. Raises ValueError if a pair
+    of masks differs in size or the ground truth holds a label outside the set.
+    """
+    ls = get_label_set(label_set)
+    pred_dir, gt_dir = mask_dir(pred_dir), mask_dir(gt_dir)
+    preds, gts = _stems(pred_dir), _stems(gt_dir)
+    wanted = sorted(set(preds) | set(gts)) if ids is None else list(dict.fromkeys(str(i) for i in ids))
+    c = ls.num_classes
+    cm = np.zeros((c, c + 1), np.int64)
+    n = 0
+    only_pred, only_gt, missing = [], [], []
+    for i in wanted:
+        p, g = preds.get(i), gts.get(i)
+        if p is None or g is None:
+            (only_pred if p else only_gt if g else missing).append(i)
+            continue
+        pm, gm = load_mask(p), load_mask(g)
+        if pm.shape != gm.shape:
+            raise ValueError(f"{p}: the prediction is {pm.shape[0]}x{pm.shape[1]} but the ground truth {g} is "
+                             f"{gm.shape[0]}x{gm.shape[1]} (height x width)")
+        try:
+            cm += confusion_matrix(pm, gm, c, ls.ignore_index)
+        except ValueError as e:
+            raise ValueError(f"{g}: {e} (label set {ls.name!r} has {c} classes)") from None
+        n += 1
+    return EvalReport.from_confusion(cm, ls.classes, n, only_in_pred=only_pred, only_in_gt=only_gt, missing=missing)
+
+
+def _default_label_set(pred_dir: str) -> str:
+    """The prediction dataset's labelset.json if there is one, else voc."""
+    for root in (pred_dir, os.path.dirname(os.path.normpath(pred_dir))):
+        f = os.path.join(root, "labelset.json")
+        if os.path.isfile(f):
+            return f
+    return "voc"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pccfast.evaluate",
+        description="Score predicted masks against ground-truth masks: per-class IoU and accuracy, mIoU and pixel "
+        "accuracy (VOC convention: ground-truth 255 ignored; a prediction of 255 or any label outside the set "
+        "counts as wrong). Masks are paired by file name <id>.png.",
+    )
+    p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predicted masks (or a pccfast dataset root)")
+    p.add_argument("gt_dir", metavar="GT_DIR", help="folder of ground-truth masks, e.g. VOC2012/SegmentationClass")
+    p.add_argument("--label-set", default=None, metavar="NAME|FILE",
+                   help="label set: voc, coco or a JSON/YAML file (default: PRED_DIR's dataset labelset.json if "
+                   "present, else voc)")
+    p.add_argument("--ids", default=None, metavar="FILE",
+                   help="score only the ids listed in FILE, one per line (e.g. ImageSets/Segmentation/val.txt)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report (scores, confusion matrix, "
+                   "unmatched ids) as JSON to FILE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ls = get_label_set(args.label_set or _default_label_set(args.pred_dir))
+        ids = None
+        if args.ids:
+            with open(args.ids, encoding="utf-8") as f:
+                ids = [s.split()[0] for s in f if s.strip()]
+        report = evaluate_dirs(args.pred_dir, args.gt_dir, ls, ids=ids)
+        if report.n_images == 0:
+            raise ValueError(f"no image is in both {mask_dir(args.pred_dir)} and {mask_dir(args.gt_dir)}")
+    except (ValueError, OSError) as e:
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    print(f"label set: {ls.name}")
+    print(report.table())
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(report.to_json(), indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
