@@ -45,7 +45,7 @@ import pccfast.testing.reference as ref  # noqa: E402
 
 from pccfast.core.config import PCCConfig  # noqa: E402
 from pccfast.data.fileio import load_mask  # noqa: E402
-from pccfast.core.labelset import get_label_set  # noqa: E402
+from pccfast.data.labelsets import get_label_set  # noqa: E402
 from pccfast.testing.synthetic import make_scene, mask_miou, pixel_agreement, scene_features  # noqa: E402
 
 __all__ = ["build_parser", "main"]

@@ -35,7 +35,7 @@ import torch
 from pccfast.core.config import PCCConfig
 from pccfast.data.dataset import DatasetWriter
 from pccfast.runs.generate import BatchRunner, GenerationConfig, run_generation
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 from pccfast.data.prompts import builtin_prompts, read_prompts
 
 __all__ = ["build_parser", "main"]

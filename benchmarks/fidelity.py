@@ -32,7 +32,7 @@ from bench_labeller import _jpeg_roundtrip  # noqa: E402
 
 from pccfast.core.config import PCCConfig  # noqa: E402
 from pccfast.core.labeller import label_images  # noqa: E402
-from pccfast.core.labelset import get_label_set  # noqa: E402
+from pccfast.data.labelsets import get_label_set  # noqa: E402
 from pccfast.testing.synthetic import make_scene, mask_miou, scene_features  # noqa: E402
 
 __all__ = ["main"]

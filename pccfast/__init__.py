@@ -7,7 +7,8 @@ from __future__ import annotations
 import importlib
 
 from pccfast.core.config import PCCConfig
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.data.labelsets import get_label_set
+from pccfast.core.labelset import LabelSet
 
 __version__ = "0.1.0"
 

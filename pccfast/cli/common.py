@@ -17,7 +17,8 @@ import typing
 import torch
 
 from pccfast.core.config import PCCConfig
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.data.labelsets import get_label_set
+from pccfast.core.labelset import LabelSet
 
 __all__ = [
     "CONFIG_HELP",

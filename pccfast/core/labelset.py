@@ -1,7 +1,8 @@
 """Label sets: class names, the text each class is scored with, palette, ignore index.
 
 Built-in sets are ``voc`` (21 classes, the VOC palette) and ``coco`` (background + the 80
-COCO thing classes); a custom set comes from a JSON or YAML file::
+COCO thing classes); a custom set is a dict in the label-set file format (files are read by
+:mod:`pccfast.data.labelsets`)::
 
     {"name": "mine", "classes": ["background", "red apple", "pear"],
      "texts": {"red apple": "apple"}, "palette": [[0, 0, 0], [200, 0, 0], [0, 200, 0]],
@@ -11,11 +12,10 @@ COCO thing classes); a custom set comes from a JSON or YAML file::
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["LabelSet", "VOC_CLASSES", "COCO_CLASSES", "voc_palette", "get_label_set", "load_label_set"]
+__all__ = ["LabelSet", "VOC_CLASSES", "COCO_CLASSES", "BUILTIN", "voc_palette", "as_label_set", "label_set_from_dict"]
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -113,48 +113,27 @@ def _coco() -> LabelSet:
     return LabelSet("coco", COCO_CLASSES, COCO_CLASSES, _full_palette(None, 81, 255))
 
 
-_BUILTIN = {"voc": _voc, "coco": _coco}
+BUILTIN = {"voc": _voc, "coco": _coco}
 
 
-def get_label_set(name_or_path: "str | LabelSet | dict") -> LabelSet:
-    """``voc``, ``coco``, a path to a JSON/YAML label-set file, a dict, or a LabelSet."""
-    if isinstance(name_or_path, LabelSet):
-        return name_or_path
-    if isinstance(name_or_path, dict):
-        return _from_dict(name_or_path, "label set")
-    if not isinstance(name_or_path, str):
-        raise TypeError(f"`label_set` has to be a name, a path or a LabelSet but is {type(name_or_path).__name__}")
-    if name_or_path.lower() in _BUILTIN:
-        return _BUILTIN[name_or_path.lower()]()
-    if os.path.isfile(name_or_path):
-        return load_label_set(name_or_path)
+def as_label_set(value: "str | LabelSet | dict") -> LabelSet:
+    """A built-in set by name (``voc``, ``coco``), a dict in the label-set file format, or a
+    LabelSet as it is. Label-set *files* are read at the edge: :func:`pccfast.data.labelsets.get_label_set`."""
+    if isinstance(value, LabelSet):
+        return value
+    if isinstance(value, dict):
+        return label_set_from_dict(value, "label set")
+    if not isinstance(value, str):
+        raise TypeError(f"`label_set` has to be a name, a path or a LabelSet but is {type(value).__name__}")
+    if value.lower() in BUILTIN:
+        return BUILTIN[value.lower()]()
     raise ValueError(
-        f"`label_set` has to be one of {', '.join(_BUILTIN)} or an existing JSON/YAML file but is {name_or_path!r}"
+        f"`label_set` has to be one of {', '.join(BUILTIN)}, a dict or a LabelSet but is {value!r} "
+        "(label-set files are read by pccfast.get_label_set)"
     )
 
 
-def load_label_set(path: str) -> LabelSet:
-    """Read a label-set file (JSON, or YAML with pyyaml installed); one-line ValueError if invalid."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(f"{path}: reading YAML label sets needs pyyaml: pip install 'pccfast[yaml]'") from e
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    return _from_dict(data, path)
-
-
-def _from_dict(data, where: str) -> LabelSet:
+def label_set_from_dict(data, where: str) -> LabelSet:
     if not isinstance(data, dict) or "classes" not in data:
         raise ValueError(f"{where}: a label set has to be an object with a 'classes' list")
     classes = data["classes"]

@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
 from pccfast.data.fileio import atomic_write_bytes
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.data.labelsets import get_label_set
+from pccfast.core.labelset import LabelSet
 
 __all__ = ["FORMAT_VERSION", "Capture", "CaptureError", "write_capture", "read_capture"]
 

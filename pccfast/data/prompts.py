@@ -47,7 +47,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pccfast.data.fileio import atomic_write_bytes, check_id
-from pccfast.core.labelset import VOC_CLASSES, LabelSet, get_label_set
+from pccfast.data.labelsets import get_label_set
+from pccfast.core.labelset import VOC_CLASSES, LabelSet
 
 __all__ = [
     "PromptEntry",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pccfast.core.config import PCCConfig
-from pccfast.core.labelset import get_label_set
+from pccfast.core.labelset import as_label_set
 from pccfast.core.pca import headwise_features
 from pccfast.diffusion.tokens import batch_class_tokens, tokens_to_classes
 
@@ -421,7 +421,7 @@ def generate_with_capture(
         )
     if steps < 1:
         raise ValueError(f"`steps` has to be at least 1 but is {steps}")
-    ls = get_label_set(label_set)
+    ls = as_label_set(label_set)
     device = pipe._execution_device
     latent_hw = (height // factor, width // factor)
     embeds, mask, tok = encode_class_texts(pipe, class_names, ls)

@@ -154,9 +154,9 @@ def _apply_bpe(syms: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 def _label_words(label_set) -> list[str]:
-    from pccfast.core.labelset import get_label_set
+    from pccfast.core.labelset import as_label_set
 
-    ls = get_label_set(label_set)
+    ls = as_label_set(label_set)
     words = []
     for text in list(ls.classes) + list(ls.texts):
         words.extend(text.lower().split())

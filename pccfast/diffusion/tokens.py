@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.core.labelset import LabelSet, as_label_set
 
 __all__ = ["ClassTokens", "class_text", "class_tokens", "batch_class_tokens", "tokens_to_classes", "DROP"]
 
@@ -42,7 +42,7 @@ class ClassTokens:
 
 def class_text(class_names, label_set) -> str:
     """The class text of one image: its classes' texts joined by spaces (order and repeats kept)."""
-    ls = get_label_set(label_set)
+    ls = as_label_set(label_set)
     return " ".join(ls.text_of(c) for c in class_names)
 
 
@@ -64,7 +64,7 @@ def class_tokens(tokenizer, class_names, label_set) -> tuple[list[int], list[int
         (before EoT) to the tokenizer's ``model_max_length``; classes: same length, 0 for SoT,
         the class index for every text token, ``DROP`` for EoT.
     """
-    ls: LabelSet = get_label_set(label_set)
+    ls: LabelSet = as_label_set(label_set)
     if isinstance(class_names, str):
         raise TypeError(f"`class_names` has to be a list of class names but is the string {class_names!r}")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -89,7 +89,7 @@ def batch_class_tokens(tokenizer, class_names: list, label_set, device="cpu") ->
     Returns:
         ``ClassTokens`` with (B, T) tensors on ``device``, T = the longest encoded text.
     """
-    ls = get_label_set(label_set)
+    ls = as_label_set(label_set)
     encoded = [class_tokens(tokenizer, names, ls) for names in class_names]
     if not encoded:
         raise ValueError("`class_names` has to hold at least one image's classes but is empty")

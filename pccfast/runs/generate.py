@@ -16,7 +16,8 @@ import torch
 
 from pccfast.core.config import PCCConfig
 from pccfast.data.dataset import DatasetWriter
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.data.labelsets import get_label_set
+from pccfast.core.labelset import LabelSet
 
 __all__ = ["GenerationConfig", "BatchRunner", "ModelLoadError", "GenerationReport", "run_generation", "select_shard", "pending", "main"]
 

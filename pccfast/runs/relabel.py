@@ -35,7 +35,8 @@ from tqdm import tqdm
 from pccfast.data.captures import read_capture
 from pccfast.core.config import PCCConfig
 from pccfast.data.fileio import atomic_write_bytes, check_id, clean_stale_temps, load_image, save_mask_png
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.data.labelsets import get_label_set
+from pccfast.core.labelset import LabelSet
 
 __all__ = ["RelabelReport", "relabel_dir", "find_inputs", "build_parser", "main"]
 

@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 
 from pccfast.data.captures import write_capture
 from pccfast.data.fileio import save_image
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 
 __all__ = ["Scene", "make_scene", "make_dataset", "write_raw_capture", "good_metadata"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pccfast.data.fileio import atomic_write_bytes, load_mask
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 
 __all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "main"]
 

@@ -34,7 +34,8 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from pccfast.data.fileio import atomic_write_bytes, load_mask, read_jsonl
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.data.labelsets import get_label_set
+from pccfast.core.labelset import LabelSet
 
 __all__ = [
     "Sample",

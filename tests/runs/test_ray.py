@@ -19,7 +19,7 @@ from pccfast.data.dataset import DatasetWriter, dataset_paths
 from pccfast.data.fileio import read_jsonl
 from pccfast.runs.generate import GenerationConfig
 from pccfast.runs.generate import main as generate_main
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 from pccfast.data.prompts import PromptEntry
 
 VOC = get_label_set("voc")

@@ -14,7 +14,7 @@ from PIL import Image
 from pccfast.runs.generate import main
 
 SHARED_PROMPTS = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "datadif_prompts_voc.json")
+    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "datadif_prompts_voc.json")
 )
 TINY = ["--model", "tiny", "--steps", "2", "--height", "128", "--width", "128", "--no-progress"]
 
@@ -86,7 +86,7 @@ def test_kill_and_resume(reference_run, shared_prompts, tmp_path):
     # the same thread count as this process (conftest): float results depend on it, and the
     # masks are compared with the in-process reference run
     threads = str(torch.get_num_threads())
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)), OMP_NUM_THREADS=threads,
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), OMP_NUM_THREADS=threads,
                MKL_NUM_THREADS=threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = out / "manifest.jsonl"

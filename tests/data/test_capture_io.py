@@ -8,7 +8,8 @@ from pccfast.testing.fixtures import good_metadata, make_scene, write_raw_captur
 from safetensors import safe_open
 
 from pccfast.data.captures import FORMAT_VERSION, CaptureError, read_capture, write_capture
-from pccfast.core.labelset import VOC_CLASSES, get_label_set
+from pccfast.core.labelset import VOC_CLASSES
+from pccfast.data.labelsets import get_label_set
 
 
 def _pair(d=6, k=21, h=4, w=5, seed=0):

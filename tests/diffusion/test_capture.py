@@ -18,7 +18,7 @@ from pccfast.diffusion.capture import (
     self_attention_layers,
 )
 from pccfast.core.config import PCCConfig
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 from pccfast.core.pca import headwise_features
 from pccfast.diffusion.pipeline import ModelNotFoundError, load_pipeline
 from pccfast.diffusion.tiny import build_tiny_pipeline

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pccfast.data.dataset import DatasetWriter, dataset_paths
 from pccfast.data.fileio import append_line, check_id, read_jsonl
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 
 
 def _sample(seed, h=32, w=32):

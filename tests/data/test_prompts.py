@@ -3,7 +3,8 @@ from collections import Counter
 
 import pytest
 
-from pccfast.core.labelset import LabelSet, get_label_set
+from pccfast.core.labelset import LabelSet
+from pccfast.data.labelsets import get_label_set
 from pccfast.data.prompts import (
     PAIR_TEMPLATES,
     RELATION_TEMPLATES,

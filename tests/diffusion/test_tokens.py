@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 from pccfast.diffusion.tiny import build_tiny_tokenizer
 from pccfast.diffusion.tokens import DROP, batch_class_tokens, class_text, class_tokens, tokens_to_classes
 

@@ -18,7 +18,7 @@ from pccfast.tools.inspection import (
     overlay,
     suspicious_reasons,
 )
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 
 VOC = get_label_set("voc")
 DOG, CAT, SOFA, BIRD = (VOC.index(c) for c in ("dog", "cat", "sofa", "bird"))

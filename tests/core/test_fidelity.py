@@ -19,7 +19,6 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import pccfast.testing.reference as ref  # noqa: E402
 
 from pccfast.core.config import PCCConfig  # noqa: E402

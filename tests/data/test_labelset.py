@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from pccfast.core.labelset import COCO_CLASSES, VOC_CLASSES, LabelSet, get_label_set, load_label_set, voc_palette
+from pccfast.core.labelset import COCO_CLASSES, VOC_CLASSES, LabelSet, voc_palette
+from pccfast.data.labelsets import get_label_set, load_label_set
 
 
 def test_voc_palette_value():
@@ -104,7 +105,7 @@ def test_frozen():
 
 
 def test_synonyms_survive_to_json_and_are_validated(tmp_path):
-    from pccfast.core.labelset import get_label_set as _get
+    from pccfast.data.labelsets import get_label_set as _get
 
     ls = _get({"name": "fruit", "classes": ["background", "apple"], "synonyms": {"apple": ["pippin"]}})
     assert _get(ls.to_json()).synonyms == {"apple": ["pippin"]}

@@ -25,7 +25,8 @@ from pccfast.cli.common import (
 from pccfast.data.captures import read_capture
 from pccfast.core.config import PCCConfig
 from pccfast.data.fileio import load_mask, save_image
-from pccfast.core.labelset import get_label_set, voc_palette
+from pccfast.core.labelset import voc_palette
+from pccfast.data.labelsets import get_label_set
 from pccfast.runs.relabel import _prefetched, find_inputs, main, relabel_dir
 
 

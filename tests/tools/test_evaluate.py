@@ -8,7 +8,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 
 from pccfast.tools.evaluate import EvalReport, confusion_matrix, evaluate_dirs, main, scores
 from pccfast.data.fileio import save_mask_png
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 
 VOC = get_label_set("voc")
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pccfast.data.captures import read_capture
 from pccfast.runs.generate import main as generate_main
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 from pccfast.runs.relabel import main as relabel_main
 
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--batch", "2"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 from pccfast.diffusion.tiny import TINY_SPLIT_WORDS, build_tiny_pipeline, build_tiny_tokenizer, tiny_vocab_and_merges
 
 

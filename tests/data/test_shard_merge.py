@@ -14,7 +14,7 @@ from PIL import Image
 from pccfast.data.dataset import DatasetWriter, dataset_paths, merge_datasets
 from pccfast.data.fileio import read_jsonl
 from pccfast.runs.generate import batches, select_shard
-from pccfast.core.labelset import get_label_set
+from pccfast.data.labelsets import get_label_set
 from pccfast.cli.merge import main as merge_main
 from pccfast.data.prompts import PromptEntry
 

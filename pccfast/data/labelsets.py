@@ -1,0 +1,51 @@
+"""Label-set files (JSON, or YAML with pyyaml) and the one resolver every command uses.
+
+The label set itself (classes, texts, palette, the built-in VOC and COCO sets, validation)
+is pure data in :mod:`pccfast.core.labelset`; this module is its file edge.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pccfast.core.labelset import BUILTIN, LabelSet, label_set_from_dict
+
+__all__ = ["get_label_set", "load_label_set"]
+
+
+def get_label_set(name_or_path: "str | LabelSet | dict") -> LabelSet:
+    """``voc``, ``coco``, a path to a JSON/YAML label-set file, a dict, or a LabelSet."""
+    if isinstance(name_or_path, LabelSet):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        return label_set_from_dict(name_or_path, "label set")
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"`label_set` has to be a name, a path or a LabelSet but is {type(name_or_path).__name__}")
+    if name_or_path.lower() in BUILTIN:
+        return BUILTIN[name_or_path.lower()]()
+    if os.path.isfile(name_or_path):
+        return load_label_set(name_or_path)
+    raise ValueError(
+        f"`label_set` has to be one of {', '.join(BUILTIN)} or an existing JSON/YAML file but is {name_or_path!r}"
+    )
+
+
+def load_label_set(path: str) -> LabelSet:
+    """Read a label-set file (JSON, or YAML with pyyaml installed); one-line ValueError if invalid."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(f"{path}: reading YAML label sets needs pyyaml: pip install 'pccfast[yaml]'") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    return label_set_from_dict(data, path)
