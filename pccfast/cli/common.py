@@ -5,7 +5,9 @@
   the reference defaults.
 - :func:`add_device_arguments` / :func:`device_from_args` / :func:`dtype_from_args`.
 - :func:`add_label_set_argument` / :func:`label_set_from_args`.
-- :func:`fail`: ``error: <one line>`` on stderr, exit status 2.
+- :func:`add_scaleout_arguments` / :func:`check_scaleout_arguments`: ``--shard``, ``--ray``, ``--workers``.
+- :func:`fail`: ``error: <one line>`` on stderr, exit status 2; :func:`report_run` (the summary
+  and exit status of a run), :func:`interrupted` (Ctrl-C, exit status 130).
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ __all__ = [
     "label_set_from_args",
     "positive_int",
     "fail",
+    "add_scaleout_arguments",
+    "check_scaleout_arguments",
+    "report_run",
+    "interrupted",
 ]
 
 # One line per PCCConfig field; the default is appended from the dataclass.
@@ -203,3 +209,40 @@ def fail(msg: str, code: int = 2) -> typing.NoReturn:
     line = "; ".join(part.strip() for part in str(msg).splitlines() if part.strip())
     print(f"error: {line}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def add_scaleout_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--shard I/N``, ``--ray [ADDRESS]`` and ``--workers N``: the run engine's scale-out options."""
+    s = parser.add_argument_group("scale-out")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help=f"take the deterministic I-th of N parts of the {what} (for job arrays writing into one "
+                   "directory; generate's shards are combined with python -m pccfast.merge)")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="spread batches over Ray workers: no ADDRESS starts a local Ray instance, 'auto' joins the "
+                   "running cluster (needs pip install 'pccfast[ray]')")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="Ray workers, with --ray (default: one per visible GPU; on a CPU-only host 1)")
+
+
+def check_scaleout_arguments(args: argparse.Namespace) -> None:
+    """ValueError for scale-out options that cannot work together (before anything starts)."""
+    if args.workers is not None and args.ray is None:
+        raise ValueError(f"`--workers` {args.workers} needs --ray (without it the run uses this process only)")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"`--workers` has to be at least 1 but is {args.workers}")
+
+
+def report_run(report, what: str, out: str) -> int:
+    """Print a run's summary and one line per failed item on stderr; the exit status (1 if any failed)."""
+    print(report.summary(what, out), file=sys.stderr)
+    if report.failures:
+        print(f"{len(report.failures)} failed:", file=sys.stderr)
+        for _, msg in report.failures:
+            print(f"  {msg}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+def interrupted(out: str) -> int:
+    """Ctrl-C: one line saying that the finished work is kept; exit status 130."""
+    print(f"interrupted; finished work is kept in {out}: run the same command again to resume", file=sys.stderr)
+    return 130

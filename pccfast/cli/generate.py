@@ -1,1 +1,102 @@
-from pccfast.runs.generate import build_parser, main  # noqa: F401
+"""``python -m pccfast.generate``: prompts in, a VOC-layout segmentation dataset out, in one pass."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from pccfast.cli.common import (
+    add_config_arguments, add_label_set_argument, add_scaleout_arguments, check_scaleout_arguments, config_from_args,
+    fail, interrupted, label_set_from_args, report_run,
+)
+from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pccfast.generate",
+        description="Generate a labelled segmentation dataset (VOC layout) from text prompts with Stable Diffusion "
+        "and PCC segmentation. Re-running the same command resumes where it stopped. A batch that fails is run "
+        "again prompt by prompt; prompts that still fail are listed at the end (exit status 1).",
+    )
+    g = p.add_argument_group("input and output")
+    g.add_argument("--prompts", help="prompt file: the reference's JSON list (id, prompt_sd, classes), JSON Lines with "
+                   "the same fields, or text lines 'prompt | class, class'. Default: the built-in prompt bank")
+    g.add_argument("--out", default="out", help="dataset directory (default: %(default)s)")
+    g.add_argument("--start", type=int, default=0, help="skip the first N prompts (default: 0)")
+    g.add_argument("--limit", type=int, default=None, help="use at most N prompts (default: all)")
+    g.add_argument("--save-blocky", action="store_true", help="also write SegmentationClassBlocky/<id>.png")
+    g.add_argument("--save-captures", action="store_true",
+                   help="also write captures/<id>.safetensors (read by python -m pccfast.relabel)")
+    g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of JPEGImages (default: %(default)s)")
+    add_label_set_argument(p)
+    m = p.add_argument_group("model and diffusion")
+    m.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x checkpoint: hub id or "
+                   "local folder, or 'tiny' for the built-in random test model (default: %(default)s)")
+    m.add_argument("--steps", type=int, default=80, help="denoising steps (default: %(default)s)")
+    m.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale, above 1 (default: %(default)s)")
+    m.add_argument("--height", type=int, default=512,
+                   help="image height, a multiple of 8 equal to --width (default: %(default)s)")
+    m.add_argument("--width", type=int, default=512,
+                   help="image width, a multiple of 8 equal to --height (default: %(default)s)")
+    m.add_argument("--seed", type=int, default=2024, help="prompt i gets seed + i, whatever the batch (default: %(default)s)")
+    m.add_argument("--batch", type=int, default=8, help="prompts per UNet call (default: %(default)s)")
+    m.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    m.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="model precision (default: float16 on CUDA, float32 on the CPU)")
+    add_scaleout_arguments(p, "prompts")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pccfast.data.prompts import PromptError, builtin_prompts, read_prompts
+    from pccfast.runs.engine import RunError
+    from pccfast.runs.generate import run_generation
+    from pccfast.runs.plan import parse_shard, select_shard
+
+    args = build_parser().parse_args(argv)
+    try:
+        label_set = label_set_from_args(args)
+        cfg = config_from_args(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = args.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
+        settings = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance, height=args.height,
+                                    width=args.width, seed=args.seed, device=device, dtype=dtype)
+        if args.batch < 1:
+            raise ValueError(f"`--batch` has to be at least 1 but is {args.batch}")
+        if not 1 <= args.jpeg_quality <= 100:
+            raise ValueError(f"`--jpeg-quality` has to lie in 1..100 but is {args.jpeg_quality}")
+        check_scaleout_arguments(args)
+        shard = parse_shard(args.shard)
+        if args.start < 0:
+            raise ValueError(f"`--start` has to be >= 0 but is {args.start}")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"`--limit` has to be >= 1 but is {args.limit}")
+        if args.prompts:
+            entries = read_prompts(args.prompts, label_set, start=args.start, limit=args.limit)
+        else:
+            entries = builtin_prompts(label_set)[args.start:]
+            entries = entries if args.limit is None else entries[: args.limit]
+        entries = select_shard(entries, shard)
+    except (ValueError, PromptError, FileNotFoundError) as exc:
+        fail(str(exc))
+    try:
+        report = run_generation(entries, settings, cfg, label_set, args.out, batch=args.batch, shard=shard,
+                                save_blocky=args.save_blocky, save_captures=args.save_captures,
+                                jpeg_quality=args.jpeg_quality, ray=args.ray, workers=args.workers,
+                                progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return interrupted(args.out)
+    except (RunError, ImportError, ConnectionError, ValueError) as exc:  # no model, no Ray, no cluster, no worker
+        fail(str(exc))
+    return report_run(report, "images", args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pccfast.data.dataset import MergeReport, merge_datasets
+from pccfast.data.merge import MergeReport, merge_datasets
 
 __all__ = ["gap_lines", "main"]
 

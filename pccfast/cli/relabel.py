@@ -1,1 +1,96 @@
-from pccfast.runs.relabel import build_parser, main  # noqa: F401
+"""``python -m pccfast.relabel``: saved captures + images -> masks, with other labeller settings."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pccfast.cli.common import (
+    add_config_arguments, add_device_arguments, add_label_set_argument, add_scaleout_arguments,
+    check_scaleout_arguments, config_from_args, device_from_args, fail, interrupted, label_set_from_args,
+    positive_int, report_run,
+)
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pccfast.relabel",
+        description="Label saved captures again (e.g. with other labeller settings) without running Stable "
+        "Diffusion: CAPTURES/<id>.safetensors + IMAGES/<id>.jpg|.jpeg|.png -> OUT/SegmentationClass/<id>.png "
+        "(8-bit palette PNG, 255 = uncertain). Re-running the same command resumes where it stopped. "
+        "Bad inputs are reported one line each and skipped; a batch that fails is run again item by item; "
+        "the exit status is 1 if anything failed.",
+    )
+    g = p.add_argument_group("input and output")
+    g.add_argument("--captures", required=True, metavar="DIR",
+                   help="folder of <id>.safetensors captures (written by python -m pccfast.generate --save-captures)")
+    g.add_argument("--images", required=True, metavar="DIR",
+                   help="folder of the images <id>.jpg, <id>.jpeg or <id>.png (sides multiples of the capture grid)")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="output dataset folder: SegmentationClass/<id>.png (and SegmentationClassBlocky/) and "
+                   "labelset.json (an existing one has to name the same label set)")
+    g.add_argument("--save-blocky", action="store_true",
+                   help="also write SegmentationClassBlocky/<id>.png: the blocky mask before refinement, at image size")
+    g.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="only the first N captures, sorted by id (default: all)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="relabel ids whose outputs exist (default: skip them, so a re-run resumes)")
+    add_label_set_argument(p)
+    r = p.add_argument_group("execution")
+    r.add_argument("--batch", type=positive_int, default=8, metavar="N",
+                   help="captures per batch; captures of one size are labelled together (default: %(default)s)")
+    add_device_arguments(r, dtype=False)
+    r.add_argument("--io-threads", type=int, default=2, metavar="N",
+                   help="threads reading captures and images; with any, the next batch is read while this one is "
+                   "labelled and masks are written behind it; 0 = all in line (default: %(default)s)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_scaleout_arguments(p, "captures (in id order)")
+    add_config_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pccfast.runs.engine import RunError
+    from pccfast.runs.plan import parse_shard
+    from pccfast.runs.relabel import relabel_dir
+
+    args = build_parser().parse_args(argv)
+    try:
+        label_set = label_set_from_args(args)
+        cfg = config_from_args(args)
+        device = device_from_args(args)
+        if args.io_threads < 0:
+            raise ValueError(f"`--io-threads` has to be >= 0 but is {args.io_threads}")
+        if args.workers is not None and args.ray is None:
+            raise ValueError(f"`--workers` {args.workers} needs --ray (Ray workers); reader threads are --io-threads")
+        check_scaleout_arguments(args)
+        shard = parse_shard(args.shard)
+        for name in ("captures", "images"):
+            d = getattr(args, name)
+            if not os.path.isdir(d):
+                raise ValueError(f"`--{name}` has to be a directory but {d!r} is not one")
+        if not any(n.endswith(".safetensors") and not n.startswith(".") for n in os.listdir(args.captures)):
+            hint = os.path.join(args.captures, "captures")
+            hint = f" (did you mean {hint}?)" if os.path.isdir(hint) else ""
+            raise ValueError(f"`--captures` {args.captures!r} holds no .safetensors files{hint}")
+    except ValueError as e:
+        fail(str(e))
+    try:
+        report = relabel_dir(
+            args.captures, args.images, args.out, cfg, batch=args.batch, device=device, save_blocky=args.save_blocky,
+            label_set=label_set, limit=args.limit, overwrite=args.overwrite, workers=args.io_threads, shard=shard,
+            ray=args.ray, ray_workers=args.workers, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        return interrupted(args.out)
+    except ImportError as e:
+        fail(str(e).splitlines()[0])
+    except (RunError, ConnectionError, ValueError) as e:
+        fail(str(e))
+    return report_run(report, "masks", args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,9 @@ import contextlib
 import io
 import json
 import os
+import glob
 import re
+import shutil
 import socket
 import tempfile
 import zlib
@@ -29,6 +31,8 @@ __all__ = [
     "append_line",
     "read_jsonl",
     "clean_stale_temps",
+    "atomic_link_or_copy",
+    "remove_temps_of",
 ]
 
 
@@ -173,3 +177,36 @@ def check_id(value) -> str:
             f"id {s!r} is not a plain file name (no path separators, no leading '.', no control characters, 1-200 chars)"
         )
     return s
+
+
+def atomic_link_or_copy(src: str, dst: str) -> None:
+    """Put ``src`` at ``dst`` atomically: a hard link where the file system allows it, else a
+    copy; through the same temporary-file naming as :func:`atomic_write`."""
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return
+    d = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f"{_tmp_prefix()}link-{os.path.basename(dst)}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_temps_of(paths) -> int:
+    """Remove the temporary files of :func:`atomic_write` for these targets, whoever wrote them
+    (for a writer known to be dead, e.g. a killed Ray worker). Returns how many were removed."""
+    n = 0
+    for path in paths:
+        d, name = os.path.split(path)
+        for tmp in glob.glob(os.path.join(glob.escape(d), ".tmp-*-" + glob.escape(name))):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+                n += 1
+    return n

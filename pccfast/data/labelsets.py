@@ -10,7 +10,7 @@ import os
 
 from pccfast.core.labelset import BUILTIN, LabelSet, label_set_from_dict
 
-__all__ = ["get_label_set", "load_label_set"]
+__all__ = ["get_label_set", "load_label_set", "ensure_label_set_file"]
 
 
 def get_label_set(name_or_path: "str | LabelSet | dict") -> LabelSet:
@@ -49,3 +49,27 @@ def load_label_set(path: str) -> LabelSet:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     return label_set_from_dict(data, path)
+
+
+def ensure_label_set_file(out: str, label_set: LabelSet) -> None:
+    """Write ``out/labelset.json``, or check the one there: a dataset is made with one label
+    set, so a run with another one is refused (ValueError naming the file and both sets)."""
+    from pccfast.data.fileio import atomic_write_bytes
+    from pccfast.data.layout import LABELSET
+
+    path = os.path.join(out, LABELSET)
+    want = label_set.to_json()
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                have = json.load(f)
+            except json.JSONDecodeError:
+                have = None
+        if isinstance(have, dict) and have.get("classes") != want["classes"]:
+            raise ValueError(
+                f"{path}: the dataset was made with label set {have.get('name')!r} "
+                f"({len(have.get('classes') or [])} classes), not {label_set.name!r}; use another --out"
+            )
+        if isinstance(have, dict):
+            return
+    atomic_write_bytes(path, (json.dumps(want, indent=1) + "\n").encode())

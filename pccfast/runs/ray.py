@@ -1,16 +1,18 @@
-"""Ray backend of ``python -m pccfast.generate --ray [ADDRESS]``: many GPUs, many machines.
+"""Ray backend of the run engine (``generate --ray`` and ``relabel --ray``): many GPUs, many machines.
 
-Each worker is a Ray actor that loads the pipeline once onto its own device (one GPU per
-actor; on a CPU-only cluster a share of the CPUs) and runs batches of prompts through
-:class:`pccfast.generate.BatchRunner`, which writes every file of a sample atomically
-straight into the output directory. The driver owns the manifest and the progress bar:
+Each worker is a Ray actor that builds the run's step once on its own device (one GPU per
+actor; on a CPU-only cluster a share of the CPUs: for ``generate`` that loads the pipeline)
+and runs batches through it (:func:`pccfast.runs.engine.run_batch`), writing every file of an
+item atomically straight into the output directory. The driver owns the store (manifest),
+the progress bar and the report, exactly as :func:`pccfast.runs.engine.run_local` does:
 
 * **dynamic load balancing** -- each live actor holds at most ``inflight`` batches (default
   2, so it never waits for the driver); the next batch goes to whichever actor finishes
   first (``ray.wait``), so a fast GPU takes more batches than a slow one;
 * **commit point** -- a batch's manifest lines are appended by the driver only after the
   actor has returned, i.e. after all its files exist; a record is never committed twice;
-* **faults** -- an actor that dies (killed process, lost node, CUDA error) is restarted by
+* **faults** -- a batch that raises in a worker is run again item by item there, so its good
+  items are written and the others reported one line each; an actor that dies (killed process, lost node, CUDA error) is restarted by
   Ray (``max_restarts``); the batch it was running is charged one attempt and, with the
   batches queued behind it, handed back to the queue for the next free worker. The files a
   dead actor may have written for such a batch are rewritten atomically (same seeds, same
@@ -25,7 +27,6 @@ every node sees at the same path, and pccfast must be installed on every node.
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import math
 import os
@@ -33,47 +34,23 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 
-from pccfast.core.config import PCCConfig
-from pccfast.data.dataset import DatasetWriter, dataset_paths
-from pccfast.runs.generate import BatchRunner, GenerationConfig, GenerationReport, batches, pending
-from pccfast.core.labelset import LabelSet
+from pccfast.data.fileio import remove_temps_of
+from pccfast.runs.engine import RunError, error_line, run_batch
+from pccfast.runs.plan import batches, pending
+from pccfast.runs.progress import Progress
+from pccfast.runs.report import BatchStat, RunReport
 
-__all__ = ["RayReport", "RayRunError", "ray_available", "run_ray", "resolve_workers"]
+__all__ = ["RayRunError", "ray_available", "run_ray", "resolve_workers"]
 
 MAX_ATTEMPTS = 3  # a batch that fails this often is reported and skipped
 INSTALL_HINT = 'the Ray backend (--ray) needs Ray: pip install "pccfast[ray]" (or pip install "ray>=2.9")'
 
 
-class RayRunError(RuntimeError):
-    """The Ray run could not go on (e.g. no worker could load the pipeline)."""
-
-
-@dataclass
-class BatchStat:
-    """Timings of one finished batch (seconds; ``transfer`` = actor return -> driver receipt)."""
-
-    size: int  # samples in the batch
-    run: float  # whole BatchRunner.run inside the actor
-    write: float  # of which writing files (JPEG/PNG encoding, capture files, fsync)
-    transfer: float  # result travelling back to the driver, plus the driver noticing it
-    worker: int  # actor slot
-
-
-@dataclass
-class RayReport(GenerationReport):
-    """GenerationReport plus what the Ray run cost (for logs and ``benchmarks/bench_scaleout.py``)."""
-
-    workers: int = 0  # actors started
-    restarts: int = 0  # actor deaths seen (each followed by a restart, while Ray allows one)
-    retried: int = 0  # batches handed out again after a failure
-    connect_seconds: float = 0.0  # ray.init (start or join)
-    startup_seconds: float = 0.0  # actors created -> first actor ready (process start + model load)
-    load_seconds: list = field(default_factory=list)  # per actor start: pipeline load inside the actor
-    batch_stats: list = field(default_factory=list)  # BatchStat per finished batch
+RayRunError = RunError  # the Ray run could not go on (e.g. no worker could start)
 
 
 def ray_available() -> bool:
@@ -92,22 +69,6 @@ def _import_ray():
 # the worker (plain class; wrapped with ray.remote inside run_ray so that importing this
 # module never needs Ray)
 # ------------------------------------------------------------------------------------------
-class _TimedWriter(DatasetWriter):
-    """A worker's writer: writes files like DatasetWriter, times it, and never commits."""
-
-    write_seconds: float = 0.0
-
-    def write_files(self, *args, **kwargs) -> None:
-        t0 = time.perf_counter()
-        try:
-            super().write_files(*args, **kwargs)
-        finally:
-            self.write_seconds += time.perf_counter() - t0
-
-    def commit(self, record: dict) -> None:
-        raise RuntimeError("a Ray worker does not commit manifest records; the driver does")
-
-
 def _fatal_device_error(exc: BaseException) -> bool:
     """CUDA errors leave the context unusable: the process has to go and be restarted."""
     text = str(exc)
@@ -115,35 +76,30 @@ def _fatal_device_error(exc: BaseException) -> bool:
 
 
 class _Worker:
-    """One Ray actor: a loaded pipeline and a writer into the shared output directory."""
+    """One Ray actor: the run's step, built once on the actor's device."""
 
-    def __init__(self, gen: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer_args: dict,
-                 runner_factory=None, threads: int | None = None):
+    def __init__(self, make_step, device: str, threads: int | None = None):
         t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
-        self.writer = _TimedWriter(label_set=label_set, **writer_args)
-        factory = runner_factory or BatchRunner
-        self.runner = factory(gen, cfg, label_set, self.writer)
-        self.info = dict(pid=os.getpid(), host=os.uname().nodename, device=gen.device,
+        self.step = make_step(device)
+        self.info = dict(pid=os.getpid(), host=os.uname().nodename, device=device,
                          threads=torch.get_num_threads(), load_seconds=time.perf_counter() - t0)
 
     def ready(self) -> dict:
         return self.info
 
-    def run(self, entries: list) -> dict:
-        self.writer.write_seconds = 0.0
+    def run(self, items: list) -> dict:
         t0 = time.perf_counter()
         try:
-            records = self.runner.run(entries)
+            records, failures, write = run_batch(self.step, items)
         except Exception as exc:
             if _fatal_device_error(exc):
                 sys.stderr.write(f"pccfast worker {os.getpid()}: {type(exc).__name__}: {exc}; restarting\n")
                 sys.stderr.flush()
                 os._exit(1)  # Ray restarts the actor; the driver hands the batch to another worker
             raise
-        return dict(records=records, run=time.perf_counter() - t0, write=self.writer.write_seconds,
-                    end=time.time())
+        return dict(records=records, failures=failures, run=time.perf_counter() - t0, write=write, end=time.time())
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,21 +153,6 @@ def resolve_workers(workers: int | None, device: str, resources: dict, node_cpus
     return workers, dict(num_cpus=max(share, 0.001), num_gpus=0)
 
 
-def _remove_stale_temps(out: str, ids) -> int:
-    """Temporary files that a killed actor left behind for ``ids`` (atomic_write's ``.tmp-*-<name>``)."""
-    n = 0
-    for sid in ids:
-        for path in dataset_paths(out, sid).values():
-            d, name = os.path.split(path)
-            for tmp in glob.glob(os.path.join(glob.escape(d), ".tmp-*-" + glob.escape(name))):
-                try:
-                    os.unlink(tmp)
-                    n += 1
-                except FileNotFoundError:
-                    pass
-    return n
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -233,50 +174,52 @@ class _Batch:
 
 
 def run_ray(
-    entries: list,
-    gen: GenerationConfig,
-    cfg: PCCConfig,
-    label_set: LabelSet,
-    writer: DatasetWriter,
+    make_step,
+    items: list,
+    store,
     *,
+    batch: int,
+    device: str = "cpu",
     address: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    desc: str = "run",
     inflight: int = 2,
     max_attempts: int = MAX_ATTEMPTS,
     max_restarts: int = 3,
     cpus_per_worker: float | None = None,
-    runner_factory=None,
-) -> RayReport:
-    """Generate ``entries`` on Ray actors; the driver commits the manifest records.
+) -> RunReport:
+    """Run ``make_step`` over ``items`` on Ray actors; the driver commits to ``store``.
 
     Args:
-        entries: prompt entries (``id``, ``prompt``, ``classes``, ``index``) of this run.
-        gen, cfg, label_set: as for :func:`pccfast.generate.run_generation`.
-        writer: the driver's writer (its manifest; a shard's manifest with ``--shard``).
-        address: None or "local" start a local Ray instance, "auto" joins the running cluster,
-            anything else is passed to ``ray.init(address=...)``. A Ray instance already
-            initialised in this process is used as it is.
+        make_step: ``make_step(device) -> Step``, picklable (built in each actor).
+        items, store, batch, progress, desc: as for :func:`pccfast.runs.engine.run_local`;
+            ``store`` also gives ``paths(id)``, the files of an item (a dead actor's
+            temporaries for them are removed).
+        device: the step's torch device; "cuda..." asks for one GPU per actor (inside the
+            actor its GPU is ``cuda``).
+        address: None or "local" start a local Ray instance, "auto" joins the running
+            cluster, anything else is passed to ``ray.init(address=...)``. A Ray instance
+            already initialised in this process is used as it is.
         workers: actors (default: one per GPU of the cluster on CUDA, else 1).
         inflight: batches outstanding per actor (1 or 2 is plenty).
-        max_attempts: a batch failing this often is reported in ``failed`` and skipped.
+        max_attempts: a batch whose actor died this often is reported in ``failures`` and skipped.
         max_restarts: Ray restarts of each actor after its process died.
         cpus_per_worker: Ray CPUs per actor, which is also a CPU actor's torch thread count
             (default: see :func:`resolve_workers`).
-        runner_factory: ``f(gen, cfg, label_set, writer) -> object with run(entries)``
-            (default :class:`~pccfast.generate.BatchRunner`; tests pass a fake).
     """
     if inflight < 1:
         raise ValueError(f"`inflight` has to be at least 1 but is {inflight}")
     if max_attempts < 1:
         raise ValueError(f"`max_attempts` has to be at least 1 but is {max_attempts}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"`workers` has to be at least 1 but is {workers}")
     ray = _import_ray()
-    from tqdm.auto import tqdm
 
-    report = RayReport()
-    todo, report.skipped = pending(entries, writer)
+    report = RunReport()
+    todo, report.skipped = pending(items, store)
     if not todo:
-        writer.finalize()
+        store.finalize()
         return report
 
     t0 = time.perf_counter()
@@ -286,22 +229,18 @@ def run_ray(
     try:
         cluster = ray.cluster_resources()
         node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-        n_workers, _ = resolve_workers(workers, gen.device, cluster, node_cpus, cpus_per_worker)
-        n_batches = math.ceil(len(todo) / gen.batch)  # no actor without a batch to run
-        n_workers, resources = resolve_workers(min(n_workers, n_batches), gen.device, cluster, node_cpus,
+        n_workers, _ = resolve_workers(workers, device, cluster, node_cpus, cpus_per_worker)
+        n_batches = math.ceil(len(todo) / batch)  # no actor without a batch to run
+        n_workers, resources = resolve_workers(min(n_workers, n_batches), device, cluster, node_cpus,
                                                cpus_per_worker)
-        actor_gen = gen
-        if resources["num_gpus"] > 0:  # Ray sets CUDA_VISIBLE_DEVICES: the actor's own GPU is cuda:0
-            actor_gen = replace(gen, device="cuda")
+        # Ray sets CUDA_VISIBLE_DEVICES: the actor's own GPU is cuda:0
+        actor_device = "cuda" if resources["num_gpus"] > 0 else device
         threads = max(1, int(resources["num_cpus"])) if resources["num_gpus"] == 0 else None
-        writer_args = dict(out=os.path.abspath(writer.out), save_blocky=writer.save_blocky,
-                           save_captures=writer.save_captures, jpeg_quality=writer.jpeg_quality)
         remote_cls = ray.remote(_Worker).options(max_restarts=max_restarts, max_task_retries=0, **resources)
         t_actors = time.perf_counter()
-        actors = [remote_cls.remote(actor_gen, cfg, label_set, writer_args, runner_factory, threads)
-                  for _ in range(n_workers)]
+        actors = [remote_cls.remote(make_step, actor_device, threads) for _ in range(n_workers)]
         report.workers = n_workers
-        _drive(ray, actors, todo, gen.batch, writer, report, inflight, max_attempts, progress, t_actors, tqdm)
+        _drive(ray, actors, todo, batch, store, report, inflight, max_attempts, progress, desc, t_actors)
     finally:
         for a in actors:
             try:
@@ -310,16 +249,16 @@ def run_ray(
                 pass
         if started:
             ray.shutdown()
-        writer.finalize()
+        store.finalize()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _drive(ray, actors, todo, batch_size, writer, report, inflight, max_attempts, progress, t_actors, tqdm):
+def _drive(ray, actors, todo, batch_size, store, report, inflight, max_attempts, progress, desc, t_actors):
     """The scheduling loop: ping actors, keep each live one busy, commit, retry, report."""
     from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
-    pending = deque(_Batch(b) for b in batches(todo, batch_size))
+    queue = deque(_Batch(b) for b in batches(todo, batch_size))
     state = ["starting"] * len(actors)  # starting / alive / restarting / dead
     queues = [deque() for _ in actors]  # refs outstanding per actor, in submission order
     tasks: dict = {}  # ref -> (actor slot, batch, submit time)
@@ -328,7 +267,7 @@ def _drive(ray, actors, todo, batch_size, writer, report, inflight, max_attempts
     committed: set[str] = set()
     touched: set[str] = set()  # ids of batches whose actor died: clean their temp files
     last_error = ""
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc="generate (ray)")
+    bar = Progress(len(todo), f"{desc} (ray)", enabled=progress, skipped=len(report.skipped))
 
     def give_back(batch: _Batch, charge: bool, msg: str) -> None:
         nonlocal last_error
@@ -336,14 +275,14 @@ def _drive(ray, actors, todo, batch_size, writer, report, inflight, max_attempts
         batch.attempts += charge
         batch.error = msg
         if batch.attempts >= max_attempts:
-            ids = [e.id for e in batch.entries]
-            report.failed.append((ids, msg))
-            tqdm.write(f"error: batch {ids[0]}..{ids[-1]} failed {batch.attempts} times, skipped: {msg}",
-                       file=sys.stderr)
-            bar.update(len(ids))
+            for e in batch.entries:
+                line = f"{e.id}: {msg} (its worker died {batch.attempts} times)"
+                report.failures.append((e.id, line))
+                bar.log(error_line(e.id, line))
+            bar.advance(len(batch.entries), finished=0)
         else:
             report.retried += 1
-            pending.appendleft(batch)
+            queue.appendleft(batch)
 
     def actor_died(i: int, msg: str) -> None:
         report.restarts += 1
@@ -359,19 +298,19 @@ def _drive(ray, actors, todo, batch_size, writer, report, inflight, max_attempts
     try:
         while True:
             for i, a in enumerate(actors):  # fill every live actor up to `inflight`
-                while state[i] == "alive" and pending and len(queues[i]) < inflight:
-                    batch = pending.popleft()
+                while state[i] == "alive" and queue and len(queues[i]) < inflight:
+                    batch = queue.popleft()
                     ref = a.run.remote(batch.entries)
                     queues[i].append(ref)
                     tasks[ref] = (i, batch, time.perf_counter())
-            if not tasks and not pending:
+            if not tasks and not queue:
                 break
-            if pending and (all(s == "dead" for s in state) or not (tasks or pings or reping)):
+            if queue and (all(s == "dead" for s in state) or not (tasks or pings or reping)):
                 msg = f"no Ray worker is left (all {len(actors)} died or could not start); last error: {last_error}"
-                while pending:
-                    batch = pending.popleft()
-                    report.failed.append(([e.id for e in batch.entries], batch.error or msg))
-                    bar.update(len(batch.entries))
+                while queue:
+                    batch = queue.popleft()
+                    report.failures += [(e.id, f"{e.id}: {batch.error or msg}") for e in batch.entries]
+                    bar.advance(len(batch.entries), finished=0)
                 if report.done == 0:
                     raise RayRunError(msg)
                 break
@@ -395,7 +334,7 @@ def _drive(ray, actors, todo, batch_size, writer, report, inflight, max_attempts
                     except RayError as exc:
                         state[i] = "dead"  # restarts exhausted or the constructor failed
                         last_error = _message(exc)
-                        tqdm.write(f"error: Ray worker {i} is gone: {last_error}", file=sys.stderr)
+                        bar.log(f"error: Ray worker {i} is gone: {last_error}")
                         continue
                     if state[i] == "starting" and not report.load_seconds:
                         report.startup_seconds = time.perf_counter() - t_actors
@@ -413,24 +352,24 @@ def _drive(ray, actors, todo, batch_size, writer, report, inflight, max_attempts
                     give_back(batch, charge=True, msg=_message(exc))
                     continue
                 except (RayActorError, RayError) as exc:  # the actor's process is gone
-                    tqdm.write(f"warning: Ray worker {i} died ({_message(exc)}); its batches go to the others",
-                               file=sys.stderr)
+                    bar.log(f"warning: Ray worker {i} died ({_message(exc)}); its batches go to the others")
                     actor_died(i, _message(exc))
                     continue
                 tasks.pop(ref)
                 queues[i].remove(ref)
                 received = time.time()
+                for sid, msg in out["failures"]:
+                    report.failures.append((sid, msg))
+                    bar.log(error_line(sid, msg))
                 fresh = [r for r in out["records"] if str(r["id"]) not in committed]
                 for r in fresh:
-                    writer.commit(r)
+                    store.commit(r)
                     committed.add(str(r["id"]))
-                report.done += len(fresh)
+                    report.written.append(str(r["id"]))
                 report.batch_stats.append(BatchStat(len(out["records"]), out["run"], out["write"],
                                                     max(0.0, received - out["end"]), i))
-                bar.update(len(batch.entries))
                 alive = sum(s == "alive" for s in state)
-                rate = report.done / max(time.perf_counter() - t_actors, 1e-9)  # over all workers
-                bar.set_postfix_str(f"{rate:.2f} img/s, {alive}/{len(actors)} workers")
+                bar.advance(len(batch.entries), finished=len(fresh), extra=f"{alive}/{len(actors)} workers")
     finally:
         bar.close()
-        _remove_stale_temps(writer.out, touched)
+        remove_temps_of(p for sid in touched for p in store.paths(sid))

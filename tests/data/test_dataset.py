@@ -6,9 +6,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pccfast.data.dataset import DatasetWriter, dataset_paths
+from pccfast.data.layout import sample_paths as dataset_paths
+from pccfast.data.manifest import Manifest
+from pccfast.data.writer import SampleWriter
 from pccfast.data.fileio import append_line, check_id, read_jsonl
 from pccfast.data.labelsets import get_label_set
+
+def _dataset(out, label_set, shard=None, **kw):
+    """The two roles of a generated dataset side by side: the driver's manifest and the worker's writer."""
+    import types
+
+    m, w = Manifest(out, label_set, shard), SampleWriter(out, label_set, **kw)
+    return types.SimpleNamespace(write_files=w.write_files, done_ids=m.done_ids, commit=m.commit,
+                                 finalize=m.finalize, write_plan=m.write_plan)
+
 
 
 def _sample(seed, h=32, w=32):
@@ -20,7 +31,7 @@ def _sample(seed, h=32, w=32):
 
 def test_write_commit_resume(tmp_path):
     voc = get_label_set("voc")
-    w = DatasetWriter(str(tmp_path), voc, save_blocky=True)
+    w = _dataset(str(tmp_path), voc, save_blocky=True)
     img, mask = _sample(0)
     w.write_files("a", img, mask, blocky=mask)
     assert w.done_ids() == set()  # files without a manifest line are not done
@@ -44,15 +55,15 @@ def test_write_commit_resume(tmp_path):
 
 def test_done_requires_files(tmp_path):
     voc = get_label_set("voc")
-    w = DatasetWriter(str(tmp_path), voc)
+    w = _dataset(str(tmp_path), voc)
     w.commit({"id": "ghost", "index": 0})
     assert w.done_ids() == set()
 
 
 def test_label_set_mismatch_refused(tmp_path):
-    DatasetWriter(str(tmp_path), get_label_set("voc"))
+    _dataset(str(tmp_path), get_label_set("voc"))
     with pytest.raises(ValueError, match="label set 'voc'.*not 'coco'"):
-        DatasetWriter(str(tmp_path), get_label_set("coco"))
+        _dataset(str(tmp_path), get_label_set("coco"))
 
 
 def test_torn_manifest_line_is_skipped_and_healed(tmp_path):
@@ -73,7 +84,7 @@ def test_check_id_refuses_paths(bad):
 
 def test_writer_refuses_bad_id(tmp_path):
     img, mask = _sample(1)
-    w = DatasetWriter(str(tmp_path), get_label_set("voc"))
+    w = _dataset(str(tmp_path), get_label_set("voc"))
     with pytest.raises(ValueError, match="not a plain file name"):
         w.write_files("../evil", img, mask)
     assert not (tmp_path.parent / "evil.png").exists()

@@ -11,12 +11,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pccfast.data.dataset import DatasetWriter, dataset_paths, merge_datasets
+from pccfast.data.layout import sample_paths as dataset_paths
+from pccfast.data.manifest import Manifest
+from pccfast.data.writer import SampleWriter
+from pccfast.data.merge import merge_datasets
 from pccfast.data.fileio import read_jsonl
-from pccfast.runs.generate import batches, select_shard
+from pccfast.runs.plan import batches, select_shard
 from pccfast.data.labelsets import get_label_set
 from pccfast.cli.merge import main as merge_main
 from pccfast.data.prompts import PromptEntry
+
+def _dataset(out, label_set, shard=None, **kw):
+    """The two roles of a generated dataset side by side: the driver's manifest and the worker's writer."""
+    import types
+
+    m, w = Manifest(out, label_set, shard), SampleWriter(out, label_set, **kw)
+    return types.SimpleNamespace(write_files=w.write_files, done_ids=m.done_ids, commit=m.commit,
+                                 finalize=m.finalize, write_plan=m.write_plan)
+
 
 VOC = get_label_set("voc")
 
@@ -41,7 +53,7 @@ def _record(e):
 
 def _run(out, entries, shard=None, stop_after=None):
     """What generate does for ``entries`` (optionally one shard of them), stopping after ``stop_after`` samples."""
-    writer = DatasetWriter(str(out), VOC, shard=shard)
+    writer = _dataset(str(out), VOC, shard=shard)
     mine = select_shard(entries, shard)
     writer.write_plan([e.id for e in mine])
     done = writer.done_ids()
@@ -182,7 +194,7 @@ def test_torn_last_line_of_a_shard_manifest(tmp_path):
 def test_unsharded_train_txt_is_in_prompt_order(tmp_path):
     """Regression: train.txt followed completion order, which differs between Ray workers and one process."""
     entries = _entries(5)
-    writer = DatasetWriter(str(tmp_path), VOC)
+    writer = _dataset(str(tmp_path), VOC)
     for e in [entries[i] for i in (3, 0, 4, 1, 2)]:
         writer.write_files(e.id, *_sample(e))
         writer.commit(_record(e))
@@ -202,7 +214,7 @@ def test_merge_errors(tmp_path, capsys):
         merge_main([str(tmp_path / "nope")])
     assert "not a dataset directory" in capsys.readouterr().err
     coco = tmp_path / "coco"
-    DatasetWriter(str(coco), get_label_set("coco"))
+    _dataset(str(coco), get_label_set("coco"))
     with pytest.raises(SystemExit):
         merge_main([str(a), str(coco), "--out", str(tmp_path / "m")])
     assert "differs from the other directories" in capsys.readouterr().err
@@ -228,21 +240,22 @@ TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "-
 def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts):
     """Shard 0/2 through the CLI, shard 1/2 (another batch size) and the unsharded run through
     run_generation with one loaded pipeline (as the CLI does); the merge equals the unsharded run."""
+    from pccfast.cli.generate import main as generate_main
     from pccfast.core.config import PCCConfig
-    from pccfast.runs.generate import BatchRunner, GenerationConfig, run_generation
-    from pccfast.runs.generate import main as generate_main
     from pccfast.data.prompts import read_prompts
+    from pccfast.diffusion.pipeline import load_pipeline
+    from pccfast.diffusion.settings import GenerationConfig
+    from pccfast.runs.generate import run_generation
 
     ref, shared = tmp_path / "ref", tmp_path / "shared"
     assert generate_main(["--prompts", shared_prompts, "--limit", "8", *TINY, "--out", str(shared), "--shard", "0/2"]) == 0
     entries = read_prompts(shared_prompts, VOC, limit=8)
-    gen, cfg = GenerationConfig(model="tiny", steps=2, height=64, width=64, batch=4), PCCConfig()
-    writer = DatasetWriter(str(ref), VOC)
-    runner = BatchRunner(gen, cfg, VOC, writer)
-    assert run_generation(entries, gen, cfg, VOC, writer, progress=False, runner=runner).done == 8
-    runner.writer = writer = DatasetWriter(str(shared), VOC, shard=(1, 2))
-    gen3 = GenerationConfig(model="tiny", steps=2, height=64, width=64, batch=3)  # the split ignores the batch size
-    assert run_generation(select_shard(entries, (1, 2)), gen3, cfg, VOC, writer, progress=False, runner=runner).done == 4
+    settings, cfg = GenerationConfig(model="tiny", steps=2, height=64, width=64), PCCConfig()
+    pipe = load_pipeline("tiny")
+    assert run_generation(entries, settings, cfg, VOC, str(ref), batch=4, progress=False, pipe=pipe).done == 8
+    # the split ignores the batch size
+    assert run_generation(select_shard(entries, (1, 2)), settings, cfg, VOC, str(shared), batch=3, shard=(1, 2),
+                          progress=False, pipe=pipe).done == 4
     plans = [(shared / "manifests" / f"shard-{i}-of-2.plan").read_text().split() for i in range(2)]
     assert sorted(plans[0] + plans[1]) == _split(ref) and not set(plans[0]) & set(plans[1])
     assert merge_main([str(shared), "--quiet"]) == 0

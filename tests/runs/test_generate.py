@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pccfast.runs.generate import main
+from pccfast.cli.generate import main
 
 SHARED_PROMPTS = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "datadif_prompts_voc.json")
@@ -81,7 +81,7 @@ def test_end_to_end_shared_prompts(reference_run, shared_prompts):
 def test_kill_and_resume(reference_run, shared_prompts, tmp_path):
     """kill -9 mid-run, then the same command again: same files, all valid, masks agree."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pccfast.runs.generate", "--prompts", shared_prompts, "--limit", "16", "--batch", "8",
+    cmd = [sys.executable, "-m", "pccfast.generate", "--prompts", shared_prompts, "--limit", "16", "--batch", "8",
            "--out", str(out), *TINY]
     # the same thread count as this process (conftest): float results depend on it, and the
     # masks are compared with the in-process reference run
@@ -151,6 +151,10 @@ def test_builtin_prompts_and_text_prompts(tmp_path):
         (["--prompts", "/nonexistent/p.json"], "/nonexistent/p.json"),
         (["--shard", "3/2"], "--shard"),
         (["--height", "100"], "multiples of 8"),
+        (["--height", "64", "--width", "128"], "`height` and `width` have to be equal (square images"),
+        (["--guidance", "1"], "`guidance` has to be greater than 1"),
+        (["--workers", "2"], "`--workers` 2 needs --ray"),
+        (["--batch", "0"], "`--batch` has to be at least 1 but is 0"),
         (["--dtype", "float16", "--device", "cpu"], "float16 needs a CUDA device"),
         (["--model", "/nonexistent/model"], "--model tiny"),
     ],
@@ -164,6 +168,8 @@ def test_bad_input_one_line_error(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert any(message in line for line in err), err
     assert err[-1].startswith("error: ")
+    if message != "--model tiny":  # settings are checked before anything is written
+        assert not (tmp_path / "o").exists()
 
 
 def test_help_lists_every_option(capsys):

@@ -1,7 +1,7 @@
 """The Ray backend (``generate --ray``) on a local Ray instance on this machine's CPUs.
 
 One Ray instance is shared by the whole module (start-up takes seconds). The first tests use a
-stand-in BatchRunner (no model) to pin the scheduling: every batch committed exactly once, a
+stand-in step (no model) to pin the scheduling: every batch committed exactly once, a
 failing batch retried and then reported, a killed worker restarted and its batch redone. The
 last ones run the real pipeline on the tiny model and compare with the single-process run.
 """
@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pccfast.core.config import PCCConfig
-from pccfast.data.dataset import DatasetWriter, dataset_paths
+import functools
+
+from pccfast.cli.generate import main as generate_main
 from pccfast.data.fileio import read_jsonl
-from pccfast.runs.generate import GenerationConfig
-from pccfast.runs.generate import main as generate_main
+from pccfast.data.layout import sample_paths as dataset_paths
+from pccfast.data.manifest import Manifest
+from pccfast.data.writer import SampleWriter
+from pccfast.runs.engine import Prepared
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.prompts import PromptEntry
 
@@ -39,56 +42,65 @@ def ray():
     ray.shutdown()
 
 
-class FakeRunner:
-    """Stands in for BatchRunner: writes a deterministic image/mask per entry, fails on 'poison'."""
+class FakeStep:
+    """Stands in for the generate step: a deterministic image/mask per entry; a batch holding a
+    'poison' prompt raises in ``process``."""
 
-    def __init__(self, gen, cfg, label_set, writer):
-        self.writer = writer
-        self.calls = os.path.join(os.path.dirname(writer.out), "calls")
+    name = "fake"
+
+    def __init__(self, out, device="cpu"):
+        self.writer = SampleWriter(out, VOC)
+        self.calls = os.path.join(os.path.dirname(out), "calls")
         os.makedirs(self.calls, exist_ok=True)
 
-    def run(self, entries):
+    def prepare(self, entries):
+        return Prepared(list(entries))
+
+    def process(self, prepared):
         with open(os.path.join(self.calls, f"{os.getpid()}-{time.time_ns()}"), "w") as f:
-            f.write(" ".join(e.id for e in entries))
-        records = []
-        for e in entries:
+            f.write(" ".join(e.id for e in prepared.items))
+        for e in prepared.items:
             if "poison" in e.prompt:
                 raise RuntimeError(f"poisoned prompt {e.id}")
-            rng = np.random.default_rng(e.index)
-            time.sleep(0.05)
+        time.sleep(0.05 * len(prepared.items))
+        return [np.random.default_rng(e.index) for e in prepared.items]
+
+    def write(self, prepared, rngs):
+        records = []
+        for e, rng in zip(prepared.items, rngs):
             self.writer.write_files(e.id, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
                                     rng.integers(0, 21, (16, 16), dtype=np.uint8))
             records.append(dict(id=e.id, index=e.index, prompt=e.prompt, classes=list(e.classes), pid=os.getpid()))
-        return records
+        return records, []
 
 
-class CudaErrorOnceRunner(FakeRunner):
+class CudaErrorOnceStep(FakeStep):
     """The first batch of the run hits a (simulated) CUDA error, which leaves a process unusable."""
 
-    def run(self, entries):
+    def process(self, prepared):
         marker = os.path.join(os.path.dirname(self.writer.out), "cuda-error-raised")
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            return super().run(entries)
+            return super().process(prepared)
         os.close(fd)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
-class UnevenRunner(FakeRunner):
+class UnevenStep(FakeStep):
     """The first worker to start is fast, the second slow (a fast and a slow GPU)."""
 
-    def __init__(self, gen, cfg, label_set, writer):
-        super().__init__(gen, cfg, label_set, writer)
+    def __init__(self, out, device="cpu"):
+        super().__init__(out, device)
         try:
-            os.close(os.open(os.path.join(os.path.dirname(writer.out), "fast"), os.O_CREAT | os.O_EXCL))
+            os.close(os.open(os.path.join(os.path.dirname(out), "fast"), os.O_CREAT | os.O_EXCL))
             self.extra = 0.0
         except FileExistsError:
             self.extra = 1.0  # slow enough that a late-starting fast worker still overtakes it under load
 
-    def run(self, entries):
+    def process(self, prepared):
         time.sleep(self.extra)
-        return super().run(entries)
+        return super().process(prepared)
 
 
 def _entries(n, poison=()):
@@ -96,12 +108,11 @@ def _entries(n, poison=()):
                         source="test") for i in range(n)]
 
 
-def _run_fake(tmp_path, entries, runner_factory=FakeRunner, **kw):
+def _run_fake(tmp_path, entries, step=FakeStep, **kw):
     from pccfast.runs.ray import run_ray
 
-    writer = DatasetWriter(str(tmp_path / "out"), VOC)
-    report = run_ray(entries, GenerationConfig(batch=2), PCCConfig(), VOC, writer, workers=2, progress=False,
-                     runner_factory=runner_factory, **kw)
+    out = str(tmp_path / "out")
+    report = run_ray(functools.partial(step, out), entries, Manifest(out, VOC), batch=2, workers=2, progress=False, **kw)
     return report, tmp_path / "out"
 
 
@@ -158,34 +169,35 @@ def test_resolve_workers():
 
 
 # --- scheduling with a stand-in runner ------------------------------------------------------
-def test_every_batch_once_failing_batch_reported_cuda_error_restarts(ray, tmp_path):
-    """Every batch committed once; the poisoned batch is tried three times and
-    reported; the (simulated) CUDA error ends its worker's process, which Ray restarts, and the batch is redone."""
+def test_every_batch_once_failing_batch_retried_item_by_item_cuda_error_restarts(ray, tmp_path):
+    """Every item committed once; the poisoned batch is run again item by item, so its good item is
+    written and only the poisoned one reported; the (simulated) CUDA error ends its worker's process,
+    which Ray restarts, and the batch is redone."""
     from pccfast.runs.ray import _fatal_device_error
 
     assert _fatal_device_error(RuntimeError("CUDA error: device-side assert triggered"))
     assert not _fatal_device_error(RuntimeError("shape mismatch"))
     entries = _entries(20, poison={13})
-    report, out = _run_fake(tmp_path, entries, runner_factory=CudaErrorOnceRunner)
+    report, out = _run_fake(tmp_path, entries, step=CudaErrorOnceStep)
     assert report.workers == 2 and report.restarts == 1
-    assert report.failed == [(["0012", "0013"], "RuntimeError: poisoned prompt 0013")]
+    assert report.failures == [("0013", "0013: RuntimeError: poisoned prompt 0013")]
     records = read_jsonl(str(out / "manifest.jsonl"))
     ids = [r["id"] for r in records]
-    expected = [f"{i:04d}" for i in range(20) if i not in (12, 13)]
+    expected = [f"{i:04d}" for i in range(20) if i != 13]
     assert sorted(ids) == expected and len(ids) == len(set(ids))  # committed exactly once
     assert _split(out) == expected  # train.txt in prompt order, not completion order
     calls = [open(os.path.join(tmp_path, "calls", c)).read() for c in os.listdir(tmp_path / "calls")]
-    assert calls.count("0012 0013") == 3  # tried three times, then skipped
-    assert len(calls) == 9 + 3  # (+ the call that hit the CUDA error, which ended before logging)
-    assert report.done == 18 and report.retried >= 2 + 1
+    assert calls.count("0012 0013") == 1 and calls.count("0012") == 1 and calls.count("0013") == 1  # once, then alone
+    assert len(calls) == 10 + 2  # (+ the call that hit the CUDA error, which ended before logging)
+    assert report.done == 19 and report.retried >= 1  # the batch of the dead worker was handed out again
     # a second run resumes from the manifest: nothing to do for the finished ids, no actor started
     report2, _ = _run_fake(tmp_path, [e for e in entries if e.id in expected])
-    assert report2.skipped == 18 and report2.done == 0 and report2.workers == 0
+    assert len(report2.skipped) == 19 and report2.done == 0 and report2.workers == 0
 
 
 def test_fast_worker_takes_more_batches(ray, tmp_path):
     """Dynamic load balancing: batches go to whichever worker is free, not round-robin."""
-    report, out = _run_fake(tmp_path, _entries(32), runner_factory=UnevenRunner)
+    report, out = _run_fake(tmp_path, _entries(32), step=UnevenStep)
     per_pid = {}
     for r in read_jsonl(str(out / "manifest.jsonl")):
         per_pid[r["pid"]] = per_pid.get(r["pid"], 0) + 1
@@ -211,7 +223,7 @@ def test_killed_worker_is_restarted_and_its_batch_redone(ray, tmp_path):
     report, out = _run_fake(tmp_path, entries)
     thread.join()
     assert killed, "the run ended before a worker could be killed"
-    assert report.failed == [] and report.restarts >= 1
+    assert report.failures == [] and report.restarts >= 1
     records = read_jsonl(str(out / "manifest.jsonl"))
     ids = [r["id"] for r in records]
     assert sorted(ids) == [e.id for e in entries] and len(ids) == len(set(ids))

@@ -11,23 +11,15 @@ import torch
 from pccfast.testing.fixtures import make_dataset, make_scene
 from PIL import Image
 
-from pccfast.cli import common as cli_common
-from pccfast.cli.common import (
-    CONFIG_HELP,
-    add_config_arguments,
-    add_device_arguments,
-    add_label_set_argument,
-    config_from_args,
-    device_from_args,
-    fail,
-    label_set_from_args,
-)
+from pccfast.cli.relabel import main
 from pccfast.data.captures import read_capture
 from pccfast.core.config import PCCConfig
 from pccfast.data.fileio import load_mask, save_image
 from pccfast.core.labelset import voc_palette
 from pccfast.data.labelsets import get_label_set
-from pccfast.runs.relabel import _prefetched, find_inputs, main, relabel_dir
+from pccfast.data.masks import find_inputs
+from pccfast.runs.engine import prefetched as _prefetched
+from pccfast.runs.relabel import relabel_dir
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,8 +190,16 @@ def test_label_set_checked(tmp_path, fake, capsys):
     assert main(args) == 1
     assert "a.safetensors: 'class_attention' has 3 classes but label set 'voc' has 21" in capsys.readouterr().err
     (tmp_path / "fruit.json").write_text(json.dumps(ls))
+    # the folder now holds a VOC labelset.json: another label set is refused, not written over it
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--label-set", str(tmp_path / "fruit.json")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'o' / 'labelset.json'}: the dataset was made with label "
+                                       "set 'voc' (21 classes), not 'fruit'; use another --out\n")
+    assert json.loads((tmp_path / "o" / "labelset.json").read_text())["name"] == "voc"
+    args[args.index("--out") + 1] = str(tmp_path / "o2")
     assert main(args + ["--label-set", str(tmp_path / "fruit.json")]) == 0
-    assert set(np.unique(load_mask(str(tmp_path / "o" / "SegmentationClass" / "a.png")))) == {0, 2, 255}
+    assert set(np.unique(load_mask(str(tmp_path / "o2" / "SegmentationClass" / "a.png")))) == {0, 2, 255}
 
 
 def test_cli_usage_errors(tmp_path, fake, capsys):
@@ -229,7 +229,8 @@ def test_help(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--captures", "--images", "--out", "--batch", "--device", "--save-blocky", "--label-set", "--limit",
-                "--overwrite", "--workers", "--no-progress", "--cluster-ks", "--no-refine", "--thresholds"):
+                "--overwrite", "--io-threads", "--workers", "--ray", "--shard", "--no-progress", "--cluster-ks",
+                "--no-refine", "--thresholds"):
         assert opt in text, opt
     assert "python -m pccfast.relabel" in text
 
@@ -241,7 +242,7 @@ def test_find_inputs_prefers_jpg(tmp_path):
         (tmp_path / "c" / name).write_bytes(b"")
     for name in ("a.png", "a.JPG", "b.png", "c.jpg"):
         (tmp_path / "i" / name).write_bytes(b"")
-    got = find_inputs(str(tmp_path / "c"), str(tmp_path / "i"))
+    got = [(p.id, p.capture, p.image) for p in find_inputs(str(tmp_path / "c"), str(tmp_path / "i"))]
     assert got == [("a", str(tmp_path / "c" / "a.safetensors"), str(tmp_path / "i" / "a.JPG")),
                    ("b", str(tmp_path / "c" / "b.safetensors"), str(tmp_path / "i" / "b.png"))]
 
@@ -300,7 +301,7 @@ def test_prefetched_order_errors_and_close():
     assert len(produced) <= 3 + 2 + 1  # taken, queued, one waiting to be queued
 
 
-def test_threads_match_in_line(tmp_path, fake):
+def test_threads_match_in_line(tmp_path, fake, capsys):
     """Reading ahead and writing behind in threads gives what the in-line run gives: the same
     files byte for byte, the same report, a bad capture reported once with its name."""
     captures, images, _ = make_dataset(str(tmp_path), n=5)
@@ -310,10 +311,10 @@ def test_threads_match_in_line(tmp_path, fake):
         f.truncate(100)
     runs = {}
     for workers in (0, 3):
-        logged = []
         out = str(tmp_path / f"out{workers}")
-        report = relabel_dir(captures, images, out, batch=2, device="cpu", save_blocky=True, workers=workers,
-                             log=logged.append)
+        capsys.readouterr()
+        report = relabel_dir(captures, images, out, batch=2, device="cpu", save_blocky=True, workers=workers)
+        logged = [x[len("error: "):] for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
         files = {f: open(os.path.join(out, f), "rb").read() for f in all_files(out)}
         runs[workers] = (report.written, report.failures, logged, files)
         assert not _relabel_threads()
@@ -323,7 +324,7 @@ def test_threads_match_in_line(tmp_path, fake):
     assert [f[0] for f in failures] == ["2b"] and failures[0][1].startswith(bad + ": ")
     assert logged == [failures[0][1]]
     assert len(files) == 11  # 5 masks, 5 blocky masks, labelset.json
-    assert fake.calls == [2, 2, 1] * 2
+    assert fake.calls == [2, 1, 2] * 2  # batches [0, 1], [2, (2b unreadable)], [3, 4]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -363,71 +364,8 @@ def test_labeller_crash_propagates(tmp_path, fake, monkeypatch):
     def boom(*args, **kw):
         raise MemoryError("pretend")
 
-    monkeypatch.setattr("pccfast.runs.relabel.read_capture", boom)
+    monkeypatch.setattr("pccfast.data.masks.read_capture", boom)
     for workers in (0, 2):
         with pytest.raises(MemoryError, match="pretend"):
             relabel_dir(captures, images, str(tmp_path / "out"), device="cpu", workers=workers)
         assert not _relabel_threads()
-
-
-# ------------------------------------------------------------------------------------------
-# cli_common
-# ------------------------------------------------------------------------------------------
-def _parser():
-    p = argparse.ArgumentParser(prog="t")
-    add_config_arguments(p)
-    add_device_arguments(p)
-    add_label_set_argument(p)
-    return p
-
-
-def test_config_arguments():
-    p = _parser()
-    assert config_from_args(p.parse_args([])) == PCCConfig()
-    args = p.parse_args(["--cluster-ks", "4, 5", "--thresholds", "0.25,0.5", "--no-refine", "--kmeans-tol", "1e-3",
-                         "--pca-method", "eigh", "--refine-k", "7"])
-    cfg = config_from_args(args)
-    assert cfg == PCCConfig(cluster_ks=(4, 5), thresholds=(0.25, 0.5), refine=False, kmeans_tol=1e-3,
-                            pca_method="eigh", refine_k=7)
-    assert config_from_args(p.parse_args(["--refine"]), PCCConfig(refine=False)).refine is True
-    assert config_from_args(p.parse_args([]), PCCConfig(refine_k=3)).refine_k == 3
-    with pytest.raises(ValueError, match=r"`connectivity` has to be 4 or 8 but is 6"):
-        config_from_args(p.parse_args(["--connectivity", "6"]))
-    assert set(CONFIG_HELP) == set(PCCConfig.field_names())  # every field explained, no stale entries
-
-
-@pytest.mark.parametrize("argv, msg", [
-    (["--cluster-ks", "4,x"], "argument --cluster-ks: has to be comma-separated ints (e.g. 4,7,10) but is '4,x'"),
-    (["--cluster-ks", ","], "argument --cluster-ks: has to be comma-separated ints"),
-    (["--kmeans-tol", "small"], "argument --kmeans-tol: has to be a number but is 'small'"),
-    (["--refine-k", "2.5"], "argument --refine-k: has to be an int but is '2.5'"),
-])
-def test_config_arguments_exception(argv, msg, capsys):
-    with pytest.raises(SystemExit) as info:
-        _parser().parse_args(argv)
-    assert info.value.code == 2 and msg in capsys.readouterr().err
-
-
-def test_device_and_label_set(tmp_path):
-    p = _parser()
-    assert device_from_args(p.parse_args(["--device", "cpu"])) == torch.device("cpu")
-    assert device_from_args(p.parse_args([])).type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert cli_common.dtype_from_args(p.parse_args(["--dtype", "bfloat16"])) is torch.bfloat16
-    with pytest.raises(ValueError, match=r"`--device` has to be a torch device such as cpu, cuda or cuda:1 but is 'gpu0'"):
-        device_from_args(p.parse_args(["--device", "gpu0"]))
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"`--device` is 'cuda' but CUDA is not available here"):
-            device_from_args(p.parse_args(["--device", "cuda"]))
-    assert label_set_from_args(p.parse_args([])) == get_label_set("voc")
-    assert label_set_from_args(p.parse_args(["--label-set", "coco"])).num_classes == 81
-    with pytest.raises(ValueError, match=r"`label_set` has to be one of voc, coco"):
-        label_set_from_args(p.parse_args(["--label-set", "vocc"]))
-    with pytest.raises(ValueError, match=r"`label_set` has to be one of voc, coco or an existing JSON/YAML file"):
-        label_set_from_args(p.parse_args(["--label-set", str(tmp_path)]))
-
-
-def test_fail(capsys):
-    with pytest.raises(SystemExit) as info:
-        fail("first\n  second\n")
-    assert info.value.code == 2
-    assert capsys.readouterr().err == "error: first; second\n"

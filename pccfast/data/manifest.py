@@ -1,0 +1,104 @@
+"""The driver's side of a dataset: what is done (resume), the shard plan, the commit point.
+
+A sample's files are written first (each atomically, by :class:`~pccfast.data.writer.SampleWriter`);
+its manifest line is appended last and is the commit point: an id counts as done only when
+its manifest line exists and its image and mask files are present. A run killed at any
+moment therefore loses at most the samples in flight and leaves no truncated file. Sharded
+runs (``--shard I/N``) append to ``manifests/shard-I-of-N.jsonl`` and record their planned ids
+in ``manifests/shard-I-of-N.plan``; :func:`pccfast.data.merge.merge_datasets` rebuilds
+``manifest.jsonl`` and ``train.txt`` from them.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pccfast.core.labelset import LabelSet
+from pccfast.data.fileio import append_line, atomic_write_bytes, clean_stale_temps, read_jsonl
+from pccfast.data.labelsets import ensure_label_set_file
+from pccfast.data.layout import IMAGES, MANIFEST, MASKS, SHARDS, SPLIT, output_dirs, sample_paths, shard_manifest, shard_plan
+
+__all__ = ["Manifest", "dedup_records", "record_order", "write_split", "all_records"]
+
+
+def dedup_records(records: list[dict]) -> list[dict]:
+    """Last record per id wins; order of first appearance kept."""
+    by_id: dict[str, dict] = {}
+    for r in records:
+        if "id" in r:
+            r["id"] = str(r["id"])
+            by_id[r["id"]] = r
+    return list(by_id.values())
+
+
+def record_order(r: dict):
+    """Sort key: prompt order (``index``), not completion order (Ray workers finish out of order)."""
+    idx = r.get("index")
+    return (0, idx, "") if isinstance(idx, int) else (1, 0, str(r["id"]))
+
+
+def write_split(out: str, ids: list[str]) -> None:
+    atomic_write_bytes(os.path.join(out, SPLIT), "".join(f"{i}\n" for i in ids).encode())
+
+
+def all_records(out: str) -> list[dict]:
+    """Every manifest record of dataset ``out``: ``manifest.jsonl`` and each shard's manifest."""
+    records = read_jsonl(os.path.join(out, MANIFEST))
+    shard_dir = os.path.join(out, SHARDS)
+    if os.path.isdir(shard_dir):
+        for name in sorted(os.listdir(shard_dir)):
+            if name.endswith(".jsonl"):
+                records += read_jsonl(os.path.join(shard_dir, name))
+    return records
+
+
+class Manifest:
+    """Resume, plan and commit for a generated dataset ``out``; ``shard`` = (I, N) or None.
+
+    Creating it makes the output folders, writes (or checks) ``labelset.json`` and removes
+    temporary files that killed writers of this host left behind.
+    """
+
+    def __init__(self, out: str, label_set: LabelSet, shard: tuple[int, int] | None = None):
+        self.out, self.label_set, self.shard = out, label_set, shard
+        os.makedirs(os.path.join(out, IMAGES), exist_ok=True)
+        os.makedirs(os.path.join(out, MASKS), exist_ok=True)
+        ensure_label_set_file(out, label_set)
+        for d in output_dirs(out):
+            clean_stale_temps(d)
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.out, MANIFEST) if self.shard is None else shard_manifest(self.out, self.shard)
+
+    def done_ids(self) -> set[str]:
+        """Ids whose manifest record exists (in any manifest of this dataset) and whose files are there."""
+        done = set()
+        for r in all_records(self.out):
+            sid = str(r.get("id"))
+            p = sample_paths(self.out, sid)
+            if os.path.exists(p["image"]) and os.path.exists(p["mask"]):
+                done.add(sid)
+        return done
+
+    def write_plan(self, ids: list[str]) -> None:
+        """Sharded runs record the ids they are responsible for (merge reports gaps from it)."""
+        if self.shard is not None:
+            atomic_write_bytes(shard_plan(self.out, self.shard), ("\n".join(ids) + "\n").encode())
+
+    def paths(self, sample_id: str) -> list[str]:
+        """Every file a sample may have (a dead worker's temporaries for them are removed)."""
+        return list(sample_paths(self.out, sample_id).values())
+
+    def commit(self, record: dict) -> None:
+        """Append a finished sample's manifest record (the commit point)."""
+        append_line(self.manifest_path, json.dumps(record, ensure_ascii=False))
+
+    def finalize(self) -> list[str]:
+        """Rewrite train.txt from the done ids (unsharded runs); returns the ids."""
+        if self.shard is not None:
+            return []
+        records = sorted(dedup_records(read_jsonl(os.path.join(self.out, MANIFEST))), key=record_order)
+        ids = [r["id"] for r in records if os.path.exists(sample_paths(self.out, r["id"])["mask"])]
+        write_split(self.out, ids)
+        return ids

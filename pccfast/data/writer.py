@@ -1,0 +1,48 @@
+"""The worker's side of a dataset: one sample's files, each written atomically, the mask last."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pccfast.core.labelset import LabelSet
+from pccfast.data.fileio import check_id, save_image, save_mask_png
+from pccfast.data.layout import sample_paths
+
+__all__ = ["SampleWriter"]
+
+
+@dataclass
+class SampleWriter:
+    """Writes samples into dataset ``out`` (never commits: that is the driver's
+    :class:`~pccfast.data.manifest.Manifest`)."""
+
+    out: str
+    label_set: LabelSet
+    save_blocky: bool = False
+    save_captures: bool = False
+    jpeg_quality: int = 95
+
+    def write_files(
+        self,
+        sample_id: str,
+        image: np.ndarray,
+        mask: np.ndarray,
+        blocky: np.ndarray | None = None,
+        capture: dict | None = None,
+    ) -> None:
+        """Write one sample's files atomically (image (H, W, 3) uint8, mask/blocky (H, W) uint8).
+
+        The mask goes last so that a present mask implies the other files are complete.
+        """
+        check_id(sample_id)
+        p = sample_paths(self.out, sample_id)
+        save_image(p["image"], image, quality=self.jpeg_quality)
+        pal = self.label_set.flat_palette()
+        if self.save_blocky and blocky is not None:
+            save_mask_png(p["blocky"], blocky, pal)
+        if self.save_captures and capture is not None:
+            from pccfast.data.captures import write_capture
+
+            write_capture(p["capture"], **capture)
+        save_mask_png(p["mask"], mask, pal)
