@@ -3,7 +3,7 @@
 Three ways to run the same UNet step (same inputs, same run):
 
 * ``plain``: diffusers' ``AttnProcessor2_0`` everywhere (no capture);
-* ``pccfast``: pccfast's fused capture processors (``pccfast.capture.AttentionCapture``): class
+* ``pccfast``: pccfast's fused capture processors (``pccfast.diffusion.capture.AttentionCapture``): class
   scores accumulated in place every step, head-wise PCA at the last step only;
 * ``reference-style``: hooks the way the reference does it: every attention layer's
   probabilities recomputed explicitly (softmax(QK^T) materialised), the unconditional queries
@@ -25,8 +25,9 @@ import time
 
 import torch
 
-from pccfast.diffusion.capture import AttentionCapture, cross_attention_layers, self_attention_layers
 from pccfast.core.pca import headwise_features
+from pccfast.diffusion.capture import AttentionCapture
+from pccfast.diffusion.layers import cross_attention_layers, self_attention_layers
 from pccfast.diffusion.tiny import build_tiny_pipeline
 
 
@@ -104,10 +105,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     pipe = build_tiny_pipeline(seed=0, device=device)
     unet = pipe.unet
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(2, 4, args.latent, args.latent, generator=g).to(device)  # (2B, 4, h, w), B = 1
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device)
-    class_embeds = torch.randn(1, args.tokens, unet.config.cross_attention_dim, generator=g).to(device)
+    generator = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, 4, args.latent, args.latent, generator=generator).to(device)  # (2B, 4, h, w), B = 1
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(device)
+    class_embeds = torch.randn(1, args.tokens, unet.config.cross_attention_dim, generator=generator).to(device)
     class_mask = torch.ones(1, args.tokens, dtype=torch.bool, device=device)
     ts = torch.linspace(999, 1, args.steps).long()
 

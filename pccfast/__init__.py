@@ -18,6 +18,7 @@ _LAZY = {
     "LabelResult": "pccfast.core.labeller",
     "load_pipeline": "pccfast.diffusion.pipeline",
     "build_tiny_pipeline": "pccfast.diffusion.tiny",
+    "generate_with_capture": "pccfast.diffusion.generation",
     "read_capture": "pccfast.data.captures",
     "write_capture": "pccfast.data.captures",
 }

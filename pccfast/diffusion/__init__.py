@@ -1,0 +1,42 @@
+"""Stable Diffusion with attention capture: loading, capture, generation.
+
+Modules (imports go downward: generation -> capture -> processors, layers, tokens; all use
+``pccfast.core`` only):
+
+* ``pipeline``: ``load_pipeline`` and ``ModelLoadError``;
+* ``tiny``: the seeded offline test pipeline;
+* ``layers``: the SD-1/2 UNet specifics (which layers are captured);
+* ``processors``: the attention math and the diffusers-style processors;
+* ``tokens``: class texts, their tokens, and their encoding with the pipeline's text encoder;
+* ``capture``: ``AttentionCapture`` (buffers, steps) and the class-attention assembly;
+* ``generation``: ``generate_with_capture`` and ``CaptureOutput``.
+
+The names below load lazily (diffusers and transformers only when a pipeline is built).
+"""
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "generate_with_capture": "pccfast.diffusion.generation",
+    "CaptureOutput": "pccfast.diffusion.generation",
+    "AttentionCapture": "pccfast.diffusion.capture",
+    "assemble_class_attention": "pccfast.diffusion.capture",
+    "encode_class_texts": "pccfast.diffusion.tokens",
+    "load_pipeline": "pccfast.diffusion.pipeline",
+    "ModelLoadError": "pccfast.diffusion.pipeline",
+    "build_tiny_pipeline": "pccfast.diffusion.tiny",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,18 +1,30 @@
-"""Loading the Stable Diffusion pipeline: a diffusers folder, a hub id, or "tiny"."""
+"""Loading the Stable Diffusion pipeline: a diffusers folder, a hub id, or "tiny".
+
+Every failure to load a model raises :class:`ModelLoadError`, whose message is one line that
+names the model, the reason and what to do instead.
+"""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
 import torch
 
-__all__ = ["load_pipeline", "ModelNotFoundError"]
+__all__ = ["load_pipeline", "ModelLoadError"]
 
 _HINT = "pass --model PATH to a local diffusers Stable Diffusion folder, or --model tiny for the offline test model"
+# model_index.json `_class_name`s whose components this package's SD-1/2 capture works with
+_PIPELINE_CLASSES = ("StableDiffusionPipeline",)
+_MAX_REASON = 200  # characters of a library's error message kept in the one-line reason
 
 
-class ModelNotFoundError(OSError):
-    """The model could not be loaded; the message is one line saying what to do."""
+class ModelLoadError(RuntimeError, OSError):
+    """The model could not be loaded; the message is one line saying what to do.
+
+    A ``RuntimeError`` (what a run reports as a failed model load) and an ``OSError`` (what
+    callers that catch missing files expect).
+    """
 
 
 def _looks_like_path(name: str) -> bool:
@@ -26,9 +38,47 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _reason(exc: BaseException, local: bool) -> str:
+    """One short line for why ``from_pretrained``/``load_config`` failed."""
+    if not local and isinstance(exc, OSError) and _offline():
+        return "no local folder of that name, and not in the Hugging Face cache while HF_HUB_OFFLINE is set"
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0].strip() if text else ""
+    if len(line) > _MAX_REASON:
+        line = line[: _MAX_REASON - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _error(name: str, reason: str) -> ModelLoadError:
+    return ModelLoadError(f"model {name!r} could not be loaded ({reason}): {_HINT}")
+
+
+def _declared_class(source: str, local: bool):
+    """``_class_name`` of the model's ``model_index.json`` where that file is on disk (in the
+    folder, or in the Hugging Face cache for a hub id); None where it is not (yet)."""
+    try:
+        if local:
+            index = os.path.join(source, "model_index.json")
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            index = try_to_load_from_cache(source, "model_index.json")  # no network
+        if not isinstance(index, str) or not os.path.isfile(index):
+            return None
+        with open(index, encoding="utf-8") as f:
+            return json.load(f).get("_class_name")
+    except Exception:  # an invalid hub id, an unreadable or broken file: from_pretrained reports it
+        return None
+
+
+def _check_class(name: str, class_name) -> None:
+    """A model of another pipeline class loads into ``StableDiffusionPipeline`` without an error."""
+    if class_name is not None and class_name not in _PIPELINE_CLASSES:
+        raise _error(name, f"a {class_name}, not a {' or '.join(_PIPELINE_CLASSES)}")
 
 
 def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, *, label_set="voc"):
@@ -41,7 +91,10 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
         label_set: only for "tiny": whose class words become single tokens.
 
     Raises:
-        ModelNotFoundError: one line, ``model 'X' could not be loaded (reason): pass --model ...``.
+        ValueError: ``name_or_path`` is not a non-empty string.
+        ModelLoadError: one line, ``model 'X' could not be loaded (reason): pass --model ...``,
+            for a missing folder, a file, a folder without a loadable diffusers model, a hub id
+            that is neither cached nor downloadable, or a pipeline of another class.
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"`name_or_path` has to be a non-empty string but is {name_or_path!r}")
@@ -54,21 +107,23 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     path = os.path.expanduser(name_or_path)
-    if not os.path.exists(path) and _looks_like_path(name_or_path):
-        raise ModelNotFoundError(f"model {name_or_path!r} could not be loaded (no such folder): {_HINT}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ModelNotFoundError(f"model {name_or_path!r} could not be loaded (not a folder): {_HINT}")
+    local = os.path.exists(path)
+    if not local and _looks_like_path(name_or_path):
+        raise _error(name_or_path, "no such folder")
+    if local and not os.path.isdir(path):
+        raise _error(name_or_path, "not a folder")
+    source = path if local else name_or_path
+    _check_class(name_or_path, _declared_class(source, local))
     try:
         with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones know only `torch_dtype`
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(
-                path if os.path.exists(path) else name_or_path, torch_dtype=dtype, safety_checker=None,
-                requires_safety_checker=False,
+                source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
             )
-    except Exception as exc:  # missing files, no network, not a diffusers folder, ...
-        raise ModelNotFoundError(
-            f"model {name_or_path!r} could not be loaded ({type(exc).__name__}: {_first_line(exc)}): {_HINT}"
-        ) from exc
+    except Exception as exc:  # missing or broken files, no network, not cached, not a diffusers folder, ...
+        raise _error(name_or_path, _reason(exc, local)) from exc
+    if not local:  # a hub model that was not cached before is now
+        _check_class(name_or_path, _declared_class(source, local))
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     return pipe.to(device)

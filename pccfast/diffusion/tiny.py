@@ -217,7 +217,7 @@ def build_tiny_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype = torch.
         seed: same seed (and label set) -> identical weights. The global RNG is forked, seeded
             for the construction and restored afterwards, so callers' random state is untouched.
         device, dtype: where the pipeline is moved.
-        label_set: name/path/LabelSet whose words become single tokens (VOC and COCO always do).
+        label_set: name, dict or LabelSet whose words become single tokens (VOC and COCO always do).
 
     Returns:
         ``StableDiffusionPipeline`` (no safety checker) with a 2-layer, 32-wide CLIP text

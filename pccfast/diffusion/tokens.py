@@ -10,6 +10,9 @@ The alignment does not depend on word offsets: each class text is encoded on its
 the pieces are concatenated between SoT and EoT. CLIP's pre-tokeniser splits at spaces
 before byte-pair encoding, so this equals encoding the joined text (checked in the tests),
 for the fast and the slow CLIPTokenizer alike.
+
+``encode_class_texts`` encodes the class texts with the pipeline's own tokenizer and text
+encoder (any pipeline with ``tokenizer``, ``text_encoder`` and ``unet``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,15 @@ from torch import Tensor
 
 from pccfast.core.labelset import LabelSet, as_label_set
 
-__all__ = ["ClassTokens", "class_text", "class_tokens", "batch_class_tokens", "tokens_to_classes", "DROP"]
+__all__ = [
+    "ClassTokens",
+    "class_text",
+    "class_tokens",
+    "batch_class_tokens",
+    "encode_class_texts",
+    "tokens_to_classes",
+    "DROP",
+]
 
 DROP = -1  # token class of EoT and padding
 
@@ -57,7 +68,7 @@ def class_tokens(tokenizer, class_names, label_set) -> tuple[list[int], list[int
     Args:
         tokenizer: a CLIP tokenizer (fast or slow) with ``bos_token_id``/``eos_token_id``.
         class_names: the image's class names (label-set names; order and repeats kept).
-        label_set: name, path or ``LabelSet``.
+        label_set: name, dict or ``LabelSet``.
 
     Returns:
         ids: [SoT, tokens of class 1's text, tokens of class 2's text, ..., EoT], truncated
@@ -104,6 +115,31 @@ def batch_class_tokens(tokenizer, class_names: list, label_set, device="cpu") ->
         mask[i, : len(row)] = True
     texts = [class_text(names, ls) for names in class_names]
     return ClassTokens(ids.to(device), mask.to(device), classes.to(device), texts)
+
+
+@torch.no_grad()
+def encode_class_texts(pipe, class_names: list, label_set) -> tuple[Tensor, Tensor, ClassTokens]:
+    """Class-text embeddings with the pipeline's own tokenizer and text encoder.
+
+    Each text is encoded on its own, unpadded (as the reference does), then zero-padded to the
+    longest text of the batch.
+
+    Args:
+        pipe: a pipeline with ``tokenizer``, ``text_encoder``, ``unet`` and ``_execution_device``.
+        class_names: one list of class names per image (B lists).
+        label_set: name, dict or ``LabelSet``.
+
+    Returns:
+        embeds (B, T, C) in the UNet's dtype, mask (B, T) bool, the ``ClassTokens``.
+    """
+    device = pipe._execution_device
+    tok = batch_class_tokens(pipe.tokenizer, class_names, label_set, device=device)
+    lengths = tok.mask.sum(dim=1).tolist()
+    rows = [pipe.text_encoder(tok.ids[i : i + 1, : lengths[i]])[0][0] for i in range(len(lengths))]  # (T_i, C) each
+    embeds = torch.zeros(len(rows), tok.ids.shape[1], rows[0].shape[-1], device=device, dtype=pipe.unet.dtype)  # (B, T, C)
+    for i, r in enumerate(rows):
+        embeds[i, : r.shape[0]] = r.to(embeds.dtype)
+    return embeds, tok.mask, tok
 
 
 def tokens_to_classes(maps: Tensor, token_classes: Tensor, num_classes: int) -> Tensor:

@@ -1,28 +1,24 @@
-"""Attention capture: unchanged images, class maps and head-wise features equal to the
-reference's slow offline computation, batch invariance, and the loader's error message."""
+"""Attention capture on the tiny pipeline: unchanged images, class maps and head-wise features
+equal to the reference's slow offline computation, batch invariance, the class-attention
+assembly, and generate_with_capture's argument checks."""
 import math
 from collections import defaultdict
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from pccfast.diffusion.capture import (
-    AttentionCapture,
-    ClassAttentionProcessor,
-    HeadFeatureProcessor,
-    assemble_class_attention,
-    cross_attention_layers,
-    generate_with_capture,
-    self_attention_layers,
-)
+import pccfast
+import pccfast.diffusion
 from pccfast.core.config import PCCConfig
 from pccfast.data.labelsets import get_label_set
-from pccfast.core.pca import headwise_features
-from pccfast.diffusion.pipeline import ModelNotFoundError, load_pipeline
+from pccfast.diffusion.capture import AttentionCapture, assemble_class_attention
+from pccfast.diffusion.generation import CaptureOutput, generate_with_capture
+from pccfast.diffusion.layers import cross_attention_layers, self_attention_layers
+from pccfast.diffusion.processors import ClassAttentionProcessor, HeadFeatureProcessor
 from pccfast.diffusion.tiny import build_tiny_pipeline
-from pccfast.diffusion.tokens import class_text
+from pccfast.diffusion.tokens import class_text, tokens_to_classes
 
 VOC = get_label_set("voc")
 PROMPTS = ["a cat on a sofa", "a pot plant next to a motorbike", "a dog and a dog"]
@@ -40,13 +36,13 @@ def pipe():
     return p
 
 
-def _gens(seeds):
+def _generators(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def _run(pipe, prompts, seeds, size=SIZE, steps=STEPS, **kw):
     return pipe(list(prompts), height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-                generator=_gens(seeds), output_type="pt", **kw).images
+                generator=_generators(seeds), output_type="pt", **kw).images
 
 
 # --- a recording processor: stores what the reference stores, computes nothing clever --------
@@ -107,21 +103,37 @@ def recorded(pipe):
 # --- (a) the capture changes nothing ------------------------------------------------------------
 
 
+def _with_processors(pipe, processor, fn):
+    saved = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor(processor)
+    try:
+        return fn()
+    finally:
+        pipe.unet.set_attn_processor(saved)
+
+
 def test_capture_leaves_images_unchanged(pipe, online, recorded):
-    plain = _run(pipe, PROMPTS, SEEDS)
+    """The capture processors compute every attention output as diffusers' AttnProcessor2_0
+    does: the images are bit-identical to a run with diffusers' own processors."""
+    plain = _with_processors(pipe, AttnProcessor2_0(), lambda: _run(pipe, PROMPTS, SEEDS))
+    classic = _with_processors(pipe, AttnProcessor(), lambda: _run(pipe, PROMPTS, SEEDS))  # no SDPA
+    torch.testing.assert_close(classic, plain, rtol=0, atol=1e-5)  # the images do not hinge on rounding
     before = dict(pipe.unet.attn_processors)
     with torch.no_grad():
         emb = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(0))
     cap = AttentionCapture(pipe.unet, emb, torch.ones(3, 4, dtype=torch.bool), STEPS + 1, (SIZE // 8, SIZE // 8), EXACT)
     with cap:
-        assert isinstance(pipe.unet.attn_processors[cap.self_layers[0]], HeadFeatureProcessor)
+        installed = pipe.unet.attn_processors
+        assert all(isinstance(installed[n], HeadFeatureProcessor) for n in cap.self_layers)
+        assert all(isinstance(installed[n], ClassAttentionProcessor) for n in cap.cross_layers)
         captured = _run(pipe, PROMPTS, SEEDS, callback_on_step_end=cap.on_step_end)
     assert cap.step == STEPS + 1 and len(cap.head_features) == 9 and len(cap.class_maps) == 15
-    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
-    torch.testing.assert_close(captured, plain, rtol=0, atol=1e-5)
+    after = pipe.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # the same objects back
+    assert torch.equal(captured, plain)
     # generate_with_capture's uint8 images are the plain images rounded
-    assert torch.equal(online.images, (plain * 255).round().to(torch.uint8))
-    torch.testing.assert_close(recorded[1], plain, rtol=0, atol=1e-5)
+    assert torch.equal(online.images, (plain * 255).round().clamp(0, 255).to(torch.uint8))
+    assert torch.equal(recorded[1], plain)
 
 
 # --- (b) class maps = the reference's offline computation ---------------------------------------
@@ -226,58 +238,7 @@ def test_batch_invariance(pipe):
     assert float((fa - fb).abs().max()) < 1e-3 * float(fb.abs().max())
 
 
-# --- processors on a single Attention layer ------------------------------------------------------
-
-
-class _NoLayers:
-    attn_processors = {}
-
-
-def test_class_processor_masks_padding_and_accumulates():
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
-        hidden = torch.randn(4, 16, 16, generator=gen)  # 2B = 4 (B = 2), 4x4 pixels
-        prompt = torch.randn(4, 5, 8, generator=gen)
-        emb = torch.randn(2, 6, 8, generator=gen)
-        emb[0, 3:] = 100.0  # padding of image 0: must not matter
-        mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 6])
-        cap = AttentionCapture(_NoLayers(), emb, mask, num_steps=2, latent_hw=(4, 4))
-        proc = ClassAttentionProcessor(cap, "layer")
-        out = proc(attn, hidden, prompt)
-        torch.testing.assert_close(out, AttnProcessor2_0()(attn, hidden, prompt), rtol=0, atol=0)
-        maps = cap.class_maps["layer"].clone()  # (B, T, 4, 4)
-        assert maps.shape == (2, 6, 4, 4)
-        torch.testing.assert_close(maps.sum(1), torch.full((2, 4, 4), 2.0))  # softmax per head sums to 1; 2 heads
-        assert torch.equal(maps[0, 3:], torch.zeros(3, 4, 4))
-        alone = AttentionCapture(_NoLayers(), emb[:1, :3], mask[:1, :3], num_steps=2, latent_hw=(4, 4))
-        ClassAttentionProcessor(alone, "layer")(attn, hidden[[0, 2]], prompt[[0, 2]])
-        torch.testing.assert_close(alone.class_maps["layer"][0], maps[0, :3], rtol=1e-5, atol=1e-6)
-        proc(attn, hidden, prompt)  # a second step adds up
-        torch.testing.assert_close(cap.class_maps["layer"], 2 * maps)
-        with pytest.raises(RuntimeError, match="UNet batch of 2 \\* 2"):
-            proc(attn, hidden[:2], prompt[:2])
-
-
-def test_head_processor_last_step_only():
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        attn = Attention(query_dim=16, heads=2, dim_head=8)
-        hidden = torch.randn(4, 64, 16, generator=gen)  # 2B = 4, 8x8 pixels
-        cap = AttentionCapture(_NoLayers(), torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.bool),
-                               num_steps=2, latent_hw=(16, 16))
-        proc = HeadFeatureProcessor(cap, "layer")
-        out = proc(attn, hidden)
-        torch.testing.assert_close(out, AttnProcessor2_0()(attn, hidden), rtol=0, atol=0)
-        assert cap.head_features == {}
-        cap.on_step_end(None, 0, None, {})
-        proc(attn, hidden)
-        got = cap.head_features["layer"]
-        q, k, v = (m(hidden).view(4, 64, 2, 8).transpose(1, 2) for m in (attn.to_q, attn.to_k, attn.to_v))
-        per_head = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1) @ v  # (2B, heads, N, d)
-        x = torch.stack([torch.cat([per_head[i], per_head[2 + i]]) for i in range(2)])  # (B, 2*heads, N, d)
-        torch.testing.assert_close(got, headwise_features(x, 16), rtol=1e-4, atol=1e-4)
-        assert got.shape == (2, 12, 16, 16)
+# --- assembly and arguments ------------------------------------------------------------------
 
 
 def test_assemble_class_attention_value():
@@ -290,6 +251,28 @@ def test_assemble_class_attention_value():
         assemble_class_attention([ones], torch.tensor([[0, 3]]), 4, (4, 4), (30, 30))
 
 
+def test_assemble_class_attention_bilinear_bit_identical():
+    """Regression: the class-attention assembly resamples through core.resize, which has to give
+    exactly the reference's F.interpolate(bilinear, align_corners=False), to the bit."""
+    generator = torch.Generator().manual_seed(3)
+    maps = [torch.rand(2, 5, s, s, generator=generator) * 7 for s in (4, 8, 16, 16)]  # (B, T, h_l, w_l)
+    classes = torch.tensor([[0, 3, 3, 1, -1], [0, 2, -1, -1, -1]])
+    got = assemble_class_attention(maps, classes, 4, (16, 16), (128, 128))
+    acc = sum(F.interpolate(m, size=(16, 16), mode="bilinear", align_corners=False) for m in maps)
+    up = F.interpolate(acc, size=(128, 128), mode="bilinear", align_corners=False)  # (B, T, 128, 128)
+    pooled = up.view(2, 5, 16, 8, 16, 8).sum(dim=(3, 5))  # (B, T, 16, 16)
+    assert torch.equal(got, tokens_to_classes(pooled, classes, 4))  # tokens_to_classes: tested in test_tokens
+
+
+def test_public_names():
+    assert pccfast.generate_with_capture is generate_with_capture
+    assert pccfast.diffusion.generate_with_capture is generate_with_capture
+    assert pccfast.diffusion.CaptureOutput is CaptureOutput
+    assert pccfast.diffusion.AttentionCapture is AttentionCapture
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pccfast.diffusion.nothing
+
+
 def test_generate_with_capture_exceptions(pipe):
     args = (pipe, PROMPTS[:1], CLASSES[:1], VOC, SEEDS[:1])
     with pytest.raises(ValueError, match="`guidance` has to be greater than 1"):
@@ -300,30 +283,3 @@ def test_generate_with_capture_exceptions(pipe):
         generate_with_capture(pipe, PROMPTS[:1], CLASSES[:1], VOC, SEEDS[:2], steps=1, height=64, width=64)
     with pytest.raises(ValueError, match="'unicorn' is not in label set"):
         generate_with_capture(pipe, PROMPTS[:1], [["unicorn"]], VOC, SEEDS[:1], steps=1, height=64, width=64)
-
-
-# --- (f) the loader ------------------------------------------------------------------------------
-
-
-def test_load_pipeline_errors(tmp_path):
-    hint = "pass --model PATH to a local diffusers Stable Diffusion folder, or --model tiny for the offline test model"
-    missing = str(tmp_path / "no" / "such" / "model")
-    with pytest.raises(ModelNotFoundError) as info:
-        load_pipeline(missing)
-    assert str(info.value) == f"model {missing!r} could not be loaded (no such folder): {hint}"
-    with pytest.raises(ModelNotFoundError) as info:
-        load_pipeline(str(tmp_path))  # a folder, but no model_index.json
-    msg = str(info.value)
-    assert "\n" not in msg and msg.startswith(f"model {str(tmp_path)!r} could not be loaded (") and msg.endswith(hint)
-    with pytest.raises(ValueError, match="`name_or_path` has to be a non-empty string"):
-        load_pipeline("")
-
-
-def test_load_pipeline_tiny_and_local_folder(tmp_path):
-    tiny = load_pipeline("tiny")
-    assert type(tiny.unet.attn_processors[self_attention_layers(tiny.unet)[0]]).__name__ == "AttnProcessor2_0"
-    tiny.save_pretrained(tmp_path / "sd")
-    again = load_pipeline(str(tmp_path / "sd"))
-    a, b = tiny.unet.state_dict(), again.unet.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert again.tokenizer("a pot plant")["input_ids"] == tiny.tokenizer("a pot plant")["input_ids"]

@@ -51,8 +51,9 @@ def test_seeded_and_leaves_global_rng_alone(pipe):
 
 def test_generates_deterministically(pipe):
     def run():
-        g = [torch.Generator().manual_seed(5)]
-        return pipe("a cat on a couch", num_inference_steps=2, height=64, width=64, generator=g, output_type="pt").images
+        generators = [torch.Generator().manual_seed(5)]
+        return pipe("a cat on a couch", num_inference_steps=2, height=64, width=64, generator=generators,
+                    output_type="pt").images
 
     a, b = run(), run()
     assert a.shape == (1, 3, 64, 64)

@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from pccfast.data.labelsets import get_label_set
-from pccfast.diffusion.tiny import build_tiny_tokenizer
-from pccfast.diffusion.tokens import DROP, batch_class_tokens, class_text, class_tokens, tokens_to_classes
+from pccfast.diffusion.tiny import build_tiny_pipeline, build_tiny_tokenizer
+from pccfast.diffusion.tokens import (
+    DROP,
+    batch_class_tokens,
+    class_text,
+    class_tokens,
+    encode_class_texts,
+    tokens_to_classes,
+)
 
 VOC = get_label_set("voc")
 
@@ -79,3 +86,19 @@ def test_tokens_to_classes_value():
     assert out.shape == (1, 4, 2, 2)
     expect = torch.tensor([[1, 1, 1, 1], [4, 4, 4, 4], [0, 0, 0, 0], [10, 3, 3, 3]], dtype=torch.float32)
     assert torch.equal(out[0].flatten(1), expect)
+
+
+def test_encode_class_texts_unpadded_then_zero_padded():
+    """Each text is encoded alone (as the reference does): padding neither enters the text
+    encoder nor the embeddings."""
+    pipe = build_tiny_pipeline(seed=0)
+    names = [["cat"], ["pottedplant", "motorbike"]]
+    embeds, mask, tok = encode_class_texts(pipe, names, VOC)
+    assert embeds.shape == (2, 6, 32) and embeds.dtype == pipe.unet.dtype
+    assert torch.equal(mask, tok.mask) and tok.texts == ["cat", "pot plant motorbike"]
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            ids = torch.tensor([pipe.tokenizer(class_text(n, VOC))["input_ids"]])  # (1, T_i)
+            alone = pipe.text_encoder(ids)[0][0]  # (T_i, C)
+            assert torch.equal(embeds[i, : alone.shape[0]], alone)
+            assert torch.equal(embeds[i, alone.shape[0] :], torch.zeros(6 - alone.shape[0], 32))

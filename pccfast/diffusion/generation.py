@@ -1,0 +1,119 @@
+"""One batch of prompts through the Stable Diffusion pipeline with attention capture.
+
+``generate_with_capture`` encodes the images' class texts, seeds one ``torch.Generator`` per
+image, runs the pipeline once for the batch inside an :class:`AttentionCapture`, and returns
+the images with the labeller's inputs (``features`` and ``class_attention``) as a
+``CaptureOutput``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pccfast.core.config import PCCConfig
+from pccfast.core.labelset import as_label_set
+from pccfast.diffusion.capture import AttentionCapture, assemble_class_attention
+from pccfast.diffusion.tokens import encode_class_texts
+
+__all__ = ["CaptureOutput", "generate_with_capture"]
+
+
+@dataclass
+class CaptureOutput:
+    """What one capture run returns (all on the pipeline's device)."""
+
+    images: Tensor  # (B, 3, H, W) uint8
+    features: Tensor  # (B, D, h, w) float32, D = 3 * sum over up-block attn1 layers of 2*heads
+    class_attention: Tensor  # (B, K, h, w) float32, K = label-set classes, 0 = background
+
+
+def _count_unet_calls(scheduler, steps: int, device) -> int:
+    """UNet calls of a run with ``steps`` inference steps (PNDM makes one more), on a copy."""
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(steps, device=device)
+    return len(sched.timesteps)
+
+
+def generate_with_capture(
+    pipe,
+    prompts: list,
+    class_names: list,
+    label_set,
+    seeds: list,
+    steps: int = 80,
+    guidance: float = 7.5,
+    height: int = 512,
+    width: int = 512,
+    cfg: Optional[PCCConfig] = None,
+    *,
+    generator_device=None,
+    progress: bool = False,
+) -> CaptureOutput:
+    """Generate a batch of images with attention capture (one pipeline call for the batch).
+
+    Args:
+        pipe: a diffusers ``StableDiffusionPipeline``.
+        prompts: B prompts.
+        class_names: per image, its class names (label-set names; order and repeats kept).
+        label_set: name, dict or ``LabelSet`` (K classes).
+        seeds: B seeds; image i's latents come from ``torch.Generator(device).manual_seed(seeds[i])``,
+            so a prompt gives the same image whatever batch it is in.
+        steps, guidance, height, width: diffusion settings (guidance > 1: the captures use
+            the unconditional CFG half; height == width, multiples of 8).
+        cfg: PCA settings (reference defaults when None).
+        generator_device: device of the seed generators (default: the pipeline's device).
+        progress: show the pipeline's per-step progress bar.
+
+    Returns:
+        ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 and
+        class_attention (B, K, h, w) float32, with (h, w) = the latent size (H/8, W/8).
+    """
+    b = len(prompts)
+    if b == 0:
+        raise ValueError("`prompts` has to hold at least one prompt but is empty")
+    if len(class_names) != b or len(seeds) != b:
+        raise ValueError(
+            f"`prompts`, `class_names` and `seeds` have to have the same length but have {b}, {len(class_names)} and {len(seeds)}"
+        )
+    if not guidance > 1.0:
+        raise ValueError(f"`guidance` has to be greater than 1 (the captures use the unconditional CFG half) but is {guidance}")
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    if height != width or height % factor or height < factor:
+        raise ValueError(
+            f"`height` and `width` have to be equal positive multiples of {factor} (square features) but are {height} and {width}"
+        )
+    if steps < 1:
+        raise ValueError(f"`steps` has to be at least 1 but is {steps}")
+    ls = as_label_set(label_set)
+    device = pipe._execution_device
+    latent_hw = (height // factor, width // factor)
+    embeds, mask, tok = encode_class_texts(pipe, class_names, ls)
+    seed_device = torch.device(generator_device) if generator_device is not None else device
+    generators = [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
+    capture = AttentionCapture(pipe.unet, embeds, mask, _count_unet_calls(pipe.scheduler, steps, device), latent_hw, cfg)
+    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
+    try:
+        with capture:
+            out = pipe(
+                prompt=list(prompts),
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                output_type="pt",
+                callback_on_step_end=capture.on_step_end,
+            )
+    finally:
+        pipe._progress_bar_config = saved_bar
+    if capture.step != capture.num_steps:
+        raise RuntimeError(f"the pipeline made {capture.step} denoising steps but {capture.num_steps} were expected")
+    images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
+    features = capture.features()
+    class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, latent_hw, (height, width))
+    return CaptureOutput(images=images, features=features, class_attention=class_attention)
