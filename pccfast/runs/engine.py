@@ -33,7 +33,8 @@ from pccfast.runs.plan import batches, pending
 from pccfast.runs.progress import Progress
 from pccfast.runs.report import RunReport
 
-__all__ = ["Step", "Prepared", "RunError", "run_local", "run_batch", "prefetched", "one_line", "failure_line", "error_line"]
+__all__ = ["Step", "Prepared", "RunError", "run_local", "run_batch", "prefetched", "one_line", "failure_line", "error_line",
+           "fatal_device_error"]
 
 
 class RunError(RuntimeError):
@@ -131,6 +132,13 @@ def prefetched(items: Iterable, depth: int, name: str = "pccfast-prefetch") -> I
         thread.join()
 
 
+def fatal_device_error(exc: BaseException) -> bool:
+    """CUDA errors leave the context unusable: the process has to go (a Ray worker is
+    restarted; the local loop stops with one line), retrying in it cannot help."""
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text
+
+
 def _written(step: Step, prepared: Prepared, result) -> tuple[list, list]:
     """``step.write``; an exception fails every item of the batch (one line each)."""
     try:
@@ -153,6 +161,8 @@ def run_batch(step: Step, items: list) -> tuple[list, list, float]:
     try:
         result = step.process(prepared)
     except Exception as exc:
+        if fatal_device_error(exc):
+            raise
         if len(prepared.items) == 1:
             failures.append((prepared.items[0].id, failure_line(step, prepared.items[0], exc)))
             return records, failures, t_write
@@ -253,6 +263,9 @@ def run_local(
             try:
                 result = step.process(prepared)
             except Exception as exc:
+                if fatal_device_error(exc):
+                    raise RunError(f"{one_line(exc)}; the device cannot be used any more: finished work is kept, "
+                                   "run the same command again to resume") from exc
                 if len(prepared.items) == 1:  # the item failed alone: report it
                     sink.failed([(prepared.items[0].id, failure_line(step, prepared.items[0], exc))])
                     continue

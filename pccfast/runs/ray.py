@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from pccfast.data.fileio import remove_temps_of
-from pccfast.runs.engine import RunError, error_line, run_batch
+from pccfast.runs.engine import RunError, error_line, fatal_device_error, run_batch
 from pccfast.runs.plan import batches, pending
 from pccfast.runs.progress import Progress
 from pccfast.runs.report import BatchStat, RunReport
@@ -69,12 +69,6 @@ def _import_ray():
 # the worker (plain class; wrapped with ray.remote inside run_ray so that importing this
 # module never needs Ray)
 # ------------------------------------------------------------------------------------------
-def _fatal_device_error(exc: BaseException) -> bool:
-    """CUDA errors leave the context unusable: the process has to go and be restarted."""
-    text = str(exc)
-    return type(exc).__name__ == "AcceleratorError" or "CUDA error" in text or "device-side assert" in text
-
-
 class _Worker:
     """One Ray actor: the run's step, built once on the actor's device."""
 
@@ -94,7 +88,7 @@ class _Worker:
         try:
             records, failures, write = run_batch(self.step, items)
         except Exception as exc:
-            if _fatal_device_error(exc):
+            if fatal_device_error(exc):
                 sys.stderr.write(f"pccfast worker {os.getpid()}: {type(exc).__name__}: {exc}; restarting\n")
                 sys.stderr.flush()
                 os._exit(1)  # Ray restarts the actor; the driver hands the batch to another worker

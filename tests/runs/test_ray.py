@@ -16,6 +16,7 @@ from PIL import Image
 
 import functools
 
+from pccfast.core.config import PCCConfig
 from pccfast.cli.generate import main as generate_main
 from pccfast.data.fileio import read_jsonl
 from pccfast.data.layout import sample_paths as dataset_paths
@@ -173,10 +174,10 @@ def test_every_batch_once_failing_batch_retried_item_by_item_cuda_error_restarts
     """Every item committed once; the poisoned batch is run again item by item, so its good item is
     written and only the poisoned one reported; the (simulated) CUDA error ends its worker's process,
     which Ray restarts, and the batch is redone."""
-    from pccfast.runs.ray import _fatal_device_error
+    from pccfast.runs.engine import fatal_device_error
 
-    assert _fatal_device_error(RuntimeError("CUDA error: device-side assert triggered"))
-    assert not _fatal_device_error(RuntimeError("shape mismatch"))
+    assert fatal_device_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not fatal_device_error(RuntimeError("shape mismatch"))
     entries = _entries(20, poison={13})
     report, out = _run_fake(tmp_path, entries, step=CudaErrorOnceStep)
     assert report.workers == 2 and report.restarts == 1
@@ -303,3 +304,78 @@ def test_ray_worker_killed_mid_run(ray, single_process, shared_prompts, tmp_path
     assert killed, "the run ended before a worker could be killed"
     assert "died" in capsys.readouterr().err
     _compare(out, single_process, 8)
+
+
+# --- relabel through the same engine ---------------------------------------------------------
+class SlowRelabelStep:
+    """The real relabel step, slowed down so that a worker can be killed while it is busy."""
+
+    name = "relabel"
+
+    def __init__(self, images_dir, out, device="cpu"):
+        from pccfast.data.masks import MaskWriter
+        from pccfast.runs.relabel import RelabelStep
+
+        self.inner = RelabelStep(PCCConfig(), VOC, images_dir, MaskWriter(out, VOC), device=device, readers=0)
+
+    def prepare(self, items):
+        return self.inner.prepare(items)
+
+    def process(self, prepared):
+        time.sleep(0.3)
+        return self.inner.process(prepared)
+
+    def write(self, prepared, result):
+        return self.inner.write(prepared, result)
+
+
+def _files(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_relabel_ray_two_workers_equal_one_process(ray, tmp_path):
+    from pccfast.cli.relabel import main as relabel_main
+    from pccfast.testing.fixtures import make_dataset
+
+    captures, images, _ = make_dataset(str(tmp_path), n=6)
+    base = ["--captures", captures, "--images", images, "--device", "cpu", "--no-progress", "--batch", "2"]
+    assert relabel_main(base + ["--out", str(tmp_path / "one")]) == 0
+    assert relabel_main(base + ["--out", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "ray")
+    assert one == two and len(one) == 6 + 1  # six masks and labelset.json, byte for byte
+
+
+def test_relabel_worker_killed_loses_nothing(ray, tmp_path):
+    """SIGKILL to a busy relabel worker: Ray restarts it, its batch is redone, every mask is
+    there once, byte-equal to a run in this process, and no temporary file is left."""
+    from pccfast.data.masks import MaskStore, find_inputs
+    from pccfast.runs.ray import run_ray
+    from pccfast.runs.relabel import relabel_dir
+    from pccfast.testing.fixtures import make_dataset
+
+    captures, images, _ = make_dataset(str(tmp_path), n=12)
+    relabel_dir(captures, images, str(tmp_path / "one"), device="cpu", batch=2, workers=0)
+    out = str(tmp_path / "killed")
+    killed = []
+
+    def killer():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            busy = _worker_pids(busy=True)
+            masks = os.path.join(out, "SegmentationClass")
+            if busy and os.path.isdir(masks) and len(os.listdir(masks)) >= 2:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    report = run_ray(functools.partial(SlowRelabelStep, images, out), find_inputs(captures, images),
+                     MaskStore(out, VOC), batch=2, workers=2, progress=False)
+    thread.join()
+    assert killed, "the run ended before a worker could be killed"
+    assert report.failures == [] and report.restarts >= 1 and sorted(report.written) == sorted(set(report.written))
+    assert len(report.written) == 12
+    assert _files(out) == _files(tmp_path / "one")
+    assert _temp_files(out) == []

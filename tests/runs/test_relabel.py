@@ -369,3 +369,25 @@ def test_labeller_crash_propagates(tmp_path, fake, monkeypatch):
         with pytest.raises(MemoryError, match="pretend"):
             relabel_dir(captures, images, str(tmp_path / "out"), device="cpu", workers=workers)
         assert not _relabel_threads()
+
+
+# ------------------------------------------------------------------------------------------
+# sharding through the run engine (the real labeller)
+# ------------------------------------------------------------------------------------------
+def test_shards_write_every_mask_exactly_once(tmp_path, capsys):
+    """relabel --shard 0/2 and --shard 1/2 into one folder: every mask once, byte-equal to the
+    unsharded run; each shard's summary counts only its own captures."""
+    captures, images, _ = make_dataset(str(tmp_path), n=7)
+    base = ["--captures", captures, "--images", images, "--device", "cpu", "--no-progress", "--batch", "2"]
+    assert main(base + ["--out", str(tmp_path / "all")]) == 0
+    shared = str(tmp_path / "shared")
+    assert main(base + ["--out", shared, "--shard", "0/2"]) == 0
+    assert "4 masks written" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(shared, "SegmentationClass"))) == ["0.png", "2.png", "4.png", "6.png"]
+    assert main(base + ["--out", shared, "--shard", "1/2", "--batch", "3"]) == 0  # the split ignores the batch
+    assert "3 masks written, 0 already done" in capsys.readouterr().err
+    assert all_files(shared) == all_files(str(tmp_path / "all"))
+    for f in all_files(shared):
+        assert open(os.path.join(shared, f), "rb").read() == open(os.path.join(tmp_path, "all", f), "rb").read(), f
+    assert main(base + ["--out", shared, "--shard", "1/2"]) == 0  # resume: nothing left
+    assert "0 masks written, 3 already done" in capsys.readouterr().err
