@@ -33,6 +33,8 @@ __all__ = [
     "label_set_from_args",
     "positive_int",
     "fail",
+    "report_error",
+    "error_text",
     "add_scaleout_arguments",
     "check_scaleout_arguments",
     "report_run",
@@ -204,11 +206,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fail(msg: str, code: int = 2) -> typing.NoReturn:
-    """Print ``error: msg`` as one line on stderr and exit with ``code`` (default 2, as argparse)."""
-    line = "; ".join(part.strip() for part in str(msg).splitlines() if part.strip())
-    print(f"error: {line}", file=sys.stderr)
-    raise SystemExit(code)
+def error_text(error: "str | BaseException") -> str:
+    """One line for an error: an OSError as ``FILE: reason``, anything else by its message
+    with its lines joined by '; '."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return "; ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+def report_error(error: "str | BaseException", code: int = 2) -> int:
+    """Print ``error: <one line>`` on stderr; returns ``code`` (default 2, as argparse) for ``main``."""
+    print(f"error: {error_text(error)}", file=sys.stderr)
+    return code
+
+
+def fail(msg: "str | BaseException", code: int = 2) -> typing.NoReturn:
+    """Print ``error: <one line>`` on stderr and exit with ``code`` (default 2, as argparse)."""
+    raise SystemExit(report_error(msg, code))
 
 
 def add_scaleout_arguments(parser: argparse.ArgumentParser, what: str) -> None:

@@ -1,1 +1,56 @@
-from pccfast.tools.evaluate import build_parser, main  # noqa: F401
+"""``python -m pccfast.evaluate PRED GT``: per-class IoU, mIoU and accuracy of masks against ground truth."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pccfast.cli.common import report_error
+from pccfast.data.fileio import atomic_write_bytes
+from pccfast.data.labelsets import get_label_set
+from pccfast.tools.evaluate import default_label_set, evaluate_dirs, mask_dir
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pccfast.evaluate",
+        description="Score predicted masks against ground-truth masks: per-class IoU and accuracy, mIoU and pixel "
+        "accuracy (VOC convention: ground-truth 255 ignored; a prediction of 255 or any label outside the set "
+        "counts as wrong). Masks are paired by file name <id>.png.",
+    )
+    p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predicted masks (or a pccfast dataset root)")
+    p.add_argument("gt_dir", metavar="GT_DIR", help="folder of ground-truth masks, e.g. VOC2012/SegmentationClass")
+    p.add_argument("--label-set", default=None, metavar="NAME|FILE",
+                   help="label set: voc, coco or a JSON/YAML file (default: PRED_DIR's dataset labelset.json if "
+                   "present, else voc)")
+    p.add_argument("--ids", default=None, metavar="FILE",
+                   help="score only the ids listed in FILE, one per line (e.g. ImageSets/Segmentation/val.txt)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report (scores, confusion matrix, "
+                   "unmatched ids) as JSON to FILE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ls = get_label_set(args.label_set or default_label_set(args.pred_dir))
+        ids = None
+        if args.ids:
+            with open(args.ids, encoding="utf-8") as f:
+                ids = [s.split()[0] for s in f if s.strip()]
+        report = evaluate_dirs(args.pred_dir, args.gt_dir, ls, ids=ids)
+        if report.n_images == 0:
+            raise ValueError(f"no image is in both {mask_dir(args.pred_dir)} and {mask_dir(args.gt_dir)}")
+    except (ValueError, OSError) as e:
+        return report_error(e)
+    print(f"label set: {ls.name}")
+    print(report.table())
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(report.to_json(), indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Prompt files in, :class:`PromptEntry` lists out; a built-in prompt bank; the bank CLI.
+"""Prompt files in, :class:`PromptEntry` lists out; a built-in prompt bank.
 
 Three prompt-file formats are read (the format is told by the first non-blank character,
 ``.txt`` files are always text):
@@ -28,12 +28,10 @@ no id twice (ids compare as file names: ``5`` and ``"5"`` clash). Every error is
 :class:`PromptError` with one line ``FILE:LINE: what was expected``. Repeated class names are
 kept as given (the reference's class text joins them as they are).
 
-Command line (``python -m pccfast.prompts --help``): write a prompt bank for a label set as
-JSON Lines, turn captions into prompts (``--from``), or check a prompt file (``--check``).
+The command line over it is :mod:`pccfast.cli.prompts` (``python -m pccfast.prompts --help``).
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import difflib
 import functools
@@ -42,11 +40,10 @@ import math
 import os
 import random
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from pccfast.data.fileio import atomic_write_bytes, check_id
+from pccfast.data.fileio import check_id
 from pccfast.data.labelsets import get_label_set
 from pccfast.core.labelset import VOC_CLASSES, LabelSet
 
@@ -64,7 +61,7 @@ __all__ = [
     "RELATION_TEMPLATES",
     "VOC_PAIRS",
     "VOC_SYNONYMS",
-    "main",
+    "DEFAULT_PER_CLASS",
 ]
 
 
@@ -561,73 +558,3 @@ def captions_to_prompts(lines, label_set, *, per_class: int | None = None) -> li
         counts.update(found)
         out.append({"id": len(out), "prompt": caption, "classes": found})
     return out
-
-
-# ------------------------------------------------------------------------------------------
-# command line
-# ------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pccfast.prompts",
-        description="Write a prompt bank as JSON Lines ({\"id\", \"prompt\", \"classes\"} per line, readable by "
-        "python -m pccfast.generate --prompts), turn captions into prompts, or check a prompt file.",
-    )
-    p.add_argument("--label-set", default="voc", metavar="NAME|FILE",
-                   help="label set: voc, coco, or a JSON/YAML label-set file; its optional 'synonyms' "
-                   "({class: [words]}) extend caption matching (default: %(default)s)")
-    p.add_argument("--per-class", type=int, default=None, metavar="N",
-                   help=f"prompts anchored on each class (bank; default {DEFAULT_PER_CLASS}); with --from: keep a "
-                   "caption only while one of its classes has fewer than N kept captions (default: no cap)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the template and partner choices (bank only; default: %(default)s)")
-    p.add_argument("--pair-share", type=float, default=0.4, metavar="P",
-                   help="share of each class's prompts that name a second class (bank only; default: %(default)s)")
-    p.add_argument("--from", dest="captions", default=None, metavar="CAPTIONS.txt",
-                   help="instead of templates, one caption per line: keep captions that name a class (by its "
-                   "name or a synonym, e.g. 'couch' -> sofa for VOC) with the classes found")
-    p.add_argument("--out", default=None, metavar="FILE", help="output JSON Lines file (default: standard output)")
-    p.add_argument("--check", default=None, metavar="FILE",
-                   help="only read a prompt file (JSON list, JSON Lines or text) with the label set and print a "
-                   "summary, or the first error as FILE:LINE: message")
-    return p
-
-
-def _summary(entries: list[PromptEntry]) -> str:
-    counts = Counter(c for e in entries for c in set(e.classes))
-    lines = [f"{len(entries)} prompts" + (f", indices {entries[0].index}..{entries[-1].index}" if entries else "")]
-    lines += [f"  {c:<16} {n:>7}" for c, n in counts.most_common()]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        label_set = get_label_set(args.label_set)
-        if args.per_class is not None and args.per_class < 0:
-            raise ValueError(f"`--per-class` has to be >= 0 but is {args.per_class}")
-        if args.check:
-            summary = _summary(read_prompts(args.check, label_set))
-        elif args.captions:
-            with open(args.captions, encoding="utf-8") as f:
-                records = captions_to_prompts(f, label_set, per_class=args.per_class)
-        else:
-            per_class = DEFAULT_PER_CLASS if args.per_class is None else args.per_class
-            records = prompt_bank(label_set, per_class, seed=args.seed, pair_share=args.pair_share)
-    except (ValueError, OSError) as e:
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    if args.check:
-        print(summary)
-        return 0
-    text = "".join(json.dumps({k: r[k] for k in ("id", "prompt", "classes")}, ensure_ascii=False) + "\n" for r in records)
-    if args.out:
-        atomic_write_bytes(args.out, text.encode("utf-8"))
-        print(f"{len(records)} prompts -> {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,11 +12,9 @@ Command line: ``python -m pccfast.evaluate PRED_DIR GT_DIR`` prints a table (see
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 
 from pccfast.data.fileio import atomic_write_bytes, load_mask
 from pccfast.data.labelsets import get_label_set
+from pccfast.data.layout import LABELSET, MASKS
 
 __all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "main"]
 
@@ -182,7 +181,7 @@ class EvalReport:
 
 def mask_dir(path: str) -> str:
     """``path`` itself, or its ``SegmentationClass`` folder when ``path`` is a dataset root."""
-    sub = os.path.join(path, "SegmentationClass")
+    sub = os.path.join(path, MASKS)
     if os.path.isdir(sub) and not any(n.lower().endswith(".png") for n in os.listdir(path)):
         return sub
     return path
@@ -231,55 +230,10 @@ def evaluate_dirs(pred_dir: str, gt_dir: str, label_set="voc", *, ids=None) -> E
     return EvalReport.from_confusion(cm, ls.classes, n, only_in_pred=only_pred, only_in_gt=only_gt, missing=missing)
 
 
-def _default_label_set(pred_dir: str) -> str:
+def default_label_set(pred_dir: str) -> str:
     """The prediction dataset's labelset.json if there is one, else voc."""
     for root in (pred_dir, os.path.dirname(os.path.normpath(pred_dir))):
-        f = os.path.join(root, "labelset.json")
+        f = os.path.join(root, LABELSET)
         if os.path.isfile(f):
             return f
     return "voc"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pccfast.evaluate",
-        description="Score predicted masks against ground-truth masks: per-class IoU and accuracy, mIoU and pixel "
-        "accuracy (VOC convention: ground-truth 255 ignored; a prediction of 255 or any label outside the set "
-        "counts as wrong). Masks are paired by file name <id>.png.",
-    )
-    p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predicted masks (or a pccfast dataset root)")
-    p.add_argument("gt_dir", metavar="GT_DIR", help="folder of ground-truth masks, e.g. VOC2012/SegmentationClass")
-    p.add_argument("--label-set", default=None, metavar="NAME|FILE",
-                   help="label set: voc, coco or a JSON/YAML file (default: PRED_DIR's dataset labelset.json if "
-                   "present, else voc)")
-    p.add_argument("--ids", default=None, metavar="FILE",
-                   help="score only the ids listed in FILE, one per line (e.g. ImageSets/Segmentation/val.txt)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the report (scores, confusion matrix, "
-                   "unmatched ids) as JSON to FILE")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        ls = get_label_set(args.label_set or _default_label_set(args.pred_dir))
-        ids = None
-        if args.ids:
-            with open(args.ids, encoding="utf-8") as f:
-                ids = [s.split()[0] for s in f if s.strip()]
-        report = evaluate_dirs(args.pred_dir, args.gt_dir, ls, ids=ids)
-        if report.n_images == 0:
-            raise ValueError(f"no image is in both {mask_dir(args.pred_dir)} and {mask_dir(args.gt_dir)}")
-    except (ValueError, OSError) as e:
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    print(f"label set: {ls.name}")
-    print(report.table())
-    if args.json:
-        atomic_write_bytes(args.json, (json.dumps(report.to_json(), indent=1) + "\n").encode())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

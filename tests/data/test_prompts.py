@@ -5,6 +5,7 @@ import pytest
 
 from pccfast.core.labelset import LabelSet
 from pccfast.data.labelsets import get_label_set
+from pccfast.cli.prompts import main
 from pccfast.data.prompts import (
     PAIR_TEMPLATES,
     RELATION_TEMPLATES,
@@ -15,7 +16,6 @@ from pccfast.data.prompts import (
     builtin_prompts,
     captions_to_prompts,
     find_classes,
-    main,
     prompt_bank,
     read_prompts,
 )

@@ -6,7 +6,8 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from pccfast.tools.evaluate import EvalReport, confusion_matrix, evaluate_dirs, main, scores
+from pccfast.cli.evaluate import main
+from pccfast.tools.evaluate import EvalReport, confusion_matrix, evaluate_dirs, scores
 from pccfast.data.fileio import save_mask_png
 from pccfast.data.labelsets import get_label_set
 
