@@ -16,8 +16,9 @@ from pccfast.core.checks import check_tensor
 from pccfast.core.blocky import blocky_mask
 from pccfast.core.config import PCCConfig
 from pccfast.core.refine import refine_mask
+from pccfast.core.resize import resize
 
-__all__ = ["LabelResult", "label_images", "upsample_nearest", "Labeller"]
+__all__ = ["LabelResult", "label_images", "Labeller"]
 
 
 @dataclass
@@ -33,12 +34,6 @@ class LabelResult:
     mask: Tensor
     blocky: Optional[Tensor] = None
     blocky_full: Optional[Tensor] = None
-
-
-def upsample_nearest(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest upsampling by whole factors. labels: (B, h, w) -> (B, H, W), H % h == W % w == 0."""
-    fh, fw = size[0] // labels.shape[-2], size[1] // labels.shape[-1]
-    return labels.repeat_interleave(fh, dim=-2).repeat_interleave(fw, dim=-1)
 
 
 def _check_inputs(features: Tensor, class_attention: Tensor, images: Tensor, cfg: PCCConfig) -> None:
@@ -111,7 +106,7 @@ def label_images(
     cfg = cfg or PCCConfig()
     _check_inputs(features, class_attention, images, cfg)
     blocky = blocky_mask(features, class_attention, cfg, generator)  # (B, h, w)
-    blocky_full = upsample_nearest(blocky, tuple(images.shape[-2:]))  # (B, H, W)
+    blocky_full = resize(blocky, tuple(images.shape[-2:]), mode="nearest")  # (B, H, W)
     mask = refine_mask(images, blocky_full, cfg, generator) if cfg.refine else blocky_full.clone()
     if not return_blocky:
         return LabelResult(mask=mask)

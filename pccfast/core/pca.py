@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pccfast.core.checks import check_tensor, local_generator
 from pccfast.core.config import PCCConfig
+from pccfast.core.resize import resize
 
 __all__ = ["headwise_pca", "headwise_features", "pca_components"]
 
@@ -225,9 +225,6 @@ def headwise_features(
                          f"{out.dtype} {tuple(out.shape)}")
     if side == grid:
         out.copy_(proj)
-    elif grid % side == 0:  # nearest upsampling by an integer factor: a broadcast copy
-        f = grid // side
-        out.view(b, heads * c, side, f, side, f).copy_(proj[:, :, :, None, :, None].expand(-1, -1, -1, f, -1, f))
     else:
-        out.copy_(F.interpolate(proj, size=(grid, grid), mode="nearest"))  # (B, heads*c, grid, grid)
+        out.copy_(resize(proj, (grid, grid), mode="nearest"))  # (B, heads*c, grid, grid)
     return out

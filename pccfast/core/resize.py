@@ -1,27 +1,89 @@
-"""Every resampling pccfast does, in one place (the reference's semantics).
+"""Every resampling pccfast does, in one place, with the reference's semantics.
 
-STUB: the helper building this module replaces the body with kornia.
+``resize`` is ``kornia.geometry.transform.resize`` with its options pinned to what the
+reference computes: ``"bilinear"`` is ``F.interpolate(mode="bilinear", align_corners=False)``
+without antialiasing, ``"nearest"`` is ``F.interpolate(mode="nearest")`` (source index
+``floor(i * H / h)``; upscaling by a whole factor ``f`` repeats every pixel ``f`` times, like
+``repeat_interleave``). Results are bit-identical to ``F.interpolate`` on the same tensor.
+
+Two details keep them so:
+
+* a 4-D input ``(B, C, H, W)`` is handed over as it is, never refolded: torch's CPU bilinear
+  kernel rounds differently (by up to 1 ulp) for ``(B, C)`` and ``(B * C, 1)`` planes, so a
+  refold would change today's results. Other ranks are folded the way kornia folds them:
+  ``(H, W) -> (1, 1, H, W)``, ``(C, H, W) -> (1, C, H, W)``, ``(*, C, H, W) -> (prod(*), C, H, W)``.
+* ``F.interpolate`` takes floating-point and uint8 tensors only. For "nearest" on any other
+  dtype (int64 labels, bool masks, ...) the rows and columns that kornia's nearest picks are
+  read off two float32 index vectors and gathered, which keeps the dtype and the values.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
+import operator
+from typing import Sequence
+
+import torch
+from kornia.geometry.transform import resize as _kornia_resize
 from torch import Tensor
 
-__all__ = ["resize"]
+from pccfast.core.checks import check_tensor
+
+__all__ = ["resize", "MODES"]
+
+MODES = ("bilinear", "nearest")
+
+
+def _check(x: object, size: object, mode: object) -> tuple[int, int]:
+    """Validate the arguments of ``resize``; return ``size`` as a pair of ints."""
+    check_tensor(x, "x")  # a tensor
+    if x.ndim < 2:
+        raise ValueError(f"`x` has to have at least 2 dimensions (*, H, W) but has shape {tuple(x.shape)}")
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"`x` has to have H and W of at least 1 but has shape {tuple(x.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"`mode` has to be one of {MODES} but is {mode!r}")
+    try:
+        if not isinstance(size, Sequence) or len(size) != 2 or any(isinstance(s, bool) for s in size):
+            raise TypeError
+        h, w = operator.index(size[0]), operator.index(size[1])
+    except TypeError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ValueError(f"`size` has to be a pair of positive ints (h, w) but is {size!r}")
+    if x.is_complex():
+        raise TypeError(f"`x` has to be a real tensor but has dtype {x.dtype}")
+    if mode == "bilinear" and not (x.is_floating_point() or x.dtype == torch.uint8):
+        raise TypeError(f"`x` has to be floating point or uint8 for mode 'bilinear' but has dtype {x.dtype}")
+    return h, w
+
+
+def _nearest_index(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """The source indices (n_out,) int64 that nearest resampling reads along one axis."""
+    src = torch.arange(n_in, device=device, dtype=torch.float32).view(n_in, 1)  # (n_in, 1), exact below 2**24
+    return _kornia_resize(src, (n_out, 1), interpolation="nearest").view(n_out).long()  # (n_out,)
 
 
 def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
-    """Resample the last two dimensions of ``x: (*, H, W)`` to ``size = (h, w)``.
+    """Resample the last two dimensions of ``x`` to ``size``.
 
-    ``mode``: "bilinear" (align_corners=False, no antialiasing) or "nearest" (torch's
-    nearest: source index floor(i * H / h)).
+    Args:
+        x: (*, H, W) floating point or uint8 for "bilinear"; any real dtype for "nearest".
+        size: (h, w), positive ints.
+        mode: "bilinear" (align_corners=False, no antialiasing) or "nearest" (torch's
+            nearest: source index floor(i * H / h)).
+
+    Returns:
+        (*, h, w), the dtype and device of ``x`` (a new tensor, also when ``size == (H, W)``).
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or its dtype does not suit ``mode``.
+        ValueError: ``x`` has fewer than 2 dimensions or an empty H or W, ``size`` is not two
+            positive ints, or ``mode`` is unknown.
     """
-    lead = x.shape[:-2]
-    y = x.reshape(-1, 1, *x.shape[-2:])
+    h, w = _check(x, size, mode)
     if mode == "bilinear":
-        y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
-    elif mode == "nearest":
-        y = F.interpolate(y, size=tuple(size), mode="nearest")
-    else:
-        raise ValueError(f"`mode` has to be 'bilinear' or 'nearest' but is {mode!r}")
-    return y.reshape(*lead, *y.shape[-2:])
+        return _kornia_resize(x, (h, w), interpolation="bilinear", align_corners=False, antialias=False)
+    if x.is_floating_point() or x.dtype == torch.uint8:
+        return _kornia_resize(x, (h, w), interpolation="nearest", antialias=False)
+    rows = _nearest_index(x.shape[-2], h, x.device)  # (h,)
+    cols = _nearest_index(x.shape[-1], w, x.device)  # (w,)
+    return x.index_select(-2, rows).index_select(-1, cols)  # (*, h, w)

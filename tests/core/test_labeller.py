@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pccfast.core.config import PCCConfig
-from pccfast.core.labeller import Labeller, LabelResult, label_images, upsample_nearest
+from pccfast.core.labeller import Labeller, LabelResult, label_images
 
 
 def _scene(b=1, grid=64, size=256, d=24, k=21, seed=0):
@@ -75,13 +75,9 @@ def test_refine_off_returns_blocky_full():
     feats, cams, imgs, _ = _scene(grid=16, size=64)
     res = label_images(feats, cams, imgs, PCCConfig(refine=False))
     assert torch.equal(res.mask, res.blocky_full)
-    assert torch.equal(res.blocky_full, upsample_nearest(res.blocky, (64, 64)))
+    assert torch.equal(res.blocky_full, res.blocky.repeat_interleave(4, -2).repeat_interleave(4, -1))
+    assert res.blocky_full.dtype == torch.uint8
     assert label_images(feats, cams, imgs, return_blocky=False).blocky is None
-
-
-def test_upsample_nearest_value():
-    x = torch.tensor([[[1, 2], [3, 4]]], dtype=torch.uint8)
-    assert upsample_nearest(x, (4, 6)).tolist() == [[[1, 1, 1, 2, 2, 2]] * 2 + [[3, 3, 3, 4, 4, 4]] * 2]
 
 
 def test_labeller_class_is_thin():

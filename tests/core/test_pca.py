@@ -114,6 +114,24 @@ def test_headwise_features_layout():
     assert headwise_features(x, 16, cfg).shape == (b, 9, 16, 16)
 
 
+@pytest.mark.parametrize("grid", [32, 64, 40])
+def test_headwise_features_upsampling_is_exact(grid):
+    """Grid upsampling through core.resize is bit-identical to what it replaced: the broadcast
+    copy (repeat_interleave) for whole factors, F.interpolate nearest otherwise."""
+    x = torch.randn(2, 3, 16 * 16, 8, generator=torch.Generator().manual_seed(6))
+    cfg = PCCConfig(pca_method="eigh")
+    small = headwise_features(x, 16, cfg)  # (B, 9, 16, 16)
+    if grid % 16 == 0:
+        f = grid // 16
+        want = small.repeat_interleave(f, -2).repeat_interleave(f, -1)
+    else:
+        want = torch.nn.functional.interpolate(small, size=(grid, grid), mode="nearest")
+    assert torch.equal(headwise_features(x, grid, cfg), want)
+    out = torch.full((2, 12, grid, grid), -1.0)
+    headwise_features(x, grid, cfg, out=out[:, 1:10])  # into a channel slice
+    assert torch.equal(out[:, 1:10], want) and (out[:, 0] == -1).all() and (out[:, 10:] == -1).all()
+
+
 def test_exceptions():
     with pytest.raises(ValueError, match=r"`x` has to have 3 dimensions but has shape \(4, 5\)"):
         headwise_pca(torch.zeros(4, 5))
