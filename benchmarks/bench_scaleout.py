@@ -2,9 +2,9 @@
 
 In one run, on the same prompts and model:
 
-- ``no Ray``: the single-process loop (:func:`pccfast.generate.run_generation`) with every
+- ``no Ray``: the single-process loop (:func:`pccfast.runs.engine.run_local`) with every
   core in one process, pipeline loaded and warmed up before the clock starts;
-- ``ray xN``: :func:`pccfast.distributed.run_ray` with N workers on a local Ray instance
+- ``ray xN``: :func:`pccfast.runs.ray.run_ray` with N workers on a local Ray instance
   (started once, not timed), each worker a fresh actor that loads the pipeline.
 
 For each Ray run the wall time is split into worker-seconds (N workers x wall time):
@@ -33,8 +33,11 @@ import time
 import torch
 
 from pccfast.core.config import PCCConfig
-from pccfast.data.dataset import DatasetWriter
-from pccfast.runs.generate import BatchRunner, GenerationConfig, run_generation
+from pccfast.data.manifest import Manifest
+from pccfast.data.writer import SampleWriter
+from pccfast.diffusion.settings import GenerationConfig
+from pccfast.runs.engine import run_batch, run_local
+from pccfast.runs.generate import GenerateStep
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.prompts import builtin_prompts, read_prompts
 
@@ -64,30 +67,31 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def _baseline(entries, gen, cfg, label_set, tmp, threads):
+def _baseline(entries, gen, batch, cfg, label_set, tmp, threads):
     """Single process with ``threads`` torch threads: load + warm up (not timed), then the timed run."""
     torch.set_num_threads(threads)
-    writer = DatasetWriter(os.path.join(tmp, f"warm{threads}"), label_set)
     t0 = time.perf_counter()
-    runner = BatchRunner(gen, cfg, label_set, writer)
+    step = GenerateStep(gen, cfg, label_set, SampleWriter(os.path.join(tmp, f"warm{threads}"), label_set))
     load = time.perf_counter() - t0
-    runner.run(entries[: gen.batch])  # warm-up
-    writer = DatasetWriter(os.path.join(tmp, f"single{threads}"), label_set)
-    runner.writer = writer
+    run_batch(step, entries[:batch])  # warm-up
+    out = os.path.join(tmp, f"single{threads}")
+    step.writer = SampleWriter(out, label_set)
     t0 = time.perf_counter()
-    report = run_generation(entries, gen, cfg, label_set, writer, progress=False, runner=runner)
+    report = run_local(lambda device: step, entries, Manifest(out, label_set), batch=batch, progress=False)
     wall = time.perf_counter() - t0
     return dict(config=f"no Ray, {threads} thr", workers=1, images=report.done, wall=wall, load=load, steady=report.done / wall,
                 overall=report.done / wall)
 
 
-def _ray_run(entries, gen, cfg, label_set, tmp, workers, cpus, k):
+def _ray_run(entries, gen, batch, cfg, label_set, tmp, workers, cpus, k):
     from pccfast.runs.ray import run_ray
 
-    writer = DatasetWriter(os.path.join(tmp, f"ray{workers}-{cpus}-{k}"), label_set)
-    rep = run_ray(entries, gen, cfg, label_set, writer, workers=workers, cpus_per_worker=cpus, progress=False)
-    if rep.failed:
-        raise RuntimeError(f"ray x{workers}: failed batches {rep.failed}")
+    out = os.path.join(tmp, f"ray{workers}-{cpus}-{k}")
+    make_step = GenerateStep.factory(gen, cfg, label_set, SampleWriter(out, label_set))
+    rep = run_ray(make_step, entries, Manifest(out, label_set), batch=batch, device=gen.device, workers=workers,
+                  cpus_per_worker=cpus, progress=False)
+    if rep.failures:
+        raise RuntimeError(f"ray x{workers}: failed items {rep.failures}")
     wall = rep.seconds - rep.connect_seconds
     stats = rep.batch_stats
     run = sum(s.run for s in stats)
@@ -136,8 +140,7 @@ def main(argv=None) -> int:
 
     label_set = get_label_set("voc")
     cfg = PCCConfig()
-    gen = GenerationConfig(model=args.model, steps=args.steps, height=args.size, width=args.size, batch=args.batch,
-                           device=args.device)
+    gen = GenerationConfig(model=args.model, steps=args.steps, height=args.size, width=args.size, device=args.device)
     if args.prompts:
         entries = read_prompts(args.prompts, label_set, limit=args.n)
     else:
@@ -148,13 +151,13 @@ def main(argv=None) -> int:
     configs = [(w, cores / w) for w in counts] + ([(1, 1.0)] if 1 in counts and cores > 1 else [])
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [_baseline(entries, gen, cfg, label_set, tmp, t) for t in sorted({cores, 1}, reverse=True)]
+        rows = [_baseline(entries, gen, args.batch, cfg, label_set, tmp, t) for t in sorted({cores, 1}, reverse=True)]
         t0 = time.perf_counter()
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         ray_init = time.perf_counter() - t0
         try:
             for w, cpus in configs:
-                runs = [_ray_run(entries, gen, cfg, label_set, tmp, w, cpus, k) for k in range(args.repeats)]
+                runs = [_ray_run(entries, gen, args.batch, cfg, label_set, tmp, w, cpus, k) for k in range(args.repeats)]
                 med = {k: _median([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], float)}
                 med.update(config=runs[0]["config"], workers=w, images=runs[0]["images"],
                            split={k: _median([r["split"][k] for r in runs]) for k in runs[0]["split"]})
