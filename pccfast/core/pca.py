@@ -226,5 +226,5 @@ def headwise_features(
     if side == grid:
         out.copy_(proj)
     else:
-        out.copy_(resize(proj, (grid, grid), mode="nearest"))  # (B, heads*c, grid, grid)
+        resize(proj, (grid, grid), mode="nearest", out=out)  # (B, heads*c, grid, grid)
     return out

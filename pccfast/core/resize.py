@@ -12,6 +12,10 @@ Two details keep them so:
   kernel rounds differently (by up to 1 ulp) for ``(B, C)`` and ``(B * C, 1)`` planes, so a
   refold would change today's results. Other ranks are folded the way kornia folds them:
   ``(H, W) -> (1, 1, H, W)``, ``(C, H, W) -> (1, C, H, W)``, ``(*, C, H, W) -> (prod(*), C, H, W)``.
+* upscaling by whole factors with "nearest" (every use in the labeller: layer grids to the
+  labelling grid, the grid to the image) is a broadcast copy, written straight into ``out``
+  when one is given: the same values as ``repeat_interleave`` (and as ``F.interpolate`` for
+  the power-of-two factors of SD), without an interpolation kernel or an intermediate tensor.
 * ``F.interpolate`` takes floating-point and uint8 tensors only. For "nearest" on any other
   dtype (int64 labels, bool masks, ...) the rows and columns that kornia's nearest picks are
   read off two float32 index vectors and gathered, which keeps the dtype and the values.
@@ -62,7 +66,7 @@ def _nearest_index(n_in: int, n_out: int, device: torch.device) -> Tensor:
     return _kornia_resize(src, (n_out, 1), interpolation="nearest").view(n_out).long()  # (n_out,)
 
 
-def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
+def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear", *, out: Tensor | None = None) -> Tensor:
     """Resample the last two dimensions of ``x`` to ``size``.
 
     Args:
@@ -70,9 +74,12 @@ def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
         size: (h, w), positive ints.
         mode: "bilinear" (align_corners=False, no antialiasing) or "nearest" (torch's
             nearest: source index floor(i * H / h)).
+        out: optional (*, h, w) tensor to write the result into (it may be a view, e.g. a
+            channel slice of a larger tensor); it is returned.
 
     Returns:
-        (*, h, w), the dtype and device of ``x`` (a new tensor, also when ``size == (H, W)``).
+        (*, h, w), the dtype and device of ``x`` (a new tensor, also when ``size == (H, W)``),
+        or ``out``.
 
     Raises:
         TypeError: ``x`` is not a tensor, or its dtype does not suit ``mode``.
@@ -80,6 +87,18 @@ def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
             positive ints, or ``mode`` is unknown.
     """
     h, w = _check(x, size, mode)
+    if out is not None and tuple(out.shape) != (*x.shape[:-2], h, w):
+        raise ValueError(f"`out` has to have shape {(*x.shape[:-2], h, w)} but has shape {tuple(out.shape)}")
+    big_h, big_w = x.shape[-2:]
+    if mode == "nearest" and h % big_h == 0 and w % big_w == 0:  # whole factors: a broadcast copy
+        fh, fw = h // big_h, w // big_w
+        src = x[..., :, None, :, None].expand(*x.shape[:-2], big_h, fh, big_w, fw)  # (*, H, fh, W, fw)
+        if out is None:
+            out = x.new_empty(*x.shape[:-2], h, w)
+        out.unflatten(-1, (big_w, fw)).unflatten(-3, (big_h, fh)).copy_(src)
+        return out
+    if out is not None:
+        return out.copy_(resize(x, (h, w), mode))
     if mode == "bilinear":
         return _kornia_resize(x, (h, w), interpolation="bilinear", align_corners=False, antialias=False)
     if x.is_floating_point() or x.dtype == torch.uint8:

@@ -121,3 +121,18 @@ def test_exception():
         resize(torch.zeros(2, 4, 4, dtype=torch.long), (8, 8))
     with pytest.raises(TypeError, match=r"`x` has to be a real tensor but has dtype torch.complex64"):
         resize(torch.zeros(2, 4, 4, dtype=torch.complex64), (8, 8), "nearest")
+
+
+def test_whole_factor_nearest_into_out_view():
+    """Regression: the PCA writes layer maps into a channel slice of the feature tensor; the
+    whole-factor path copies into that view (no intermediate), equal to F.interpolate."""
+    x = torch.randn(2, 6, 16, 16, generator=torch.Generator().manual_seed(11))
+    big = torch.zeros(2, 10, 64, 64)
+    got = resize(x, (64, 64), "nearest", out=big[:, 2:8])
+    assert got.data_ptr() == big[:, 2:8].data_ptr()
+    assert torch.equal(big[:, 2:8], _reference(x, (64, 64), "nearest"))
+    assert not big[:, :2].any() and not big[:, 8:].any()
+    odd = torch.empty(2, 6, 40, 40)
+    assert torch.equal(resize(x, (40, 40), "nearest", out=odd), _reference(x, (40, 40), "nearest"))
+    with pytest.raises(ValueError, match=r"`out` has to have shape \(2, 6, 64, 64\) but has shape \(2, 6, 32, 32\)"):
+        resize(x, (64, 64), "nearest", out=torch.empty(2, 6, 32, 32))
