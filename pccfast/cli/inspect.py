@@ -1,1 +1,66 @@
-from pccfast.tools.inspection import build_parser, main  # noqa: F401
+"""``python -m pccfast.inspect DATASET``: stats, suspicious images, a contact sheet or an HTML page."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pccfast.cli.common import report_error
+from pccfast.data.fileio import atomic_write_bytes
+from pccfast.tools.inspection import contact_sheet, dataset_label_set, dataset_stats, find_samples, save_sheet, write_html
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pccfast.inspect",
+        description="Inspect a generated dataset (VOC layout): print class shares, uncertain shares and suspicious "
+        "images; draw a contact sheet (PNG) or write an HTML page.",
+    )
+    p.add_argument("dataset", metavar="DATASET", help="dataset folder written by python -m pccfast.generate")
+    p.add_argument("--out", default=None, metavar="FILE.png|FILE.html",
+                   help="contact sheet (.png) or HTML page (.html); default: stats only")
+    p.add_argument("--limit", type=int, default=24, metavar="N",
+                   help="rows on the sheet / page (default: %(default)s; stats always cover every mask)")
+    p.add_argument("--suspicious", action="store_true", help="show only suspicious images on the sheet / page")
+    p.add_argument("--size", type=int, default=160, metavar="PX", help="thumbnail size in pixels (default: %(default)s)")
+    p.add_argument("--uncertain-max", type=float, default=0.9, metavar="SHARE",
+                   help="a mask with a larger uncertain share is suspicious (default: %(default)s)")
+    p.add_argument("--label-set", default=None, metavar="NAME|FILE",
+                   help="label set (default: the dataset's labelset.json, else voc)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the stats (per class, per image) as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.limit < 0 or args.size < 8:
+            raise ValueError(f"`--limit` has to be >= 0 and `--size` >= 8 but are {args.limit} and {args.size}")
+        if args.out and not args.out.lower().endswith((".png", ".html", ".htm")):
+            raise ValueError(f"`--out` has to end in .png or .html but is {args.out!r}")
+        ls = dataset_label_set(args.dataset, args.label_set)
+        samples = find_samples(args.dataset)
+        stats = dataset_stats(samples, ls, args.uncertain_max)
+    except (ValueError, OSError) as e:
+        return report_error(e)
+    print(stats.summary(args.dataset))
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(stats.to_json(), indent=1) + "\n").encode())
+    if args.out:
+        bad = {s.id for s in stats.suspicious}
+        rows = [s for s in samples if not args.suspicious or s.id in bad][: args.limit]
+        title = f"{os.path.abspath(args.dataset)}: {len(rows)} of {len(samples)} images, label set {ls.name}"
+        if args.out.lower().endswith(".png"):
+            sheet = contact_sheet(rows, ls, size=args.size, stats={s.id: s for s in stats.images}, title=title)
+            save_sheet(sheet, args.out)
+        else:
+            write_html(args.out, rows, stats, size=args.size, title=title)
+        print(f"-> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

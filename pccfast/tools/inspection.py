@@ -1,6 +1,7 @@
 """Look at a generated dataset: a contact sheet (PNG) or an HTML page, stats and suspicious images.
 
-``python -m pccfast.inspect DATASET [--out sheet.png|page.html] [--limit N]`` reads the VOC
+``python -m pccfast.inspect DATASET [--out sheet.png|page.html] [--limit N]`` (the command is
+:mod:`pccfast.cli.inspect`) reads the VOC
 layout written by ``generate`` (``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``,
 optional ``SegmentationClassBlocky/<id>.png``, ``manifest.jsonl``, ``labelset.json``) and
 
@@ -13,19 +14,14 @@ optional ``SegmentationClassBlocky/<id>.png``, ``manifest.jsonl``, ``labelset.js
   image | blocky mask overlay (when the dataset has blocky masks) | refined mask overlay, with
   a legend of the classes shown (PNG), or writes an HTML page whose table refers to the
   dataset's own files by relative path (only files that exist).
-
-The module is named like the standard library's ``inspect``; run it as ``python -m
-pccfast.inspect`` (never as a script path) and import it as ``pccfast.inspect``.
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -35,6 +31,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pccfast.data.fileio import atomic_write_bytes, load_mask, read_jsonl
 from pccfast.data.labelsets import get_label_set
+from pccfast.data.layout import BLOCKY, IMAGE_EXTS, IMAGES, LABELSET, MANIFEST, MASKS
 from pccfast.core.labelset import LabelSet
 
 __all__ = [
@@ -50,11 +47,10 @@ __all__ = [
     "ContactSheet",
     "save_sheet",
     "write_html",
-    "main",
+    "dataset_label_set",
 ]
 
-IMAGES, MASKS, BLOCKY = "JPEGImages", "SegmentationClass", "SegmentationClassBlocky"
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+_IMAGE_EXTS = IMAGE_EXTS
 
 
 @dataclass
@@ -92,7 +88,7 @@ def find_samples(root: str) -> list[Sample]:
     masks = _stems(os.path.join(root, MASKS), (".png",))
     blocky = _stems(os.path.join(root, BLOCKY), (".png",))
     records = {}
-    for r in read_jsonl(os.path.join(root, "manifest.jsonl")):
+    for r in read_jsonl(os.path.join(root, MANIFEST)):
         if isinstance(r, dict) and "id" in r:
             records.setdefault(str(r["id"]), r)
     ids = list(records) + sorted((set(images) | set(masks)) - set(records), key=_natural)
@@ -436,57 +432,9 @@ def write_html(path: str, samples: list[Sample], stats: DatasetStats, *, size: i
 # ------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pccfast.inspect",
-        description="Inspect a generated dataset (VOC layout): print class shares, uncertain shares and suspicious "
-        "images; draw a contact sheet (PNG) or write an HTML page.",
-    )
-    p.add_argument("dataset", metavar="DATASET", help="dataset folder written by python -m pccfast.generate")
-    p.add_argument("--out", default=None, metavar="FILE.png|FILE.html",
-                   help="contact sheet (.png) or HTML page (.html); default: stats only")
-    p.add_argument("--limit", type=int, default=24, metavar="N",
-                   help="rows on the sheet / page (default: %(default)s; stats always cover every mask)")
-    p.add_argument("--suspicious", action="store_true", help="show only suspicious images on the sheet / page")
-    p.add_argument("--size", type=int, default=160, metavar="PX", help="thumbnail size in pixels (default: %(default)s)")
-    p.add_argument("--uncertain-max", type=float, default=0.9, metavar="SHARE",
-                   help="a mask with a larger uncertain share is suspicious (default: %(default)s)")
-    p.add_argument("--label-set", default=None, metavar="NAME|FILE",
-                   help="label set (default: the dataset's labelset.json, else voc)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the stats (per class, per image) as JSON")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.limit < 0 or args.size < 8:
-            raise ValueError(f"`--limit` has to be >= 0 and `--size` >= 8 but are {args.limit} and {args.size}")
-        if args.out and not args.out.lower().endswith((".png", ".html", ".htm")):
-            raise ValueError(f"`--out` has to end in .png or .html but is {args.out!r}")
-        own = os.path.join(args.dataset, "labelset.json")
-        ls = get_label_set(args.label_set or (own if os.path.isfile(own) else "voc"))
-        samples = find_samples(args.dataset)
-        stats = dataset_stats(samples, ls, args.uncertain_max)
-    except (ValueError, OSError) as e:
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    print(stats.summary(args.dataset))
-    if args.json:
-        atomic_write_bytes(args.json, (json.dumps(stats.to_json(), indent=1) + "\n").encode())
-    if args.out:
-        bad = {s.id for s in stats.suspicious}
-        rows = [s for s in samples if not args.suspicious or s.id in bad][: args.limit]
-        title = f"{os.path.abspath(args.dataset)}: {len(rows)} of {len(samples)} images, label set {ls.name}"
-        if args.out.lower().endswith(".png"):
-            sheet = contact_sheet(rows, ls, size=args.size, stats={s.id: s for s in stats.images}, title=title)
-            save_sheet(sheet, args.out)
-        else:
-            write_html(args.out, rows, stats, size=args.size, title=title)
-        print(f"-> {args.out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def dataset_label_set(dataset: str, name: str | None = None) -> LabelSet:
+    """``name`` (a label set name or file), else the dataset's own labelset.json, else voc."""
+    own = os.path.join(dataset, LABELSET)
+    return get_label_set(name or (own if os.path.isfile(own) else "voc"))
