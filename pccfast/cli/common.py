@@ -32,6 +32,7 @@ __all__ = [
     "add_label_set_argument",
     "label_set_from_args",
     "positive_int",
+    "run_settings",
     "fail",
     "report_error",
     "error_text",
@@ -193,6 +194,12 @@ def label_set_from_args(args: argparse.Namespace) -> LabelSet:
         return get_label_set(args.label_set)
     except OSError as e:
         raise ValueError(f"`--label-set` {args.label_set!r} cannot be read: {e.strerror or e}") from None
+
+
+def run_settings(args: argparse.Namespace) -> tuple[LabelSet, PCCConfig, torch.device]:
+    """What every labelling command reads first: ``--label-set``, the labeller options and
+    ``--device``; ValueError with one line for any of them."""
+    return label_set_from_args(args), config_from_args(args), device_from_args(args)
 
 
 def positive_int(text: str) -> int:

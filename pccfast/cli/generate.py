@@ -4,11 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from pccfast.cli.common import (
-    add_config_arguments, add_label_set_argument, add_scaleout_arguments, check_scaleout_arguments, config_from_args,
-    fail, interrupted, label_set_from_args, report_run,
+    add_config_arguments, add_label_set_argument, add_scaleout_arguments, check_scaleout_arguments, fail, interrupted,
+    report_run, run_settings,
 )
 from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
 
@@ -62,12 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        label_set = label_set_from_args(args)
-        cfg = config_from_args(args)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
+        label_set, cfg, device = run_settings(args)
+        dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
         settings = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance, height=args.height,
-                                    width=args.width, seed=args.seed, device=device, dtype=dtype)
+                                    width=args.width, seed=args.seed, device=str(device), dtype=dtype)
         if args.batch < 1:
             raise ValueError(f"`--batch` has to be at least 1 but is {args.batch}")
         if not 1 <= args.jpeg_quality <= 100:

@@ -7,8 +7,7 @@ import sys
 
 from pccfast.cli.common import (
     add_config_arguments, add_device_arguments, add_label_set_argument, add_scaleout_arguments,
-    check_scaleout_arguments, config_from_args, device_from_args, fail, interrupted, label_set_from_args,
-    positive_int, report_run,
+    check_scaleout_arguments, fail, interrupted, positive_int, report_run, run_settings,
 )
 
 __all__ = ["build_parser", "main"]
@@ -58,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        label_set = label_set_from_args(args)
-        cfg = config_from_args(args)
-        device = device_from_args(args)
+        label_set, cfg, device = run_settings(args)
         if args.io_threads < 0:
             raise ValueError(f"`--io-threads` has to be >= 0 but is {args.io_threads}")
         if args.workers is not None and args.ray is None:
