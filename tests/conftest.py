@@ -38,9 +38,22 @@ def dtype(request):
     return request.param
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_prompts():
     """Path of the shared 44k-prompt file; skips where ../shared is absent (a user's clone)."""
     if not os.path.exists(SHARED_PROMPTS):
         pytest.skip(f"needs ../shared/data/datadif_prompts_voc.json (not found at {SHARED_PROMPTS})")
     return SHARED_PROMPTS
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The tiny seeded Stable Diffusion pipeline (seed 0, CPU, float32), built once per session.
+
+    Tests must leave it as they found it (the capture restores the attention processors it
+    replaced); a test that needs a pipeline of its own builds one."""
+    from pccfast.diffusion.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

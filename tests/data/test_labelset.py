@@ -47,7 +47,9 @@ def test_custom_json_and_dict():
     assert ls.palette[1] == (200, 0, 0) and ls.palette[250] == (224, 224, 192) and ls.ignore_index == 250
     assert ls.palette[3] == voc_palette()[3]  # entries past the classes: the VOC colours
     assert ls.index("pear") == 2 and ls.synonyms == {"pear": ["conference pear"]}
-    assert isinstance(hash(ls), int)
+    # frozen: usable as a dict key, equal sets hash equal, another set is another key
+    again, coco = get_label_set(data), get_label_set("coco")
+    assert hash(again) == hash(ls) and {ls: 1, again: 2, coco: 3} == {ls: 2, coco: 3}
 
 
 def test_yaml(tmp_path):

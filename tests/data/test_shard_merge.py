@@ -224,26 +224,17 @@ def test_merge_errors(tmp_path, capsys):
     assert "no finished samples" in capsys.readouterr().err
 
 
-def test_help(capsys):
-    with pytest.raises(SystemExit) as exc:
-        merge_main(["--help"])
-    assert exc.value.code == 0
-    text = capsys.readouterr().out
-    assert "--out" in text and "--shard I/N" in text
-
-
 # --- end to end on the tiny model ----------------------------------------------------------
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--batch", "4"]
 
 
 @pytest.mark.slow
-def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts):
+def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts, tiny_pipe):
     """Shard 0/2 through the CLI, shard 1/2 (another batch size) and the unsharded run through
     run_generation with one loaded pipeline (as the CLI does); the merge equals the unsharded run."""
     from pccfast.cli.generate import main as generate_main
     from pccfast.core.config import PCCConfig
     from pccfast.data.prompts import read_prompts
-    from pccfast.diffusion.pipeline import load_pipeline
     from pccfast.diffusion.settings import GenerationConfig
     from pccfast.runs.generate import run_generation
 
@@ -251,7 +242,7 @@ def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts):
     assert generate_main(["--prompts", shared_prompts, "--limit", "8", *TINY, "--out", str(shared), "--shard", "0/2"]) == 0
     entries = read_prompts(shared_prompts, VOC, limit=8)
     settings, cfg = GenerationConfig(model="tiny", steps=2, height=64, width=64), PCCConfig()
-    pipe = load_pipeline("tiny")
+    pipe = tiny_pipe
     assert run_generation(entries, settings, cfg, VOC, str(ref), batch=4, progress=False, pipe=pipe).done == 8
     # the split ignores the batch size
     assert run_generation(select_shard(entries, (1, 2)), settings, cfg, VOC, str(shared), batch=3, shard=(1, 2),

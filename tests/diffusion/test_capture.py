@@ -17,7 +17,6 @@ from pccfast.diffusion.capture import AttentionCapture, assemble_class_attention
 from pccfast.diffusion.generation import CaptureOutput, generate_with_capture
 from pccfast.diffusion.layers import cross_attention_layers, self_attention_layers
 from pccfast.diffusion.processors import ClassAttentionProcessor, HeadFeatureProcessor
-from pccfast.diffusion.tiny import build_tiny_pipeline
 from pccfast.diffusion.tokens import class_text, tokens_to_classes
 
 VOC = get_label_set("voc")
@@ -30,10 +29,8 @@ EXACT = PCCConfig(pca_method="eigh")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = build_tiny_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def _generators(seeds):

@@ -7,10 +7,8 @@ from pccfast.diffusion.tiny import TINY_SPLIT_WORDS, build_tiny_pipeline, build_
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = build_tiny_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")

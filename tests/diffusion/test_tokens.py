@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pccfast.data.labelsets import get_label_set
-from pccfast.diffusion.tiny import build_tiny_pipeline, build_tiny_tokenizer
+from pccfast.diffusion.tiny import build_tiny_tokenizer
 from pccfast.diffusion.tokens import (
     DROP,
     batch_class_tokens,
@@ -88,10 +88,10 @@ def test_tokens_to_classes_value():
     assert torch.equal(out[0].flatten(1), expect)
 
 
-def test_encode_class_texts_unpadded_then_zero_padded():
+def test_encode_class_texts_unpadded_then_zero_padded(tiny_pipe):
     """Each text is encoded alone (as the reference does): padding neither enters the text
     encoder nor the embeddings."""
-    pipe = build_tiny_pipeline(seed=0)
+    pipe = tiny_pipe
     names = [["cat"], ["pottedplant", "motorbike"]]
     embeds, mask, tok = encode_class_texts(pipe, names, VOC)
     assert embeds.shape == (2, 6, 32) and embeds.dtype == pipe.unet.dtype

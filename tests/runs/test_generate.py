@@ -13,9 +13,6 @@ from PIL import Image
 
 from pccfast.cli.generate import main
 
-SHARED_PROMPTS = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "datadif_prompts_voc.json")
-)
 TINY = ["--model", "tiny", "--steps", "2", "--height", "128", "--width", "128", "--no-progress"]
 
 
@@ -47,12 +44,10 @@ def _check_valid(out, ids):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(tmp_path_factory, shared_prompts):
     """The uninterrupted run: 16 shared prompts, batch 8."""
-    if not os.path.exists(SHARED_PROMPTS):
-        pytest.skip(f"needs ../shared/data/datadif_prompts_voc.json (not found at {SHARED_PROMPTS})")
     out = tmp_path_factory.mktemp("ref")
-    code = main(["--prompts", SHARED_PROMPTS, "--limit", "16", "--batch", "8", "--out", str(out), "--save-blocky",
+    code = main(["--prompts", shared_prompts, "--limit", "16", "--batch", "8", "--out", str(out), "--save-blocky",
                  "--save-captures", *TINY])
     assert code == 0
     return out
@@ -171,12 +166,3 @@ def test_bad_input_one_line_error(argv, message, tmp_path, capsys):
     assert err[-1].startswith("error: ")
     if message != "--model tiny":  # settings are checked before anything is written
         assert not (tmp_path / "o").exists()
-
-
-def test_help_lists_every_option(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    text = capsys.readouterr().out
-    for opt in ["--prompts", "--out", "--model", "--steps", "--guidance", "--batch", "--seed", "--shard", "--ray",
-                "--save-blocky", "--save-captures", "--device", "--dtype", "--label-set", "--cluster-ks"]:
-        assert opt in text

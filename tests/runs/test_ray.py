@@ -239,20 +239,11 @@ def test_killed_worker_is_restarted_and_its_batch_redone(ray, tmp_path):
 
 # --- the real pipeline on the tiny model ----------------------------------------------------
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory, shared_prompts_path):
+def single_process(tmp_path_factory, shared_prompts):
     out = tmp_path_factory.mktemp("single")
-    argv = ["--prompts", shared_prompts_path, "--limit", "16", "--out", str(out), *TINY, "--batch", "4"]  # last wins
+    argv = ["--prompts", shared_prompts, "--limit", "16", "--out", str(out), *TINY, "--batch", "4"]  # last wins
     assert generate_main(argv) == 0  # one torch thread (conftest), as each Ray worker here
     return out
-
-
-@pytest.fixture(scope="module")
-def shared_prompts_path():
-    from conftest import SHARED_PROMPTS
-
-    if not os.path.exists(SHARED_PROMPTS):
-        pytest.skip(f"needs ../shared/data/datadif_prompts_voc.json (not found at {SHARED_PROMPTS})")
-    return SHARED_PROMPTS
 
 
 def _compare(out, ref, n):
