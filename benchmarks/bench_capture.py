@@ -29,11 +29,7 @@ from pccfast.core.pca import headwise_features
 from pccfast.diffusion.capture import AttentionCapture
 from pccfast.diffusion.layers import cross_attention_layers, self_attention_layers
 from pccfast.diffusion.tiny import build_tiny_pipeline
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+from pccfast.testing.timing import sync
 
 
 class _RefCross:
@@ -169,10 +165,10 @@ def main(argv=None) -> int:
             fn()
         for _ in range(args.repeats):
             for name, fn in variants.items():  # interleaved, so load changes hit all variants alike
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 fn()
-                _sync(device)
+                sync(device)
                 times[name].append((time.perf_counter() - t0) / args.steps)
         memory = {"steps": [], "pccfast": [], "reference-style": []}
         for s in [int(x) for x in args.memory_steps.split(",")]:

@@ -34,7 +34,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -47,21 +46,9 @@ from pccfast.core.config import PCCConfig  # noqa: E402
 from pccfast.data.fileio import load_mask  # noqa: E402
 from pccfast.data.labelsets import get_label_set  # noqa: E402
 from pccfast.testing.synthetic import make_scene, mask_miou, pixel_agreement, scene_features  # noqa: E402
+from pccfast.testing.timing import git_version, timed  # noqa: E402
 
 __all__ = ["build_parser", "main"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device):
-    _sync(device)
-    t = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t
 
 
 def _jpeg_roundtrip(image: torch.Tensor) -> np.ndarray:
@@ -73,21 +60,6 @@ def _jpeg_roundtrip(image: torch.Tensor) -> np.ndarray:
 
 def _chunks(n: int, size: int):
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def _git_version() -> str:
-    """Short commit of the checkout the benchmark runs in ('+changes' if pccfast/ differs from it)."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pccfast", "benchmarks"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+changes" if dirty else "")
 
 
 def _fmt(x: float) -> str:
@@ -145,7 +117,7 @@ def _run(args) -> int:
     from pccfast.core.refine import refine_mask
 
     load_start = os.getloadavg()
-    version = _git_version()
+    version = git_version()
     device = torch.device(args.device)
     heads = tuple(int(h) for h in args.heads.split(","))
     n = args.scenes
@@ -193,11 +165,11 @@ def _run(args) -> int:
     pcc_refine(pcc_blocky(feats))
     times = {"pca": [], "blocky": [], "refine": []}
     for _ in range(args.repeats):
-        feats, t = _timed(pcc_pca, device)
+        feats, t = timed(pcc_pca, device)
         times["pca"].append(t / n)
-        blk, t = _timed(lambda: pcc_blocky(feats), device)
+        blk, t = timed(lambda: pcc_blocky(feats), device)
         times["blocky"].append(t / n)
-        masks, t = _timed(lambda: pcc_refine(blk), device)
+        masks, t = timed(lambda: pcc_refine(blk), device)
         times["refine"].append(t / n)
     pcc_mask = torch.cat([m.cpu() for m in masks])  # (N, H, W)
     pcc_blk = torch.cat([r.blocky.cpu() for r in blk])  # (N, h, w)
@@ -218,11 +190,11 @@ def _run(args) -> int:
         tp = tb = tr = 0.0
         b_feats, b_blk, b_mask = [], [], []
         for i in range(n):
-            f, t = _timed(lambda: ref.pca_stage(layers_np[i], grid), torch.device("cpu"))
+            f, t = timed(lambda: ref.pca_stage(layers_np[i], grid), torch.device("cpu"))
             tp += t
-            blk, t = _timed(lambda: ref.blocky_stage(f, ca_np[i]), torch.device("cpu"))
+            blk, t = timed(lambda: ref.blocky_stage(f, ca_np[i]), torch.device("cpu"))
             tb += t
-            m, t = _timed(lambda: ref.refine_stage(blk, images_np[i]), torch.device("cpu"))
+            m, t = timed(lambda: ref.refine_stage(blk, images_np[i]), torch.device("cpu"))
             tr += t
             b_feats.append(f), b_blk.append(blk), b_mask.append(m)
         btimes["pca"].append(tp / n), btimes["blocky"].append(tb / n), btimes["refine"].append(tr / n)
@@ -297,10 +269,10 @@ def _run(args) -> int:
     pcc_files()
     ftimes = {"pcc": [], "base": []}
     for rep in range(args.repeats):
-        _, t = _timed(pcc_files, device)
+        _, t = timed(pcc_files, device)
         ftimes["pcc"].append(t / n)
     for rep in range(b_repeats):
-        _, t = _timed(base_files, torch.device("cpu"))
+        _, t = timed(base_files, torch.device("cpu"))
         ftimes["base"].append(t / n)
         log(f"baseline files repeat {rep + 1}/{b_repeats}: {t / n:.3f} s/img")
     pcc_file_masks = [load_mask(os.path.join(pdir, "out", "SegmentationClass", sid + ".png")) for sid in ids]
