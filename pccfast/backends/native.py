@@ -14,7 +14,8 @@ a cache folder and reused by every later process:
 - ``CC``: the C compiler (default ``cc``, then ``gcc``).
 
 Without a compiler, ``"auto"`` falls back to torch (with one warning) and an explicit
-``"native"`` backend raises ``NativeUnavailable`` with the reason in one line.
+``"native"`` backend raises ``NativeUnavailable`` with the reason in one line (the rules are
+``pccfast.backends.resolve``; the ctypes bindings are ``pccfast.backends.kernels``).
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["NativeUnavailable", "available", "kernel_names", "kernel_source", "load", "main", "num_threads", "ptr",
-           "resolve", "typed"]
+__all__ = ["NativeUnavailable", "available", "build_kernels", "kernel_names", "kernel_source", "load", "main", "num_threads", "ptr",
+           "typed"]
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fno-math-errno"]
 _lock = threading.Lock()
@@ -185,28 +186,6 @@ def typed(name: str, signatures: dict) -> ctypes.CDLL:
     return lib
 
 
-def resolve(backend: str, x: torch.Tensor, kernel: str, what: str, option: str, fits: bool = True) -> str:
-    """Shared meaning of "auto" and "native" for a stage with a C kernel.
-
-    "auto" -> "native" for a CPU tensor when ``kernel`` builds (and the input ``fits`` it),
-    else "torch"; "native" -> checked: a CPU tensor and a kernel that builds; anything else
-    is returned as it is (the caller validated it). ``what`` names the stage and ``option``
-    the setting, for the messages.
-
-    Raises:
-        ValueError: "native" with a tensor off the CPU.
-        NativeUnavailable: "native" and the kernel cannot be built.
-    """
-    if backend == "auto":
-        return "native" if x.device.type == "cpu" and fits and available(kernel) else "torch"
-    if backend == "native":
-        if x.device.type != "cpu":
-            raise ValueError(f"{what} backend 'native' runs on the CPU but the input is on {x.device}; "
-                             f"use {option}='auto' or 'torch'")
-        load(kernel)  # raises NativeUnavailable with the reason
-    return backend
-
-
 def num_threads() -> int:
     """Threads a kernel may use: torch's intra-op setting, so one knob controls both."""
     return max(1, torch.get_num_threads())
@@ -227,9 +206,25 @@ def kernel_names() -> list[str]:
     return sorted(p.stem for p in kernel_source("kmeans").parent.glob("*.c"))
 
 
+def build_kernels(names: Optional[list[str]] = None) -> list[tuple[str, Optional[Path], Optional[str]]]:
+    """Build (or find in the cache) and load kernels, e.g. once per machine before a large run.
+
+    names: kernels to build (default: every one of ``kernel_names()``) -> one
+    (name, path of the built library or None, why it is unavailable or None) per kernel
+    """
+    out = []
+    for n in names or kernel_names():
+        try:
+            load(n)
+            out.append((n, _build(n), None))
+        except NativeUnavailable as e:
+            out.append((n, None, str(e)))
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pccfast.native [NAME...]``: build (or find in the cache) and load the
-    kernels, e.g. once per machine before a large run; exit 1 if one is unavailable."""
+    """``python -m pccfast.native [NAME...]``: ``build_kernels`` with one line per kernel; exit
+    1 if one is unavailable. (The argument parsing belongs in ``pccfast.cli.native``.)"""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pccfast.native",
@@ -238,15 +233,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 "PCCFAST_KERNEL_CACHE (cache folder), PCCFAST_NATIVE=0 (disable), CC (compiler).")
     p.add_argument("names", nargs="*", help="kernels to build (default: all of them)")
     args = p.parse_args(argv)
-    ok = True
-    for n in args.names or kernel_names():
-        try:
-            load(n)
-            print(f"{n}: ok ({_build(n)})")
-        except NativeUnavailable as e:
-            ok = False
-            print(f"{n}: unavailable: {e}")
-    return 0 if ok else 1
+    results = build_kernels(args.names)
+    for n, path, why in results:
+        print(f"{n}: ok ({path})" if why is None else f"{n}: unavailable: {why}")
+    return 0 if all(why is None for _, _, why in results) else 1
 
 
 if __name__ == "__main__":

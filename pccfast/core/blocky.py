@@ -12,11 +12,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pccfast.backends import resolve
 from pccfast.core.checks import check_tensor, local_generator
 from pccfast.core.components import connected_components
 from pccfast.core.config import PCCConfig
 from pccfast.core.features import assemble_features, clustering_points
-from pccfast.core.kmeans import NARROW_D, kmeans, prepare_points, resolve_backend
+from pccfast.core.kmeans import NARROW_D, PreparedPoints, kmeans, prepare_points
+from pccfast.core.seeding import SeedingCache
 
 __all__ = ["normalise_class_maps", "binary_class_maps", "piece_iou_labels", "vote", "cluster_pieces",
            "blocky_mask"]
@@ -104,18 +106,25 @@ def vote(labels: Tensor, n_classes: int, min_share: float, ignore_index: int) ->
     return torch.where(top.double() / v < min_share, torch.full_like(winner, ignore_index), winner)
 
 
+def _cache_arg(cache: Optional[SeedingCache]) -> dict:
+    """``kmeans`` keyword for the seeding cache, left out when there is none (so stand-ins for
+    ``kmeans`` without the argument, as in tests/core/test_fidelity.py, keep working)."""
+    return {} if cache is None else {"cache": cache}
+
+
 def cluster_pieces(
     feats: Tensor, h: int, w: int, cfg: PCCConfig, generator: Optional[torch.Generator] = None,
-    prepared: Optional[tuple] = None,
+    prepared: Optional[PreparedPoints] = None, cache: Optional[SeedingCache] = None,
 ) -> Tensor:
     """k-means for every k in ``cfg.cluster_ks``, then connected pieces of every clustering.
 
     feats: (B, h*w, D') assembled features; prepared: optional ``prepare_points(feats)`` (or
-    ``features.clustering_points``) shared by every k -> (B, len(ks), h*w) long piece ids 1..N
+    ``features.clustering_points``) shared by every k; cache: optional ``SeedingCache`` for
+    k-means++ -> (B, len(ks), h*w) long piece ids 1..N
     """
     out = []
     # centring, norms and variance once for all k (one initialisation, not cuML)
-    backend = resolve_backend(cfg.kmeans_backend, feats) if cfg.kmeans_backend != "cuml" else "cuml"
+    backend = resolve("kmeans", cfg.kmeans_backend, feats, fits=feats.dtype != torch.float64)
     if prepared is None and backend != "cuml" and cfg.kmeans_n_init == 1:
         work = feats.float() if backend == "native" or feats.dtype != torch.float64 else feats
         # the C kernel takes wide points as rows: no transpose
@@ -124,7 +133,7 @@ def cluster_pieces(
         gen = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
         labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen,
                            n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=backend,
-                           prepared=prepared)
+                           prepared=prepared, **_cache_arg(cache))
         pieces = connected_components(labels.view(-1, h, w), cfg.connectivity,
                                       backend=cfg.components_backend)  # (B, h, w)
         out.append(pieces.view(-1, h * w))
@@ -136,6 +145,7 @@ def blocky_mask(
     class_attention: Tensor,
     cfg: Optional[PCCConfig] = None,
     generator: Optional[torch.Generator] = None,
+    cache: Optional[SeedingCache] = None,
 ) -> Tensor:
     """Section 2: the blocky label mask on the feature grid.
 
@@ -144,6 +154,7 @@ def blocky_mask(
         class_attention: (B, K, h, w) class maps, class 0 = background.
         cfg: constants (reference defaults when None).
         generator: k-means++ generator (default: a fresh one seeded ``cfg.kmeans_seed`` per k).
+        cache: optional ``SeedingCache`` for the k-means++ random numbers (same result).
 
     Returns:
         (B, h, w) uint8 labels in [0, K) or ``cfg.ignore_index`` (uncertain).
@@ -163,14 +174,15 @@ def blocky_mask(
             f"`class_attention` has to hold 1 to {min(cfg.ignore_index, 255)} classes (dimension 1) "
             f"but holds {k}"
         )
-    backend = resolve_backend(cfg.kmeans_backend, features) if cfg.kmeans_backend != "cuml" else "cuml"
+    backend = resolve("kmeans", cfg.kmeans_backend, features, fits=features.dtype != torch.float64)
     if backend != "cuml" and cfg.kmeans_n_init == 1:
         # normalised, centred points straight from the features, shared by every k; k-means
         # is translation invariant, so the centred points cluster as the assembled ones
         prepared = clustering_points(features, transpose=backend == "torch")
-        pieces = cluster_pieces(prepared[0], h, w, cfg, generator, prepared)  # (B, len(ks), h*w)
+        pieces = cluster_pieces(prepared.x, h, w, cfg, generator, prepared, cache)  # (B, len(ks), h*w)
     else:
-        pieces = cluster_pieces(assemble_features(features), h, w, cfg, generator)  # (B, len(ks), h*w)
+        pieces = cluster_pieces(assemble_features(features), h, w, cfg, generator,
+                                cache=cache)  # (B, len(ks), h*w)
     norm, usable = normalise_class_maps(class_attention)  # (B, K, h, w), (B, K)
     binary = binary_class_maps(norm, usable, cfg.thresholds, cfg.background_factor)  # (B, T, K, h*w)
     labels = piece_iou_labels(pieces, binary)  # (B, len(ks), T, h*w)

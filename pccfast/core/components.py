@@ -8,26 +8,22 @@ pointer jumping, until no neighbouring same-label pair has two different roots. 
 root is the first pixel of its piece in raster order, so pieces are numbered 1..N in the
 order of their first pixel, as ``scipy.ndimage.label`` numbers them.
 
-Backends: ``"torch"`` (any device), ``"native"`` (the C kernel ``kernels/components.c``, CPU
-tensors: run-based union-find per image, images spread over threads, same numbering, bit
-for bit), ``"cupy"`` (optional) and ``"auto"`` (native for CPU tensors when the kernel
+Backends (``pccfast.backends.OPERATIONS["components"]``): ``"torch"`` (any device, this
+module), ``"native"`` (the C kernel ``kernels/components.c``, CPU tensors: run-based
+union-find per image, images spread over threads, same numbering, bit for bit), ``"cupy"``
+(optional, ``backends.rapids``) and ``"auto"`` (native for CPU tensors when the kernel
 builds, else torch). On the CPU the torch path spends most of its time in many small ops
 over all pixels; the C kernel touches each pixel about twice.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-
 import torch
 from torch import Tensor
 
+from pccfast.backends import kernels, rapids, resolve
 from pccfast.core.checks import check_tensor
 
-__all__ = ["BACKENDS", "connected_components", "resolve_backend"]
-
-BACKENDS = ("auto", "torch", "native", "cupy")
-_NATIVE_MAX_PIXELS = 2**31 - 1  # the C kernel numbers runs with int32: H * W has to stay below
+__all__ = ["connected_components"]
 
 # neighbour offsets (dy, dx) to the next row; same-row neighbours are merged as runs first
 _DOWN_OFFSETS = {4: ((1, 0),), 8: ((1, -1), (1, 0), (1, 1))}
@@ -102,74 +98,21 @@ def _components_torch(labels: Tensor, connectivity: int) -> Tensor:
     return torch.where(labels >= 0, out, torch.zeros_like(out))
 
 
-def _native_lib():
-    """The compiled ``kernels/components.c`` with its argument types (raises NativeUnavailable)."""
-    from pccfast.backends import native
-
-    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    return native.typed("components", {"pcc_components": ([vp, i64, i64, i64, i32, vp, i32], ctypes.c_int)})
-
-
-def _components_native(labels: Tensor, connectivity: int) -> Tensor:
-    """labels: (B, H, W) long CPU -> (B, H, W) long piece ids (the C kernel, same numbering)."""
-    from pccfast.backends import native
-
-    lib = _native_lib()
-    labels = labels.contiguous()
-    b, h, w = labels.shape
-    out = torch.empty_like(labels)  # (B, H, W)
-    status = lib.pcc_components(native.ptr(labels), b, h, w, connectivity, native.ptr(out), native.num_threads())
-    if status == 1:
-        raise MemoryError(f"components kernel: out of memory for labels of shape {tuple(labels.shape)}")
-    if status:
-        raise ValueError(f"components kernel: labels of shape {tuple(labels.shape)} are too large (status {status})")
-    return out
-
-
-def _components_cupy(labels: Tensor, connectivity: int) -> Tensor:
-    """One ``cupyx.scipy.ndimage.label`` call per image and label value."""
-    if importlib.util.find_spec("cupy") is None:
-        raise ImportError(
-            "components backend 'cupy' needs CuPy, which is not installed: "
-            "pip install cupy-cuda12x (CUDA 12), or use backend='torch'"
-        )
-    import cupy  # noqa: WPS433 (optional backend)
-    from cupyx.scipy import ndimage as cnd
-
-    structure = cupy.ones((3, 3), dtype=bool) if connectivity == 8 else None
-    outs = []
-    for item in labels:  # (H, W)
-        arr = cupy.from_dlpack(item.contiguous()) if item.is_cuda else cupy.asarray(item.cpu().numpy())
-        out = cupy.zeros(arr.shape, dtype=cupy.int64)
-        offset = 0
-        for value in cupy.unique(arr[arr >= 0]).tolist():
-            lab, num = cnd.label(arr == value, structure=structure)
-            out = cupy.where(lab > 0, lab + offset, out)
-            offset += int(num)
-        outs.append(torch.as_tensor(cupy.asnumpy(out)))
-    return torch.stack(outs).to(labels.device)
-
-
-def resolve_backend(backend: str, labels: Tensor) -> str:
-    """The implementation ``backend`` stands for with ``labels``: "auto" is "native" (the C
-    kernel) for CPU tensors when it builds, else "torch"; "native" needs a CPU tensor and the
-    kernel (``NativeUnavailable`` otherwise); "torch" and "cupy" are themselves. Images of
-    2^31 - 1 pixels or more (int32 run ids in the kernel) go to torch under "auto".
+def _resolve(backend: str, labels: Tensor) -> str:
+    """The backend that runs for ``labels`` (``backends.resolve``): images of 2^31 - 1 pixels or
+    more (int32 run ids in the kernel) go to torch under "auto" and are refused by "native".
 
     labels: (*, H, W)
 
     Raises:
         ValueError: an unknown backend, or "native" with labels off the CPU or too large.
+        NativeUnavailable: "native" and the kernel cannot be built or is disabled.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` has to be one of {', '.join(map(repr, BACKENDS))} but is {backend!r}")
-    fits = labels.shape[-2] * labels.shape[-1] < _NATIVE_MAX_PIXELS
+    fits = labels.shape[-2] * labels.shape[-1] < kernels.MAX_COMPONENT_PIXELS
     if backend == "native" and not fits:
         raise ValueError(f"components backend 'native' takes images of fewer than 2^31 - 1 pixels but they are "
                          f"{labels.shape[-2]} x {labels.shape[-1]}; use backend='torch'")
-    from pccfast.backends.native import resolve
-
-    return resolve(backend, labels, "components", "components", "backend", fits=fits)
+    return resolve("components", backend, labels, fits=fits)
 
 
 def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str = "torch") -> Tensor:
@@ -197,12 +140,12 @@ def connected_components(labels: Tensor, connectivity: int = 8, *, backend: str 
     if connectivity not in (4, 8):
         raise ValueError(f"`connectivity` has to be 4 or 8 but is {connectivity}")
     lead, (h, w) = labels.shape[:-2], labels.shape[-2:]
-    impl = resolve_backend(backend, labels)
+    impl = _resolve(backend, labels)
     flat = labels.reshape(-1, h, w).long()  # (B, H, W)
     if impl == "native":
-        out = _components_native(flat, connectivity)
+        out = kernels.components(flat, connectivity)
     elif impl == "cupy":
-        out = _components_cupy(flat, connectivity)
+        out = rapids.components_cupy(flat, connectivity)
     else:
         out = _components_torch(flat, connectivity)
     return out.reshape(*lead, h, w)

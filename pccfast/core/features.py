@@ -2,13 +2,17 @@
 
 Each of the D feature columns is min-max normalised over the image's pixels, then the
 pixels' x (column) and y (row) coordinates, each min-max normalised to [0, 1], are appended.
+``clustering_points`` does both and the k-means centring in one go (on the CPU in the C kernel
+``kernels/features.c`` when it builds: ``pccfast.backends.OPERATIONS["features"]``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from pccfast.backends import kernels, resolve
 from pccfast.core.checks import check_tensor
+from pccfast.core.kmeans import PreparedPoints
 
 __all__ = ["minmax_columns", "pixel_coordinates", "assemble_features", "clustering_points"]
 
@@ -52,7 +56,7 @@ def assemble_features(features: Tensor) -> Tensor:
     return torch.cat([minmax_columns(cols), xy], dim=-1)  # (B, h*w, D+2)
 
 
-def clustering_points(features: Tensor, transpose: bool = False) -> tuple:
+def clustering_points(features: Tensor, transpose: bool = False) -> PreparedPoints:
     """``kmeans.prepare_points(assemble_features(features))`` in three passes over the features.
 
     The k-means of section 2 centres its points; the centred normalised column d is
@@ -67,20 +71,19 @@ def clustering_points(features: Tensor, transpose: bool = False) -> tuple:
             torch k-means backend needs both).
 
     Returns:
-        centred points (B, h*w, D+2) float32, their column means (B, 1, D+2), the transpose
-        (B, D+2, h*w) contiguous or None, squared norms (B, h*w) or None, mean feature
-        variance (B,) (scikit-learn's tolerance scale): the tuple ``kmeans(prepared=)`` takes.
-        Without ``transpose``, CPU tensors go through the C kernel ``kernels/features.c``
-        (statistics in double, the transpose in cache-sized tiles) when it builds.
+        ``PreparedPoints`` (what ``kmeans(prepared=)`` takes): centred points ``x`` (B, h*w, D+2)
+        float32, their column means ``mean`` (B, 1, D+2), the transpose ``xt`` (B, D+2, h*w)
+        contiguous or None, squared norms ``x_sq`` (B, h*w) or None, mean feature variance
+        ``var`` (B,) (scikit-learn's tolerance scale). Without ``transpose``, CPU tensors go
+        through the C kernel ``kernels/features.c`` (statistics in double, the transpose in
+        cache-sized tiles) when it builds.
     """
     check_tensor(features, "features", 4, floating=True)
     b, d, h, w = features.shape
     n = h * w
-    if not transpose and features.device.type == "cpu" and b * h * w > 0:
-        from pccfast.backends import native
-
-        if native.available("features"):
-            return _clustering_points_native(features)
+    if resolve("features", "auto", features, fits=not transpose and b * h * w > 0) == "native":
+        out, mean, var = kernels.clustering_points(features)  # (B, N, D+2), (B, D+2), (B,) float64
+        return PreparedPoints(out, mean[:, None, :], None, None, var.float())
     f = features.float().reshape(b, d, n)  # (B, D, N), pixels contiguous
     lo, hi = torch.aminmax(f, dim=-1)  # (B, D) each
     span = hi - lo
@@ -95,25 +98,6 @@ def clustering_points(features: Tensor, transpose: bool = False) -> tuple:
     mean = torch.cat([(mean_f - lo) * inv, xy_mean.expand(b, 2)], dim=-1)[:, None, :]  # (B, 1, D+2)
     var = ((var_f * inv * inv).sum(-1) + ((xy - xy_mean) ** 2).mean(0).sum()) / (d + 2)  # (B,)
     if not transpose:
-        return out, mean, None, None, var
-    return out, mean, out.transpose(1, 2).contiguous(), (out * out).sum(-1), var
+        return PreparedPoints(out, mean, None, None, var)
+    return PreparedPoints(out, mean, out.transpose(1, 2).contiguous(), (out * out).sum(-1), var)
 
-
-def _clustering_points_native(features: Tensor) -> tuple:
-    """``clustering_points(features)`` by ``kernels/features.c``. features: (B, D, h, w) CPU."""
-    import ctypes
-
-    from pccfast.backends import native
-
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib = native.typed("features", {
-        "pcc_clustering_points": ([vp, i64, i64, i64, i64, vp, vp, vp, ctypes.c_int32], ctypes.c_int)})
-    b, d, h, w = features.shape
-    f = features.float().contiguous()  # (B, D, h, w)
-    out = torch.empty(b, h * w, d + 2, dtype=torch.float32)  # (B, N, D+2)
-    mean = torch.empty(b, d + 2, dtype=torch.float32)  # (B, D+2)
-    var = torch.empty(b, dtype=torch.float64)  # (B,)
-    if lib.pcc_clustering_points(native.ptr(f), b, d, h, w, native.ptr(out), native.ptr(mean), native.ptr(var),
-                                 native.num_threads()) != 0:
-        raise MemoryError(f"the features kernel could not allocate its work space (D={d})")
-    return out, mean[:, None, :], None, None, var.float()

@@ -2,40 +2,32 @@
 
 Reference settings (section 2): k-means++ init, Lloyd, ``tol=1e-4`` relative to the mean
 per-feature variance, at most 300 iterations, one initialisation, fixed seed. Distances use
-``||x||^2 - 2 x.c + ||c||^2`` with a batched matmul; nothing is (N x N). k-means++ draws its
-D^2-weighted candidates by an exponential race rather than scikit-learn's inverse CDF: the
-same distribution, but a few slightly changed points (an image generated in another batch)
-do not change the seeds.
+``||x||^2 - 2 x.c + ||c||^2`` with a batched matmul; nothing is (N x N). The seeding is
+``pccfast.core.seeding`` (k-means++ by an exponential race; its random numbers can be kept
+in a caller's ``SeedingCache``).
 
-Backends: ``"torch"`` (any device) and ``"cuml"`` (RAPIDS cuML, optional, one call per item).
+Backends (``pccfast.backends.OPERATIONS["kmeans"]``): ``"torch"`` (any device, this
+module's Lloyd loop), ``"native"`` (the C kernel ``kernels/kmeans.c``, CPU), ``"cuml"``
+(RAPIDS cuML, optional, one call per item) and ``"auto"``.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from pccfast.backends import kernels, rapids, resolve
+from pccfast.backends.kernels import NARROW_D
 from pccfast.core.checks import check_tensor, local_generator
+from pccfast.core.seeding import (SeedingCache, _chunk, _d2_sample, _rows, kmeans_plusplus,  # noqa: F401
+                                  kmeans_plusplus_native)  # _d2_sample: re-exported for the tests
 
-__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "resolve_backend", "BACKENDS",
-           "NARROW_D"]
+__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "PreparedPoints",
+           "SeedingCache", "NARROW_D"]
 
 
 _SLOTS = 8  # partial sums per cluster and feature in the M-step for narrow points
-
-
-def _chunk(n: int, k: int, b: int, device: torch.device) -> int:
-    """Points per E-step chunk. GPUs take all; on the CPU the (B, k, chunk) scores are kept to
-    about 4M values (16 MB): large enough that each op amortises waking the thread pool
-    (with OMP_WAIT_POLICY=PASSIVE, chunks of 13k points made the E-step 2x slower), small
-    enough to bound the memory of a batch."""
-    if device.type != "cpu":
-        return n
-    return max(1024, (1 << 22) // max(k * b, 1))
 
 
 def _argmin_rows(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,272 +84,6 @@ def kmeans_inertia(x: Tensor, labels: Tensor, centers: Tensor) -> Tensor:
     return ((x - picked) ** 2).sum(dim=(1, 2))
 
 
-def _rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x[b, idx[b, j]] for all b, j. x: (B, N, D), idx: (B, m) -> (B, m, D)."""
-    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _stream_seeds(generator: torch.Generator, streams: int) -> list[int]:
-    """One seed per random stream, drawn from ``generator`` one stream at a time, so stream 0
-    is the same whatever the number of streams (restart 0 equals the ``n_init=1`` run)."""
-    return [int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)) for _ in range(streams)]
-
-
-def _random(g: torch.Generator, shape: tuple[int, ...], kind: str) -> Tensor:
-    """Random numbers of one stream on its generator's device, float64 (53-bit resolution, so
-    the small exponentials that win a race over many points are not quantised).
-
-    kind "uniform" ([0, 1)) or "exponential" (rate 1, > 0) -> ``shape``
-    """
-    r = torch.empty(shape, dtype=torch.float64, device=g.device).uniform_(generator=g)  # [0, 1)
-    if kind == "exponential":  # -log(1 - u) (3x faster than exponential_ on the CPU), kept
-        r = r.neg_().log1p_().neg_().clamp_min_(torch.finfo(torch.float64).tiny)  # > 0: w / E is never NaN
-    return r
-
-
-class _RaceStream:
-    """The k-means++ random numbers of one stream, remembered across calls.
-
-    They do not depend on the data: a stream seeded ``seed`` draws one uniform for the first
-    centre, then ``(trials, n)`` exponentials per later step, whatever the points. Drawing
-    them costs more than the rest of the seeding on the CPU (float64 Mersenne Twister and a
-    log per point), and every image of a run uses the same seed, so the first call keeps, per
-    step and trial, the generator state and the ``keep`` smallest exponentials (with the
-    smallest one left out, ``tau``). A race whose best kept key ``w_i / E_i`` beats
-    ``max(w) / tau``, the most any other point can reach, is decided by the kept points
-    alone (exactly: rounding is monotone); otherwise the step's numbers are drawn again
-    from the saved state. Results are identical to drawing every time.
-    """
-
-    _cache: "dict[tuple, dict]" = {}  # (seed, n, trials, steps, generator device, device) -> entry
-    _max_entries = 8
-
-    def __init__(self, seed: int, n: int, trials: int, steps: int, gen_device: torch.device,
-                 device: torch.device) -> None:
-        self.key = (seed, n, trials, steps, str(gen_device), str(device))
-        self.gen_device = gen_device
-        self.shape, self.device = (trials, n), device
-        self.keep = n if n <= 256 else max(256, n // 64)  # kept exponentials per trial
-        self.entry = self._cache.get(self.key)
-        self.gen = None
-        if self.entry is None:  # first call with this seed: draw, and remember
-            self.gen = torch.Generator(device=gen_device).manual_seed(seed)
-            self.entry = {"first": _random(self.gen, (1,), "uniform").to(device), "states": [], "idx": [],
-                          "val": [], "tau": [], "steps": steps}
-
-    def first(self) -> Tensor:
-        """(1,) float64 uniform of the first centre."""
-        return self.entry["first"]
-
-    def kept(self, step: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-        """Kept (idx (T, m) ascending, E (T, m), tau (T,)) of a step, or None on the first call."""
-        if self.gen is not None:
-            return None
-        return self.entry["idx"][step], self.entry["val"][step], self.entry["tau"][step]
-
-    def full(self, step: int) -> Tensor:
-        """All (T, n) exponentials of a step (drawn now; recorded on the first call)."""
-        if self.gen is None:  # drawn again from the saved state
-            g = torch.Generator(device=self.gen_device)
-            g.set_state(self.entry["states"][step])
-            return _random(g, self.shape, "exponential").to(self.device)
-        self.entry["states"].append(self.gen.get_state())
-        race = _random(self.gen, self.shape, "exponential").to(self.device)  # (T, n)
-        if self.keep >= self.shape[1]:
-            idx = torch.arange(self.shape[1], device=self.device).expand(self.shape).contiguous()
-            tau = torch.full(self.shape[:1], math.inf, dtype=torch.float64, device=self.device)
-        else:
-            low = race.topk(self.keep + 1, dim=-1, largest=False)  # (T, keep + 1) smallest first
-            idx, tau = low.indices[:, :-1].sort(dim=-1).values, low.values[:, -1]  # (T, keep), (T,)
-        self.entry["idx"].append(idx)
-        self.entry["val"].append(torch.gather(race, 1, idx))
-        self.entry["tau"].append(tau)
-        if len(self.entry["idx"]) == self.entry["steps"]:  # complete: remember it
-            if len(self._cache) >= self._max_entries:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[self.key] = self.entry
-        return race
-
-
-def _race(streams: list[_RaceStream], step: int, weights: Tensor) -> Tensor:
-    """D^2 candidates of one k-means++ step, item b taking stream ``b % streams``.
-
-    weights: (B, N) -> (B, T) long, the indices ``_d2_sample`` gives with the step's numbers
-    """
-    b = weights.shape[0]
-    kept = [s.kept(step) for s in streams]
-    if all(k is not None for k in kept):
-        pick = torch.arange(b, device=weights.device) % len(streams)  # (B,) stream of each item
-        if len(streams) == 1:  # every item the same numbers: a view, no copy
-            idx, val, tau = (parts[0].expand(b, *parts[0].shape) for parts in zip(*kept))
-        else:
-            idx, val, tau = (torch.stack(parts)[pick] for parts in zip(*kept))  # (B, T, m), (B, T, m), (B, T)
-        t, m = idx.shape[1:]
-        keys = weights.gather(1, idx.reshape(b, t * m)).double().view(b, t, m) / val  # (B, T, m)
-        best, arg = keys.max(dim=-1)  # (B, T); first max = lowest index, as the full race
-        bound = weights.amax(dim=-1).double()[:, None] / tau  # (B, T) the best any other point reaches
-        if bool((best > bound).all()):
-            return torch.gather(idx, 2, arg[..., None]).squeeze(-1)  # (B, T)
-    race = torch.stack([s.full(step) for s in streams])  # (streams, T, N)
-    race = race.expand(b, *race.shape[1:]) if len(streams) == 1 else race[
-        torch.arange(b, device=weights.device) % len(streams)]  # (B, T, N)
-    return _d2_sample(weights, race)
-
-
-def _d2_sample(weights: Tensor, race: Tensor) -> Tensor:
-    """Indices drawn with probability proportional to ``weights``, by an exponential race.
-
-    Each draw t takes argmax_i weights_i / E_ti with E_ti ~ Exp(1) i.i.d.: the minimum of
-    independent exponentials of rates w_i is attained at i with probability w_i / sum(w), the
-    distribution scikit-learn samples with ``searchsorted(cumsum(w), u * sum(w))``. Unlike
-    inverse-CDF sampling, a change of a few weights moves the winner only if it touches the
-    winning keys, instead of shifting the cumulative sum under every later index; so inputs
-    that differ by float noise (e.g. an image generated in another batch) get the same
-    seeds. Zero weights never win unless all are zero (then index 0).
-
-    weights: (B, N) >= 0, race: (B, T, N) exponential -> (B, T) long
-    """
-    keys = weights.double()[:, None, :] / race  # (B, T, N); race > 0, so zero weights give 0
-    return keys.argmax(dim=-1)
-
-
-def _race_setup(x: Tensor, k: int, generator: torch.Generator, streams: int) -> tuple[list, Tensor]:
-    """Random streams of k-means++ and each item's first centre. x: (B, N, D) -> races, (B, 1) long"""
-    b, n, _ = x.shape
-    trials = 2 + int(math.log(k))
-    races = [_RaceStream(seed, n, trials, k - 1, generator.device, x.device)
-             for seed in _stream_seeds(generator, streams)]
-    first = torch.stack([r.first() for r in races])  # (streams, 1) float64 uniforms
-    first = first.expand(b, 1) if streams == 1 else first[torch.arange(b, device=x.device) % streams]
-    return races, (first * n).long().clamp_(max=n - 1)  # (B, 1) uniform index
-
-
-def _native_lib():
-    """The compiled ``kernels/kmeans.c`` with its argument types (raises NativeUnavailable)."""
-    from pccfast.backends import native
-
-    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    return native.typed("kmeans", {
-        "pcc_kmeans_lloyd": ([vp, i64, i64, i64, i64, vp, vp, vp, vp, i64, i32, i32, vp], ctypes.c_int),
-        "pcc_kmeanspp_step": ([vp, i64, i64, i64, vp, i64, vp, vp, vp, i32], None),
-    })
-
-
-NARROW_D = 16  # kernels/kmeans.c NARROW_D: up to this width the kernel takes points transposed
-
-
-def _kmeanspp_native(x: Tensor, k: int, generator: torch.Generator, streams: int = 1,
-                     xt: Optional[Tensor] = None) -> Tensor:
-    """``kmeans_plusplus`` with the distance and potential work in the C kernel (same draws,
-    same greedy choice; squared distances summed directly instead of by expansion).
-
-    x: (B, N, D) float32 contiguous CPU; xt: its (B, D, N) contiguous transpose, needed when
-    D <= 16 -> (B, k, D) initial centres (rows of x)
-    """
-    from pccfast.backends.native import num_threads, ptr
-
-    lib = _native_lib()
-    b, n, d = x.shape
-    pts = _native_points(x, xt)
-    races, first = _race_setup(x, k, generator, streams)
-    cand_x = _rows(x, first).contiguous()  # (B, 1, D)
-    centers = [cand_x]
-    closest = torch.full((b, n), math.inf, dtype=torch.float32)  # (B, N)
-    chosen = torch.empty(b, dtype=torch.int64)  # (B,)
-    nt = num_threads()
-    lib.pcc_kmeanspp_step(ptr(pts), b, n, d, ptr(cand_x), 1, ptr(closest), ptr(chosen), None, nt)
-    for step in range(k - 1):
-        cand = _race(races, step, closest)  # (B, T)
-        cand_x = _rows(x, cand).contiguous()  # (B, T, D)
-        lib.pcc_kmeanspp_step(ptr(pts), b, n, d, ptr(cand_x), cand.shape[1], ptr(closest), ptr(chosen), None, nt)
-        centers.append(torch.gather(cand_x, 1, chosen[:, None, None].expand(-1, 1, d)))  # (B, 1, D)
-    return torch.cat(centers, dim=1)  # (B, k, D)
-
-
-def _native_points(x: Tensor, xt: Optional[Tensor]) -> Tensor:
-    """The layout the kernel takes: (B, D, N) for narrow points, else x (B, N, D)."""
-    if x.shape[-1] > NARROW_D:
-        return x
-    return xt if xt is not None else x.transpose(1, 2).contiguous()
-
-
-def _kmeans_native(
-    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
-    init: Optional[Tensor] = None, prepared: Optional[tuple] = None, prune: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The C kernel: k-means++ then Lloyd with exact Hamerly/Elkan pruning (``kernels/kmeans.c``).
-
-    x: (B, N, D) float32 CPU, init: optional (B, k, D), prepared: optional
-    ``prepare_points(x)`` (float32) -> labels (B, N), centers (B, k, D), inertia (B,)
-    """
-    from pccfast.backends.native import num_threads, ptr
-
-    lib = _native_lib()
-    if prepared is None:
-        prepared = prepare_points(x, transpose=x.shape[-1] <= NARROW_D, norms=False)
-    xc, mean, xt, _, var = prepared  # centred (B, N, D), (B, 1, D), (B, D, N) or None, _, (B,)
-    b, n, d = xc.shape
-    tol_abs = (tol * var.double()).contiguous()  # (B,) float64
-    if init is None:
-        centers = _kmeanspp_native(xc, k, generator, streams, xt)
-    else:
-        centers = init.to(torch.float32) - mean
-    centers = centers.contiguous().clone()  # (B, k, D) updated in place
-    labels = torch.empty(b, n, dtype=torch.int64)
-    min_dist = torch.empty(b, n, dtype=torch.float32)
-    n_iter = torch.empty(b, dtype=torch.int64)
-    rc = lib.pcc_kmeans_lloyd(ptr(_native_points(xc, xt)), b, n, d, k, ptr(centers), ptr(labels), ptr(min_dist),
-                              ptr(tol_abs), max_iter, int(prune), num_threads(), ptr(n_iter))
-    if rc != 0:
-        raise MemoryError(f"native k-means could not allocate its work space (B={b}, N={n}, D={d}, k={k})")
-    return labels, centers + mean, min_dist.sum(-1)
-
-
-def kmeans_plusplus(
-    x: Tensor,
-    k: int,
-    generator: torch.Generator,
-    x_sq: Optional[Tensor] = None,
-    streams: int = 1,
-    xt: Optional[Tensor] = None,
-) -> Tensor:
-    """Greedy k-means++ seeding (scikit-learn's: 2 + floor(ln k) candidates per step).
-
-    The first centre is a uniform random point; every later step draws the candidates with
-    probability proportional to the squared distance to the nearest centre so far (D^2
-    sampling, by an exponential race, see ``_d2_sample``) and keeps the candidate that
-    lowers the potential most. ``streams`` random streams are used and batch item b takes
-    stream ``b % streams``: with one stream every item is seeded exactly as if it were alone,
-    so results do not depend on how images are batched.
-
-    Args:
-        x: (B, N, D) points; k: number of centres; generator: local generator.
-        x_sq: optional (B, N) squared norms; xt: optional (B, D, N) contiguous transpose of x.
-        streams: number of distinct random streams (``n_init`` restarts use one each).
-
-    Returns:
-        (B, k, D) initial centres (rows of x).
-    """
-    b, n, d = x.shape
-    if x_sq is None:
-        x_sq = (x * x).sum(-1)
-    if xt is None:
-        xt = x.transpose(1, 2).contiguous()  # (B, D, N)
-    races, first = _race_setup(x, k, generator, streams)
-    centers = [_rows(x, first)]  # each (B, 1, D)
-    closest = _assign_t(xt, centers[0], x_sq)[1]  # (B, N) squared distance to the nearest centre
-    for step in range(k - 1):
-        cand = _race(races, step, closest)  # (B, T)
-        cand_x = _rows(x, cand)  # (B, T, D)
-        c_sq = (cand_x * cand_x).sum(-1)[..., None]  # (B, T, 1)
-        dist = torch.baddbmm(c_sq, cand_x, xt, alpha=-2.0).add_(x_sq[:, None, :]).clamp_min_(0)  # (B, T, N)
-        new_closest = torch.minimum(closest[:, None, :], dist)  # (B, T, N)
-        best = new_closest.sum(-1).argmin(dim=-1)  # (B,)
-        closest = new_closest.gather(1, best[:, None, None].expand(-1, 1, n)).squeeze(1)  # (B, N)
-        centers.append(torch.gather(cand_x, 1, best[:, None, None].expand(-1, 1, d)))  # (B, 1, D)
-    return torch.cat(centers, dim=1)  # (B, k, D)
-
-
 def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt: Optional[Tensor] = None) -> Tensor:
     """Lloyd M-step with scikit-learn's empty-cluster relocation.
 
@@ -398,7 +124,17 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt
     return torch.where((counts > 0)[..., None], new, old)
 
 
-def prepare_points(x: Tensor, transpose: bool = True, norms: bool = True) -> tuple:
+class PreparedPoints(NamedTuple):
+    """What every k-means of the same points shares (``prepare_points``, ``features.clustering_points``)."""
+
+    x: Tensor  # (B, N, D) centred points (possibly a transposed view of ``xt``)
+    mean: Tensor  # (B, 1, D) the column means taken off
+    xt: Optional[Tensor]  # (B, D, N) contiguous centred transpose, or None
+    x_sq: Optional[Tensor]  # (B, N) squared norms of the centred points, or None
+    var: Tensor  # (B,) mean feature variance (scikit-learn's tolerance scale)
+
+
+def prepare_points(x: Tensor, transpose: bool = True, norms: bool = True) -> PreparedPoints:
     """What every k-means of the same points shares: compute it once and pass it to
     ``kmeans(..., prepared=)`` for several k (the blocky mask clusters one feature tensor
     with k = 4, 7 and 10).
@@ -407,10 +143,10 @@ def prepare_points(x: Tensor, transpose: bool = True, norms: bool = True) -> tup
     as ``refine.refine_points`` returns) are centred in that layout: the transpose is then
     free and the centred x is again a transposed view.
 
-    x: (B, N, D) float -> centred x (B, N, D), mean (B, 1, D), centred x^T (B, D, N)
-    contiguous (None unless ``transpose`` or free; the torch backend and narrow points in
-    the C kernel need it), squared norms (B, N) (None unless ``norms``; the torch backend
-    needs them), mean feature variance (B,)
+    x: (B, N, D) float -> ``PreparedPoints``: centred ``x`` (B, N, D), ``mean`` (B, 1, D),
+    centred ``xt`` (B, D, N) contiguous (None unless ``transpose`` or free; the torch backend
+    and narrow points in the C kernel need it), squared norms ``x_sq`` (B, N) (None unless
+    ``norms``; the torch backend needs them), mean feature variance ``var`` (B,)
     """
     mean = x.mean(dim=1, keepdim=True)  # (B, 1, D); centring as scikit-learn, for precision
     if x.shape[-1] > 1 and x.transpose(1, 2).is_contiguous():  # feature-major storage
@@ -422,18 +158,22 @@ def prepare_points(x: Tensor, transpose: bool = True, norms: bool = True) -> tup
     x_sq = ((xt * xt).sum(1) if xt is not None else (x * x).sum(-1)) if norms else None  # (B, N)
     sq = x_sq.sum(1) if norms else torch.linalg.vector_norm(x, dim=(1, 2)).square()  # (B,)
     var = sq / x[0].numel()  # (B,) scikit-learn's _tolerance / tol (x is centred)
-    return x, mean, xt, x_sq, var
+    return PreparedPoints(x, mean, xt, x_sq, var)
 
 
 def _kmeans_torch(
     x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
-    init: Optional[Tensor] = None, prepared: Optional[tuple] = None,
+    init: Optional[Tensor] = None, prepared: Optional[PreparedPoints] = None, cache: Optional[SeedingCache] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x: (B, N, D) float, init: optional (B, k, D) -> labels (B, N), centers (B, k, D), inertia (B,)."""
+    """The torch path: k-means++ then Lloyd, converged items leaving the batch.
+
+    x: (B, N, D) float, init: optional (B, k, D), prepared: optional ``prepare_points(x)``
+    with the transpose and norms -> labels (B, N), centers (B, k, D), inertia (B,)
+    """
     x, mean, xt, x_sq, var = prepared if prepared is not None else prepare_points(x)
     tol_abs = tol * var  # (B,)
     if init is None:
-        centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt)  # (B, k, D)
+        centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt, cache)  # (B, k, D)
     else:
         centers = init.to(x.dtype) - mean
     # Lloyd; items that converged leave the batch, so a batch costs the sum of its items'
@@ -464,47 +204,30 @@ def _kmeans_torch(
     return labels, centers + mean, min_dist.sum(-1)
 
 
-def _kmeans_cuml(
-    x: Tensor, k: int, max_iter: int, tol: float, seed: int, n_init: int
-) -> tuple[Tensor, Tensor]:
-    """One cuML KMeans per batch item (its ``tol`` is cuML's own criterion)."""
-    if importlib.util.find_spec("cuml") is None:
-        raise ImportError(
-            "kmeans backend 'cuml' needs RAPIDS cuML, which is not installed: "
-            "pip install cuml-cu12 (CUDA 12; see https://docs.rapids.ai/install), "
-            "or use backend='torch'"
-        )
-    from cuml.cluster import KMeans as CuKMeans  # noqa: WPS433 (optional backend)
+def _kmeans_native(
+    x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
+    init: Optional[Tensor] = None, prepared: Optional[PreparedPoints] = None, prune: bool = True,
+    cache: Optional[SeedingCache] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The C kernel: k-means++ then Lloyd with exact Hamerly/Elkan pruning (``kernels/kmeans.c``).
 
-    labels, centers = [], []
-    for item in x.float().contiguous():  # (N, D) per item; cuML has no batch dimension
-        data = item
-        if item.is_cuda:
-            import cupy  # cuML depends on CuPy
-
-            data = cupy.from_dlpack(item)
-        else:
-            data = item.numpy()
-        model = CuKMeans(
-            n_clusters=k, max_iter=max_iter, tol=tol, random_state=seed, n_init=n_init,
-            init="k-means++", output_type="numpy",
-        )
-        model.fit(data)
-        labels.append(torch.as_tensor(model.labels_, dtype=torch.long))
-        centers.append(torch.as_tensor(model.cluster_centers_, dtype=torch.float32))
-    return torch.stack(labels).to(x.device), torch.stack(centers).to(x.device)
-
-
-BACKENDS = ("auto", "torch", "native", "cuml")
-
-
-def resolve_backend(backend: str, x: Tensor) -> str:
-    """The implementation ``backend`` stands for with points ``x``: "auto" is "native" (the C
-    kernel) for float32 CPU tensors when it builds, else "torch"; "native" needs a CPU tensor
-    and the kernel (``NativeUnavailable`` otherwise); others are themselves."""
-    from pccfast.backends.native import resolve
-
-    return resolve(backend, x, "kmeans", "kmeans", "backend", fits=x.dtype != torch.float64)
+    x: (B, N, D) float32 CPU, init: optional (B, k, D), prepared: optional
+    ``prepare_points(x)`` (float32; with the transpose for D <= NARROW_D)
+    -> labels (B, N), centers (B, k, D), inertia (B,)
+    """
+    if prepared is None:
+        prepared = prepare_points(x, transpose=x.shape[-1] <= NARROW_D, norms=False)
+    xc, mean, xt, _, var = prepared  # centred (B, N, D), (B, 1, D), (B, D, N) or None, _, (B,)
+    n, d = xc.shape[1:]
+    tol_abs = (tol * var.double()).contiguous()  # (B,) float64
+    if init is None:
+        centers = kmeans_plusplus_native(xc, k, generator, streams, xt, cache)
+    else:
+        centers = init.to(torch.float32) - mean
+    centers = centers.contiguous().clone()  # (B, k, D) updated in place
+    labels, min_dist, _ = kernels.kmeans_lloyd(kernels.kernel_points(xc, xt), n, d, centers, tol_abs, max_iter,
+                                               prune)
+    return labels, centers + mean, min_dist.sum(-1)
 
 
 def kmeans(
@@ -518,7 +241,8 @@ def kmeans(
     seed: int = 0,
     backend: str = "auto",
     init: Optional[Tensor] = None,
-    prepared: Optional[tuple] = None,
+    prepared: Optional[PreparedPoints] = None,
+    cache: Optional[SeedingCache] = None,
 ) -> tuple[Tensor, Tensor]:
     """k-means of every batch item: greedy k-means++ then Lloyd (scikit-learn 1.4 semantics).
 
@@ -544,6 +268,8 @@ def kmeans(
         prepared: ``prepare_points(x)`` of these very points (in the dtype k-means computes
             in), to share that work between several k; used by the torch backend with
             ``n_init=1`` and ignored otherwise.
+        cache: optional ``SeedingCache`` that keeps k-means++'s random numbers for later
+            calls with the same seed (same result, less drawing); None draws them.
 
     Returns:
         labels (B, N) long in [0, k), centers (B, k, D) float.
@@ -565,25 +291,24 @@ def kmeans(
                 f"`init` has to have shape (B, k, D) = {(b, k, d)} with n_init=1 and a backend other than 'cuml' "
                 f"but has shape {tuple(init.shape)} (n_init={n_init}, backend={backend!r})"
             )
-    if backend == "cuml":
-        return _kmeans_cuml(x, k, max_iter, tol, seed, n_init)
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` has to be one of {', '.join(map(repr, BACKENDS))} but is {backend!r}")
-    use_native = resolve_backend(backend, x) == "native"
+    impl = resolve("kmeans", backend, x, fits=x.dtype != torch.float64)  # float64 stays on the torch path
+    if impl == "cuml":
+        return rapids.kmeans_cuml(x, k, max_iter, tol, seed, n_init)
+    use_native = impl == "native"
     gen = local_generator(generator, seed, x.device)
     work = x.float() if use_native or x.dtype != torch.float64 else x  # the kernel computes in float32
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
-    if n_init > 1 or prepared is None or prepared[0].shape != work.shape or prepared[0].dtype != work.dtype:
+    if n_init > 1 or prepared is None or prepared.x.shape != work.shape or prepared.x.dtype != work.dtype:
         prepared = None  # restarts repeat the points: prepare them afresh
     if use_native:
-        if prepared is not None and prepared[2] is None and d <= NARROW_D:
+        if prepared is not None and prepared.xt is None and d <= NARROW_D:
             prepared = None  # narrow points need the transpose
-        labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, gen, n_init, init, prepared)
+        labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, gen, n_init, init, prepared, cache=cache)
     else:
-        if prepared is not None and prepared[2] is None:
-            prepared = None  # the torch E-step needs the transpose
-        labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init, prepared)
+        if prepared is not None and (prepared.xt is None or prepared.x_sq is None):
+            prepared = None  # the torch E-step needs the transpose and the norms
+        labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init, prepared, cache)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]

@@ -9,16 +9,17 @@
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from pccfast.backends import kernels, resolve
 from pccfast.core.checks import check_tensor, local_generator
 from pccfast.core.components import connected_components
 from pccfast.core.config import PCCConfig
 from pccfast.core.kmeans import kmeans
+from pccfast.core.seeding import SeedingCache
 
 __all__ = ["refine_points", "pool_small_pieces", "piece_majority", "dilate", "erode", "cleanup",
            "refine_mask"]
@@ -130,52 +131,13 @@ def erode(m: Tensor, iterations: int) -> Tensor:
     return _morph(m, iterations, grow=False)
 
 
-CLEANUP_BACKENDS = ("auto", "torch", "native")
-
-
-def _native_lib():
-    """The compiled ``kernels/morphology.c`` with its argument types (raises NativeUnavailable)."""
-    from pccfast.backends import native
-
-    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    return native.typed("morphology", {
-        "pcc_cleanup": ([vp, i64, i64, i64, vp, i64, i32, i32, i32, i32, i32, vp, i32], ctypes.c_int)})
-
-
-def _resolve_cleanup_backend(backend: str, labels: Tensor) -> str:
-    """"auto" is "native" for CPU tensors when the kernel builds, else "torch"; "native" needs
-    a CPU tensor (``ValueError``) and the kernel (``NativeUnavailable``)."""
-    if backend not in CLEANUP_BACKENDS:
-        raise ValueError(f"`cleanup_backend` has to be one of {', '.join(map(repr, CLEANUP_BACKENDS))} "
-                         f"but is {backend!r}")
-    from pccfast.backends.native import resolve
-
-    return resolve(backend, labels, "morphology", "cleanup", "cleanup_backend")
-
-
 def _cleanup_native(labels: Tensor, cfg: PCCConfig) -> Tensor:
     """``cleanup`` in the C kernel (bit-packed masks, per-value row ranges, OpenMP).
 
     labels: (B, H, W) integer CPU -> (B, H, W) uint8
     """
-    from pccfast.backends.native import num_threads, ptr
-
-    lib = _native_lib()
-    lab = labels.to(torch.int64).contiguous()  # (B, H, W)
-    b, h, w = lab.shape
-    out = torch.empty(b, h, w, dtype=torch.uint8)
-    if out.numel() == 0:
-        return out
-    iters = (max(cfg.erode_first, 0), max(cfg.dilate_iters, 0), max(cfg.erode_after, 0), max(cfg.band_dilations, 0))
-    nt = num_threads()
-    rc = lib.pcc_cleanup(ptr(lab), b, h, w, None, 0, cfg.ignore_index, *iters, ptr(out), nt)
-    if rc == 1:  # a label outside [0, 255]: pass the values present
-        values = torch.unique(lab)
-        values = values[values != 0].contiguous()  # (C,) ascending
-        rc = lib.pcc_cleanup(ptr(lab), b, h, w, ptr(values), values.numel(), cfg.ignore_index, *iters, ptr(out), nt)
-    if rc != 0:
-        raise MemoryError(f"native clean-up could not allocate its work space (B={b}, H={h}, W={w})")
-    return out
+    return kernels.cleanup(labels, cfg.ignore_index, max(cfg.erode_first, 0), max(cfg.dilate_iters, 0),
+                           max(cfg.erode_after, 0), max(cfg.band_dilations, 0))
 
 
 def cleanup(labels: Tensor, cfg: PCCConfig) -> Tensor:
@@ -200,7 +162,7 @@ def cleanup(labels: Tensor, cfg: PCCConfig) -> Tensor:
 
     labels: (B, H, W) long -> (B, H, W) uint8
     """
-    if _resolve_cleanup_backend(cfg.cleanup_backend, labels) == "native":
+    if resolve("cleanup", cfg.cleanup_backend, labels) == "native":
         return _cleanup_native(labels, cfg)
     return _cleanup_torch(labels, cfg)
 
@@ -235,6 +197,7 @@ def refine_mask(
     blocky_full: Tensor,
     cfg: Optional[PCCConfig] = None,
     generator: Optional[torch.Generator] = None,
+    cache: Optional[SeedingCache] = None,
 ) -> Tensor:
     """Section 3: refine the upsampled blocky mask with the image.
 
@@ -243,6 +206,8 @@ def refine_mask(
         blocky_full: (B, H, W) integer blocky labels at image resolution (uncertain included).
         cfg: constants (reference defaults when None).
         generator: k-means++ generator (default: fresh, seeded ``cfg.kmeans_seed``).
+        cache: optional ``SeedingCache`` for the k-means++ random numbers (same result; a
+            caller labelling many batches keeps one to draw them once).
 
     Returns:
         (B, H, W) uint8 refined labels (``cfg.ignore_index`` uncertain).
@@ -258,9 +223,10 @@ def refine_mask(
         )
     points = refine_points(images, cfg.refine_position_range)  # (B, H*W, 5)
     gen = local_generator(generator, cfg.kmeans_seed, images.device)
+    seeding = {} if cache is None else {"cache": cache}  # left out when None, as blocky._cache_arg
     clusters, _ = kmeans(points, min(cfg.refine_k, h * w), max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol,
                          generator=gen, n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed,
-                         backend=cfg.kmeans_backend)  # (B, H*W)
+                         backend=cfg.kmeans_backend, **seeding)  # (B, H*W)
     pieces = connected_components(clusters.view(b, h, w), cfg.connectivity,
                                   backend=cfg.components_backend)  # (B, H, W)
     pieces = pool_small_pieces(pieces.view(b, h * w), cfg.min_piece_pixels)  # (B, H*W)

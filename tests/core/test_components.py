@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pccfast.backends import native
-from pccfast.core.components import connected_components, resolve_backend
+from pccfast.backends import native, resolve
+from pccfast.core.components import _resolve, connected_components
 
 STRUCT = {8: np.ones((3, 3), bool), 4: None}
 
@@ -261,32 +261,33 @@ def test_native_threads_and_dtypes():
 
 @needs_native
 def test_auto_on_cpu_is_native():
-    assert resolve_backend("auto", torch.zeros(2, 2, dtype=torch.long)) == "native"
+    assert _resolve("auto", torch.zeros(2, 2, dtype=torch.long)) == "native"
     lab = torch.from_numpy(_blobs(np.random.default_rng(1), 2, 30, 30, 5, 4))
     assert torch.equal(connected_components(lab, 8, backend="auto"), connected_components(lab, 8, backend="native"))
 
 
 def test_resolve_backend():
     lab = torch.zeros(2, 2, dtype=torch.long)
-    assert resolve_backend("torch", lab) == "torch"
-    assert resolve_backend("auto", lab) in ("native", "torch")
+    assert _resolve("torch", lab) == "torch"
+    assert _resolve("auto", lab) == ("native" if native.available("components", warn=False) else "torch")
+    assert _resolve("auto", lab) == resolve("components", "auto", lab)
     with pytest.raises(ValueError, match="`backend` has to be one of 'auto', 'torch', 'native', 'cupy' but is 'c'"):
-        resolve_backend("c", lab)
+        connected_components(lab, backend="c")
 
 
 def test_too_large_for_native():
     """The kernel numbers runs with int32: images of 2^31 - 1 pixels or more go to torch."""
     big = torch.zeros(1, 1, 1, dtype=torch.long).expand(1, 2**16, 2**15)  # (1, H, W), no memory
-    assert resolve_backend("auto", big) == "torch"
+    assert _resolve("auto", big) == "torch"
     with pytest.raises(ValueError, match="takes images of fewer than 2.31 - 1 pixels but they are 65536 x 32768"):
-        resolve_backend("native", big)
+        connected_components(big, backend="native")
 
 
 def test_native_disabled_falls_back(monkeypatch):
     """PCCFAST_NATIVE=0: "auto" uses torch, "native" raises NativeUnavailable naming the switch."""
     monkeypatch.setenv("PCCFAST_NATIVE", "0")
     lab = torch.tensor([[0, 1], [1, 1]])
-    assert resolve_backend("auto", lab) == "torch"
+    assert _resolve("auto", lab) == "torch"
     assert torch.equal(connected_components(lab, 4, backend="auto"), torch.tensor([[1, 2], [2, 2]]))
     with pytest.raises(native.NativeUnavailable, match="PCCFAST_NATIVE=0"):
         connected_components(lab, backend="native")

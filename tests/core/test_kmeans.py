@@ -7,8 +7,10 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from pccfast.backends import native
-from pccfast.core.kmeans import assign, kmeans, kmeans_inertia, kmeans_plusplus, resolve_backend
+from pccfast.backends import kernels, native
+from pccfast.core import seeding
+from pccfast.core.kmeans import PreparedPoints, assign, kmeans, kmeans_inertia, kmeans_plusplus, prepare_points
+from pccfast.core.seeding import SeedingCache
 
 NATIVE = native.available("kmeans", warn=False)
 needs_native = pytest.mark.skipif(not NATIVE, reason="the C k-means kernel does not build here (no C compiler?)")
@@ -201,6 +203,15 @@ def test_native_pruning_is_exact(wide):
     a = _kmeans_native(x, k, 300, 1e-4, torch.Generator().manual_seed(0), prune=True)
     b = _kmeans_native(x, k, 300, 1e-4, torch.Generator().manual_seed(0), prune=False)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the same through the binding, with the iteration counts it reports
+    prep = prepare_points(x, transpose=True, norms=False)
+    init = seeding.kmeans_plusplus_native(prep.x, k, torch.Generator().manual_seed(0), xt=prep.xt)  # (B, k, D)
+    tol = (1e-4 * prep.var.double()).contiguous()
+    pts = kernels.kernel_points(prep.x, prep.xt)
+    runs = [kernels.kmeans_lloyd(pts, x.shape[1], x.shape[2], init.clone(), tol, 300, prune) for prune in (True, False)]
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+    assert int(runs[0][2].min()) > 1  # several iterations, so the bounds were used
 
 
 @needs_native
@@ -233,14 +244,20 @@ def test_native_max_iter_and_empty_cluster_match_torch_from_same_init():
 
 
 def test_backend_resolution(monkeypatch):
-    x = torch.zeros(1, 4, 2)
-    assert resolve_backend("torch", x) == "torch"
-    assert resolve_backend("auto", x.double()) == "torch"  # float64 stays on the torch path
-    assert resolve_backend("auto", x) == ("native" if NATIVE else "torch")
-    with pytest.raises(ValueError, match="kmeans backend 'native' runs on the CPU but the input is on meta"):
-        resolve_backend("native", torch.zeros(1, 4, 2, device="meta"))
+    """float64 points stay on the torch path under "auto" (float64 centres; the kernel computes
+    in float32); "native" off the CPU names the option; PCCFAST_NATIVE=0 disables the kernel."""
+    x = torch.from_numpy(_pcc_like(3, side=12, d=4))[None]  # (1, 144, 6)
+    lab64, cen64 = kmeans(x.double(), 4, backend="auto")
+    want = kmeans(x.double(), 4, backend="torch")
+    assert cen64.dtype == torch.float64 and torch.equal(lab64, want[0]) and torch.equal(cen64, want[1])
+    if NATIVE:
+        assert kmeans(x.double(), 4, backend="native")[1].dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(kmeans(x, 4, backend="auto"), kmeans(x, 4, backend="native")))
+    with pytest.raises(ValueError, match="kmeans backend 'native' runs on the CPU but the input is on meta; "
+                                         "use backend='auto' or 'torch'"):
+        kmeans(torch.zeros(1, 4, 2, device="meta"), 2, backend="native")
     monkeypatch.setenv("PCCFAST_NATIVE", "0")
-    assert resolve_backend("auto", x) == "torch"
+    assert all(torch.equal(a, b) for a, b in zip(kmeans(x, 4, backend="auto"), kmeans(x, 4, backend="torch")))
     with pytest.raises(native.NativeUnavailable, match="disabled by PCCFAST_NATIVE=0"):
         kmeans(x, 2, backend="native")
 
@@ -269,14 +286,18 @@ def test_native_build_failure_is_one_line(monkeypatch, tmp_path):
 
 @needs_native
 def test_native_cli_builds_every_kernel(capsys, tmp_path, monkeypatch):
-    """python -m pccfast.native builds each shipped kernel into the cache folder it is given
-    and reports it; a cache folder that cannot be created falls back to the temp dir."""
+    """python -m pccfast.native (no names) builds every shipped kernel into the cache folder it
+    is given and reports each; a cache folder that cannot be created falls back to the temp dir."""
+    names = native.kernel_names()
+    assert {"kmeans", "features", "components", "morphology"} <= set(names)
     monkeypatch.setenv("PCCFAST_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_loaded", {})
-    assert native.main(["kmeans"]) == 0
-    assert "kmeans: ok" in capsys.readouterr().out
-    assert list((tmp_path / "cache").glob("kmeans-*.so"))
-    assert {"kmeans", "features", "components", "morphology"} <= set(native.kernel_names())
+    assert native.main([]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == names
+    for name, line in zip(names, out):
+        assert line.startswith(f"{name}: ok ({tmp_path / 'cache' / name}-"), line
+        assert list((tmp_path / "cache").glob(f"{name}-*.so")), name
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("PCCFAST_KERNEL_CACHE", str(blocker / "cache"))  # under a file: cannot be made
@@ -291,3 +312,68 @@ def test_native_cli_unknown_kernel_is_one_line(capsys, monkeypatch):
     assert native.main(["no_such_kernel"]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("no_such_kernel: unavailable: kernel source no_such_kernel.c not found")
+
+
+# ---------------------------------------------------------------- k-means++ and its SeedingCache
+
+
+@pytest.mark.parametrize("n_init", [1, 2])
+def test_seeding_cache_gives_identical_results(backend, n_init):
+    """Results are bit-identical with and without a cache: on the first call (drawing), on a
+    repeat (kept numbers), on other points of the same size (kept numbers with other weights),
+    and for a larger k with the same trials (k = 7 continues k = 4's streams)."""
+    x = torch.stack([_noisy_pixels(s, side=40) for s in range(2)])  # (2, 1600, 5)
+    y = torch.stack([_noisy_pixels(s + 5, side=40) for s in range(2)])
+    cache = SeedingCache()
+    for pts, k in ((x, 4), (x, 4), (y, 4), (y, 7), (x, 7), (x, 10)):
+        plain = kmeans(pts, k, backend=backend, n_init=n_init)
+        cached = kmeans(pts, k, backend=backend, n_init=n_init, cache=cache)
+        assert torch.equal(plain[0], cached[0]) and torch.equal(plain[1], cached[1]), k
+    assert len(cache) == 2 * n_init  # trials 3 (k = 4, 7) and 4 (k = 10), one stream per restart
+
+
+def test_seeding_cache_uses_the_kept_numbers(monkeypatch):
+    """A second call with the same seed decides its races from the kept numbers: far fewer
+    steps draw all (T, N) exponentials again, and the seeds are the same."""
+    drawn = []
+    full = seeding._RaceStream.full
+    monkeypatch.setattr(seeding._RaceStream, "full", lambda self, step: drawn.append(step) or full(self, step))
+    x = torch.from_numpy(_pcc_like(4, side=40, d=6))[None]  # (1, 1600, 8): kept = 256 of 1600 per trial
+    cache = SeedingCache()
+    first = kmeans_plusplus(x, 10, torch.Generator().manual_seed(0), cache=cache)
+    assert drawn == list(range(9))
+    drawn.clear()
+    again = kmeans_plusplus(x, 10, torch.Generator().manual_seed(0), cache=cache)
+    assert torch.equal(first, again)
+    assert len(drawn) <= 3, drawn  # the rest decided by the kept points
+    drawn.clear()
+    plain = kmeans_plusplus(x, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(first, plain) and drawn == list(range(9))
+
+
+def test_seeding_cache_bounded_and_owned_by_the_caller():
+    """No state outside the cache: without one nothing is kept; with one at most max_entries
+    streams, the oldest dropped first."""
+    assert not any(isinstance(v, dict) for v in vars(seeding._RaceStream).values())  # no class-level cache
+    x = torch.rand(1, 50, 3, generator=torch.Generator().manual_seed(0))
+    cache = SeedingCache(max_entries=2)
+    for seed in range(3):
+        kmeans(x, 3, seed=seed, cache=cache, backend="torch")
+    assert len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0 and repr(cache) == "SeedingCache(max_entries=2, streams=0)"
+    with pytest.raises(ValueError, match="`max_entries` has to be an integer of at least 1 but is 0"):
+        SeedingCache(0)
+
+
+def test_prepare_points_fields():
+    """prepare_points returns named fields; the feature-major layout of refine_points stays a view."""
+    x = torch.rand(2, 5, 30, generator=torch.Generator().manual_seed(1)).transpose(1, 2)  # (2, 30, 5) view
+    p = prepare_points(x)
+    assert isinstance(p, PreparedPoints) and p._fields == ("x", "mean", "xt", "x_sq", "var")
+    assert p.xt.is_contiguous() and p.x.transpose(1, 2).is_contiguous()
+    assert torch.allclose(p.x, x - x.mean(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(p.x_sq, (p.x ** 2).sum(-1), atol=1e-5)
+    assert torch.allclose(p.var, (p.x ** 2).mean(dim=(1, 2)), atol=1e-6)
+    lean = prepare_points(x.contiguous(), transpose=False, norms=False)
+    assert lean.xt is None and lean.x_sq is None and torch.allclose(lean.var, p.var, atol=1e-6)

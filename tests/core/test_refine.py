@@ -3,9 +3,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pccfast.backends import native
+from pccfast.backends import native, resolve
 from pccfast.core.config import PCCConfig
-from pccfast.core.refine import (_resolve_cleanup_backend, cleanup, dilate, erode, piece_majority, pool_small_pieces,
+from pccfast.core.refine import (cleanup, dilate, erode, piece_majority, pool_small_pieces,
                             refine_mask, refine_points)
 
 SQUARE = np.ones((3, 3), bool)
@@ -226,7 +226,7 @@ def test_cleanup_native_empty(shape):
 @needs_native
 def test_cleanup_auto_is_native_on_cpu():
     lab = _piecewise_labels(3, 3, 30, 50)
-    assert _resolve_cleanup_backend("auto", lab) == "native"
+    assert resolve("cleanup", "auto", lab) == "native"
     assert torch.equal(cleanup(lab, PCCConfig()), cleanup(lab, PCCConfig(cleanup_backend="native")))
 
 
@@ -238,7 +238,7 @@ def test_cleanup_backend_exceptions():
         cleanup(lab, cfg)
     with pytest.raises(ValueError, match=r"cleanup backend 'native' runs on the CPU but the input is on meta"):
         cleanup(lab.to("meta"), PCCConfig(cleanup_backend="native"))
-    assert _resolve_cleanup_backend("auto", lab.to("meta")) == "torch"
+    assert resolve("cleanup", "auto", lab.to("meta")) == "torch"
 
 
 def _scene(h=128, w=128):
