@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -220,24 +219,3 @@ def build_kernels(names: Optional[list[str]] = None) -> list[tuple[str, Optional
         except NativeUnavailable as e:
             out.append((n, None, str(e)))
     return out
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pccfast.native [NAME...]``: ``build_kernels`` with one line per kernel; exit
-    1 if one is unavailable. (The argument parsing belongs in ``pccfast.cli.native``.)"""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m pccfast.native",
-                                description="Build and load pccfast's C kernels (kernels/*.c) into the kernel cache "
-                                "and report where each one is. Later processes reuse the cached builds. Environment: "
-                                "PCCFAST_KERNEL_CACHE (cache folder), PCCFAST_NATIVE=0 (disable), CC (compiler).")
-    p.add_argument("names", nargs="*", help="kernels to build (default: all of them)")
-    args = p.parse_args(argv)
-    results = build_kernels(args.names)
-    for n, path, why in results:
-        print(f"{n}: ok ({path})" if why is None else f"{n}: unavailable: {why}")
-    return 0 if all(why is None for _, _, why in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -49,7 +49,10 @@ class GenerateStep:
                  pipe=None):
         from pccfast.diffusion.pipeline import load_pipeline
 
+        from pccfast.core.seeding import SeedingCache
+
         self.settings, self.cfg, self.label_set, self.writer = settings, cfg, label_set, writer
+        self.cache = SeedingCache()  # k-means++ draws kept across the run's batches (same results, less work)
         self.pipe = pipe if pipe is not None else load_pipeline(settings.model, device=settings.device,
                                                                 dtype=settings.torch_dtype, label_set=label_set)
 
@@ -73,7 +76,7 @@ class GenerateStep:
             self.pipe, [e.prompt for e in entries], [list(e.classes) for e in entries], self.label_set, seeds,
             steps=s.steps, guidance=s.guidance, height=s.height, width=s.width, cfg=self.cfg,
         )
-        res = label_images(cap.features.float(), cap.class_attention.float(), cap.images, self.cfg)
+        res = label_images(cap.features.float(), cap.class_attention.float(), cap.images, self.cfg, cache=self.cache)
         images = cap.images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (B, H, W, 3)
         masks = res.mask.cpu().numpy()  # (B, H, W)
         blocky = res.blocky_full.cpu().numpy() if self.writer.save_blocky else None  # (B, H, W)

@@ -22,6 +22,7 @@ import torch
 
 from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import LabelSet
+from pccfast.core.seeding import SeedingCache
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.masks import InputPair, MaskStore, MaskWriter, Pair, find_inputs, read_pair
 from pccfast.runs.engine import Prepared, run_local
@@ -68,6 +69,7 @@ class RelabelStep:
                  device: str = "cpu", save_blocky: bool = False, readers: int = 2):
         self.cfg, self.label_set, self.images_dir, self.writer = cfg, label_set, images_dir, writer
         self.device, self.save_blocky = torch.device(device), save_blocky
+        self.cache = SeedingCache()  # k-means++ draws kept across the run's batches (same results, less work)
         self.pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pccfast-relabel-read") if readers else None
 
     @classmethod
@@ -108,7 +110,7 @@ class RelabelStep:
         d = self.device
         for g in prepared.data:
             res = label_images(g.features.to(d), g.class_attention.to(d), g.images.to(d), self.cfg,
-                               return_blocky=self.save_blocky)
+                               return_blocky=self.save_blocky, cache=self.cache)
             masks = res.mask.to("cpu", torch.uint8).numpy()  # (B, H, W)
             blocky = res.blocky_full.to("cpu", torch.uint8).numpy() if self.save_blocky else None  # (B, H, W)
             for i, sid in enumerate(g.ids):

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from pccfast.data.captures import read_capture
-from pccfast.runs.generate import main as generate_main
+from pccfast.cli.generate import main as generate_main
 from pccfast.data.labelsets import get_label_set
-from pccfast.runs.relabel import main as relabel_main
+from pccfast.cli.relabel import main as relabel_main
 
 TINY = ["--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--no-progress", "--batch", "2"]
 

@@ -35,7 +35,7 @@ class FakeLabeller:
         self.fail_marker = fail_marker  # ValueError for a capture whose features[0, 0, 0] equals this
         self.interrupt_at = interrupt_at  # KeyboardInterrupt (Ctrl-C) in this call (0-based)
 
-    def label_images(self, features, class_attention, images, cfg=None, *, return_blocky=True):
+    def label_images(self, features, class_attention, images, cfg=None, *, return_blocky=True, cache=None):
         assert features.ndim == 4 and class_attention.ndim == 4 and images.shape[1] == 3
         assert images.dtype == torch.uint8 and isinstance(cfg, PCCConfig)
         assert features.dtype == class_attention.dtype == torch.float32
