@@ -106,11 +106,6 @@ def vote(labels: Tensor, n_classes: int, min_share: float, ignore_index: int) ->
     return torch.where(top.double() / v < min_share, torch.full_like(winner, ignore_index), winner)
 
 
-def _cache_arg(cache: Optional[SeedingCache]) -> dict:
-    """``kmeans`` keyword for the seeding cache, left out when there is none (so stand-ins for
-    ``kmeans`` without the argument, as in tests/core/test_fidelity.py, keep working)."""
-    return {} if cache is None else {"cache": cache}
-
 
 def cluster_pieces(
     feats: Tensor, h: int, w: int, cfg: PCCConfig, generator: Optional[torch.Generator] = None,
@@ -130,10 +125,10 @@ def cluster_pieces(
         # the C kernel takes wide points as rows: no transpose
         prepared = prepare_points(work, transpose=backend == "torch" or feats.shape[-1] <= NARROW_D)
     for k in cfg.cluster_ks:  # a handful of k values; batched over images inside
-        gen = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
-        labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen,
+        gen_k = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
+        labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen_k,
                            n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=backend,
-                           prepared=prepared, **_cache_arg(cache))
+                           prepared=prepared, cache=cache)
         pieces = connected_components(labels.view(-1, h, w), cfg.connectivity,
                                       backend=cfg.components_backend)  # (B, h, w)
         out.append(pieces.view(-1, h * w))

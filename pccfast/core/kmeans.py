@@ -20,8 +20,7 @@ from torch import Tensor
 from pccfast.backends import kernels, rapids, resolve
 from pccfast.backends.kernels import NARROW_D
 from pccfast.core.checks import check_tensor, local_generator
-from pccfast.core.seeding import (SeedingCache, _chunk, _d2_sample, _rows, kmeans_plusplus,  # noqa: F401
-                                  kmeans_plusplus_native)  # _d2_sample: re-exported for the tests
+from pccfast.core.seeding import SeedingCache, _chunk, _rows, kmeans_plusplus, kmeans_plusplus_native
 
 __all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "PreparedPoints",
            "SeedingCache", "NARROW_D"]
@@ -295,7 +294,7 @@ def kmeans(
     if impl == "cuml":
         return rapids.kmeans_cuml(x, k, max_iter, tol, seed, n_init)
     use_native = impl == "native"
-    gen = local_generator(generator, seed, x.device)
+    generator = local_generator(generator, seed, x.device)
     work = x.float() if use_native or x.dtype != torch.float64 else x  # the kernel computes in float32
     if n_init > 1:
         work = work.repeat_interleave(n_init, dim=0)  # (B*n_init, N, D), restarts of one item adjacent
@@ -304,11 +303,11 @@ def kmeans(
     if use_native:
         if prepared is not None and prepared.xt is None and d <= NARROW_D:
             prepared = None  # narrow points need the transpose
-        labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, gen, n_init, init, prepared, cache=cache)
+        labels, centers, inertia = _kmeans_native(work, k, max_iter, tol, generator, n_init, init, prepared, cache=cache)
     else:
         if prepared is not None and (prepared.xt is None or prepared.x_sq is None):
             prepared = None  # the torch E-step needs the transpose and the norms
-        labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, gen, n_init, init, prepared, cache)
+        labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, generator, n_init, init, prepared, cache)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]

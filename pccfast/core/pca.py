@@ -120,8 +120,8 @@ def _pca(
     if method == "eigh":
         comps = _components_eigh(gram, n_components)
     else:
-        gen = local_generator(generator, 0, x.device)
-        comps = _components_lowrank(gram, x.shape[1], n_components, oversample, niter, gen)
+        generator = local_generator(generator, 0, x.device)
+        comps = _components_lowrank(gram, x.shape[1], n_components, oversample, niter, generator)
     return x, _flip_signs(comps), mean
 
 
@@ -212,10 +212,10 @@ def headwise_features(
     if grid < 1:
         raise ValueError(f"`grid` has to be at least 1 but is {grid}")
     c = cfg.pca_components
-    gen = local_generator(generator, cfg.pca_seed, x.device)
+    generator = local_generator(generator, cfg.pca_seed, x.device)
     proj = _projections(
         x.reshape(b * heads, n, d),  # (B*heads, S*S, d)
-        c, cfg.pca_method, cfg.pca_oversample, cfg.pca_niter, gen,
+        c, cfg.pca_method, cfg.pca_oversample, cfg.pca_niter, generator,
     )  # (B*heads, c, S*S)
     proj = proj.reshape(b, heads * c, side, side)  # (B, heads*c, S, S), head-major, row-major pixels
     if out is None:

@@ -222,11 +222,10 @@ def refine_mask(
             f"{tuple(images.shape)} and {tuple(blocky_full.shape)}"
         )
     points = refine_points(images, cfg.refine_position_range)  # (B, H*W, 5)
-    gen = local_generator(generator, cfg.kmeans_seed, images.device)
-    seeding = {} if cache is None else {"cache": cache}  # left out when None, as blocky._cache_arg
+    generator = local_generator(generator, cfg.kmeans_seed, images.device)
     clusters, _ = kmeans(points, min(cfg.refine_k, h * w), max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol,
-                         generator=gen, n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed,
-                         backend=cfg.kmeans_backend, **seeding)  # (B, H*W)
+                         generator=generator, n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed,
+                         backend=cfg.kmeans_backend, cache=cache)  # (B, H*W)
     pieces = connected_components(clusters.view(b, h, w), cfg.connectivity,
                                   backend=cfg.components_backend)  # (B, H, W)
     pieces = pool_small_pieces(pieces.view(b, h * w), cfg.min_piece_pixels)  # (B, H*W)

@@ -84,16 +84,16 @@ def _random(g: torch.Generator, shape: tuple[int, ...], kind: str) -> Tensor:
 class _Record:
     """One stream's numbers: the first uniform, and per recorded step the generator state
     before it, the kept indices (T, m) ascending, their exponentials (T, m) and tau (T,).
-    ``gen`` stands after the last drawn step (in a cache, every drawn step is recorded)."""
+    ``generator`` stands after the last drawn step (in a cache, every drawn step is recorded)."""
 
     def __init__(self, seed: int, gen_device: torch.device, device: torch.device) -> None:
-        self.gen = torch.Generator(device=gen_device).manual_seed(seed)
-        self.first = _random(self.gen, (1,), "uniform").to(device)  # (1,) float64
+        self.generator = torch.Generator(device=gen_device).manual_seed(seed)
+        self.first = _random(self.generator, (1,), "uniform").to(device)  # (1,) float64
         self.states: list[Tensor] = []
         self.idx: list[Tensor] = []
         self.val: list[Tensor] = []
         self.tau: list[Tensor] = []
-        self.drawn = 0  # steps ``gen`` has drawn
+        self.drawn = 0  # steps ``generator`` has drawn
 
 
 class _RaceStream:
@@ -132,9 +132,9 @@ class _RaceStream:
             return _random(g, self.shape, "exponential").to(self.device)
         if step != r.drawn:
             raise RuntimeError(f"k-means++ stream asked for step {step} after drawing {r.drawn} steps")
-        state = r.gen.get_state() if self.cache is not None else None
+        state = r.generator.get_state() if self.cache is not None else None
         try:
-            race = _random(r.gen, self.shape, "exponential").to(self.device)  # (T, n)
+            race = _random(r.generator, self.shape, "exponential").to(self.device)  # (T, n)
             if state is not None:
                 if self.keep >= self.shape[1]:
                     idx = torch.arange(self.shape[1], device=self.device).expand(self.shape).contiguous()
@@ -145,7 +145,7 @@ class _RaceStream:
                 val = torch.gather(race, 1, idx)  # (T, keep)
         except BaseException:
             if state is not None:
-                r.gen.set_state(state)  # a cached record stays consistent
+                r.generator.set_state(state)  # a cached record stays consistent
             raise
         r.drawn += 1
         if state is not None:

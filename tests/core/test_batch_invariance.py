@@ -15,7 +15,7 @@ themselves compete for it.
 import torch
 
 from pccfast.core.config import PCCConfig
-from pccfast.core.kmeans import _d2_sample, kmeans_plusplus
+from pccfast.core.seeding import _d2_sample, kmeans_plusplus
 from pccfast.core.labeller import label_images
 from pccfast.core.refine import refine_points
 from pccfast.testing.synthetic import make_scene, scene_features, stack_scenes

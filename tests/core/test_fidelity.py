@@ -144,11 +144,12 @@ def test_exact_given_the_reference_kmeans(monkeypatch):
     asked = []
 
     def fake(stage):
-        def kmeans(x, k, *, max_iter, tol, generator=None, n_init=1, seed=0, backend="torch", prepared=None):
+        def kmeans(x, k, *, max_iter, tol, generator=None, n_init=1, seed=0, backend="torch", prepared=None,
+                   cache=None):
             asked.append((stage, k, max_iter, tol, n_init))
             if prepared is not None:  # points handed over centred (k-means is translation invariant)
-                assert torch.equal(prepared[0], x)
-                x = prepared[0] + prepared[1]  # (B, N, D) + (B, 1, D) column means
+                assert torch.equal(prepared.x, x)
+                x = prepared.x + prepared.mean  # (B, N, D) + (B, 1, D) column means
             for b, run in enumerate(runs):
                 want = run["points"] if stage == "blocky" else run["rpoints"]
                 np.testing.assert_allclose(x[b].double().numpy(), want, rtol=1e-5, atol=1e-4)
