@@ -39,6 +39,7 @@ __all__ = [
     "add_scaleout_arguments",
     "check_scaleout_arguments",
     "report_run",
+    "run_and_report",
     "interrupted",
 ]
 
@@ -251,6 +252,23 @@ def check_scaleout_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"`--workers` {args.workers} needs --ray (without it the run uses this process only)")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"`--workers` has to be at least 1 but is {args.workers}")
+
+
+def run_and_report(run: "typing.Callable[[], object]", what: str, out: str) -> int:
+    """Run a command's work (``run() -> RunReport``) and report it: the exit status.
+
+    Ctrl-C: one line, 130. A run that cannot start or go on (no model, no Ray, no cluster, no
+    worker, a bad setting found late): one ``error:`` line and SystemExit(2), as :func:`fail`. Otherwise the summary, one line
+    per failed item and 1 if any failed, else 0."""
+    from pccfast.runs.engine import RunError
+
+    try:
+        report = run()
+    except KeyboardInterrupt:
+        return interrupted(out)
+    except (RunError, ImportError, ConnectionError, ValueError) as exc:
+        fail(exc)
+    return report_run(report, what, out)
 
 
 def report_run(report, what: str, out: str) -> int:

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from pccfast.cli.common import (
-    add_config_arguments, add_label_set_argument, add_scaleout_arguments, check_scaleout_arguments, fail, interrupted,
-    report_run, run_settings,
+    add_config_arguments, add_label_set_argument, add_scaleout_arguments, check_scaleout_arguments, fail,
+    run_and_report, run_settings,
 )
 from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
 
@@ -54,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pccfast.data.prompts import PromptError, builtin_prompts, read_prompts
-    from pccfast.runs.engine import RunError
     from pccfast.runs.generate import run_generation
     from pccfast.runs.plan import parse_shard, select_shard
 
@@ -82,16 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         entries = select_shard(entries, shard)
     except (ValueError, PromptError, FileNotFoundError) as exc:
         fail(str(exc))
-    try:
-        report = run_generation(entries, settings, cfg, label_set, args.out, batch=args.batch, shard=shard,
-                                save_blocky=args.save_blocky, save_captures=args.save_captures,
-                                jpeg_quality=args.jpeg_quality, ray=args.ray, workers=args.workers,
-                                progress=not args.no_progress)
-    except KeyboardInterrupt:
-        return interrupted(args.out)
-    except (RunError, ImportError, ConnectionError, ValueError) as exc:  # no model, no Ray, no cluster, no worker
-        fail(str(exc))
-    return report_run(report, "images", args.out)
+    return run_and_report(lambda: run_generation(
+        entries, settings, cfg, label_set, args.out, batch=args.batch, shard=shard, save_blocky=args.save_blocky,
+        save_captures=args.save_captures, jpeg_quality=args.jpeg_quality, ray=args.ray, workers=args.workers,
+        progress=not args.no_progress), "images", args.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 
 from pccfast.cli.common import (
     add_config_arguments, add_device_arguments, add_label_set_argument, add_scaleout_arguments,
-    check_scaleout_arguments, fail, interrupted, positive_int, report_run, run_settings,
+    check_scaleout_arguments, fail, positive_int, run_and_report, run_settings,
 )
 
 __all__ = ["build_parser", "main"]
@@ -51,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pccfast.runs.engine import RunError
     from pccfast.runs.plan import parse_shard
     from pccfast.runs.relabel import relabel_dir
 
@@ -74,19 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"`--captures` {args.captures!r} holds no .safetensors files{hint}")
     except ValueError as e:
         fail(str(e))
-    try:
-        report = relabel_dir(
-            args.captures, args.images, args.out, cfg, batch=args.batch, device=device, save_blocky=args.save_blocky,
-            label_set=label_set, limit=args.limit, overwrite=args.overwrite, workers=args.io_threads, shard=shard,
-            ray=args.ray, ray_workers=args.workers, progress=not args.no_progress,
-        )
-    except KeyboardInterrupt:
-        return interrupted(args.out)
-    except ImportError as e:
-        fail(str(e).splitlines()[0])
-    except (RunError, ConnectionError, ValueError) as e:
-        fail(str(e))
-    return report_run(report, "masks", args.out)
+    return run_and_report(lambda: relabel_dir(
+        args.captures, args.images, args.out, cfg, batch=args.batch, device=device, save_blocky=args.save_blocky,
+        label_set=label_set, limit=args.limit, overwrite=args.overwrite, workers=args.io_threads, shard=shard,
+        ray=args.ray, ray_workers=args.workers, progress=not args.no_progress), "masks", args.out)
 
 
 if __name__ == "__main__":

@@ -8,26 +8,20 @@ from __future__ import annotations
 import json
 import os
 
-from pccfast.core.labelset import BUILTIN, LabelSet, label_set_from_dict
+from pccfast.core.labelset import BUILTIN, LabelSet, as_label_set, label_set_from_dict
 
 __all__ = ["get_label_set", "load_label_set", "ensure_label_set_file"]
 
 
 def get_label_set(name_or_path: "str | LabelSet | dict") -> LabelSet:
     """``voc``, ``coco``, a path to a JSON/YAML label-set file, a dict, or a LabelSet."""
-    if isinstance(name_or_path, LabelSet):
-        return name_or_path
-    if isinstance(name_or_path, dict):
-        return label_set_from_dict(name_or_path, "label set")
-    if not isinstance(name_or_path, str):
-        raise TypeError(f"`label_set` has to be a name, a path or a LabelSet but is {type(name_or_path).__name__}")
-    if name_or_path.lower() in BUILTIN:
-        return BUILTIN[name_or_path.lower()]()
-    if os.path.isfile(name_or_path):
-        return load_label_set(name_or_path)
-    raise ValueError(
-        f"`label_set` has to be one of {', '.join(BUILTIN)} or an existing JSON/YAML file but is {name_or_path!r}"
-    )
+    if isinstance(name_or_path, str) and name_or_path.lower() not in BUILTIN:
+        if os.path.isfile(name_or_path):
+            return load_label_set(name_or_path)
+        raise ValueError(
+            f"`label_set` has to be one of {', '.join(BUILTIN)} or an existing JSON/YAML file but is {name_or_path!r}"
+        )
+    return as_label_set(name_or_path)
 
 
 def load_label_set(path: str) -> LabelSet:

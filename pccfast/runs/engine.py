@@ -6,7 +6,7 @@ the same contract:
 
 * **resume** -- the store's done ids are skipped (:func:`pccfast.runs.plan.pending`);
 * **commit** -- an item's record is committed to the store by the driver only after the step
-  has written all its files, once per id;
+  has written all its files, once per id, as soon as its batch is written;
 * **faults** -- a batch whose ``process`` or ``write`` raises (an out-of-memory batch, say) is
   run again item by item, so its good items are still written; the items that fail alone
   are reported as one line each. Bad inputs found by ``prepare`` are reported, not retried;
@@ -178,27 +178,38 @@ def run_batch(step: Step, items: list) -> tuple[list, list, float]:
 
 
 class _Sink:
-    """The driver's bookkeeping: commits records once per id, records failures, moves the bar."""
+    """The driver's bookkeeping: commits records once per id, records failures, moves the bar.
+
+    Thread-safe: the local loop's writer thread commits each batch as soon as its files are
+    written (so a kill loses at most the batches in flight), the main thread reports the rest."""
 
     def __init__(self, store, report: RunReport, bar: Progress, log: bool):
         self.store, self.report, self.bar, self.log = store, report, bar, log
         self.committed: set[str] = set()
+        self.lock = threading.Lock()
 
     def failed(self, failures: list) -> None:
-        for sid, msg in failures:
-            self.report.failures.append((sid, msg))
-            if self.log:
-                self.bar.log(error_line(sid, msg))
-        if failures:
-            self.bar.advance(len(failures), finished=0)
+        with self.lock:
+            for sid, msg in failures:
+                self.report.failures.append((sid, msg))
+                if self.log:
+                    self.bar.log(error_line(sid, msg))
+            if failures:
+                self.bar.advance(len(failures), finished=0)
 
     def written(self, records: list, extra: str | None = None) -> None:
-        fresh = [r for r in records if str(r["id"]) not in self.committed]
-        for r in fresh:
-            self.store.commit(r)
-            self.committed.add(str(r["id"]))
-            self.report.written.append(str(r["id"]))
-        self.bar.advance(len(records), finished=len(fresh), extra=extra)
+        with self.lock:
+            fresh = [r for r in records if str(r["id"]) not in self.committed]
+            for r in fresh:
+                self.store.commit(r)
+                self.committed.add(str(r["id"]))
+                self.report.written.append(str(r["id"]))
+            self.bar.advance(len(records), finished=len(fresh), extra=extra)
+
+    def settle(self, records: list, failures: list) -> None:
+        """A written batch: its failures, then its records committed."""
+        self.failed(failures)
+        self.written(records)
 
 
 def error_line(sid: str, msg: str) -> str:
@@ -250,10 +261,8 @@ def run_local(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pccfast-{desc}-write") if io_threads > 0 else None
     writing: collections.deque = collections.deque()  # futures of _written, oldest first
 
-    def settle(future_or_value) -> None:
-        records, failures = future_or_value.result() if hasattr(future_or_value, "result") else future_or_value
-        sink.failed(failures)
-        sink.written(records)
+    def write_and_commit(prepared: Prepared, result) -> None:  # on the writer thread, or in line
+        sink.settle(*_written(step, prepared, result))
 
     try:
         for prepared in stages:
@@ -276,23 +285,19 @@ def run_local(
                     sink.written(r)
                 continue
             if writer is None:
-                settle(_written(step, prepared, result))
+                write_and_commit(prepared, result)
             else:
-                writing.append(writer.submit(_written, step, prepared, result))
+                writing.append(writer.submit(write_and_commit, prepared, result))
                 while writing and (writing[0].done() or len(writing) > 2):  # at most 2 batches wait
-                    settle(writing.popleft())
+                    writing.popleft().result()  # (raises what the writer could not handle)
         while writing:
-            settle(writing.popleft())
+            writing.popleft().result()
     finally:
         close = getattr(stages, "close", None)
         if close is not None:
             close()  # stops the prepare thread
-        if writer is not None:
-            writer.shutdown(wait=True)  # batches already processed are written whole (Ctrl-C too)
-            while writing:  # ...and committed, so an interrupted run loses nothing it wrote
-                fut = writing.popleft()
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    settle(fut)
+        if writer is not None:  # batches already processed are written whole and committed (Ctrl-C too)
+            writer.shutdown(wait=True)
         bar.close()
         if hasattr(step, "close"):
             step.close()

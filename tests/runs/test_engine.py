@@ -1,6 +1,7 @@
 """The run engine's contract in this process (pccfast.runs.engine.run_local), with stand-in steps."""
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -142,3 +143,22 @@ def test_fatal_device_error_stops_the_run(tmp_path):
         _run(tmp_path / "o", entries, io_threads=0)
     assert sorted(r["id"] for r in read_jsonl(str(tmp_path / "o" / "manifest.jsonl"))) == ["000", "001", "002"]
     assert os.path.exists(sample_paths(str(tmp_path / "o"), "002")["mask"])
+
+
+def test_a_written_batch_is_committed_while_the_next_is_processed(tmp_path):
+    """Regression: with the writer thread, a batch's manifest lines waited for the next batch's
+    processing to end, so a kill -9 then lost two batches instead of the one in flight."""
+    out = tmp_path / "o"
+    seen = []
+
+    class Watching(Step):
+        def process(self, prepared):
+            if len(self.calls) == 1:  # the second batch: the first one's lines appear meanwhile
+                deadline = time.time() + 10
+                while time.time() < deadline and len(read_jsonl(str(out / "manifest.jsonl"))) < 3:
+                    time.sleep(0.01)
+                seen.append(len(read_jsonl(str(out / "manifest.jsonl"))))
+            return super().process(prepared)
+
+    report, _ = _run(out, _entries([f"p{i}" for i in range(6)]), step=Watching(str(out)), io_threads=1)
+    assert seen == [3] and len(report.written) == 6
