@@ -37,6 +37,7 @@ __all__ = [
     "report_error",
     "error_text",
     "add_scaleout_arguments",
+    "add_run_arguments",
     "check_scaleout_arguments",
     "report_run",
     "run_and_report",
@@ -244,6 +245,14 @@ def add_scaleout_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                    "running cluster (needs pip install 'pccfast[ray]')")
     s.add_argument("--workers", type=int, default=None, metavar="N",
                    help="Ray workers, with --ray (default: one per visible GPU; on a CPU-only host 1)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """What every run command takes after its own options: scale-out (:func:`add_scaleout_arguments`),
+    ``--no-progress`` and the labeller settings (:func:`add_config_arguments`)."""
+    add_scaleout_arguments(parser, what)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (errors are still printed)")
+    add_config_arguments(parser)
 
 
 def check_scaleout_arguments(args: argparse.Namespace) -> None:

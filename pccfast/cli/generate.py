@@ -5,8 +5,7 @@ import argparse
 import sys
 
 from pccfast.cli.common import (
-    add_config_arguments, add_label_set_argument, add_scaleout_arguments, check_scaleout_arguments, fail,
-    run_and_report, run_settings,
+    add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, run_and_report, run_settings,
 )
 from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
 
@@ -46,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     m.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="model precision (default: float16 on CUDA, float32 on the CPU)")
-    add_scaleout_arguments(p, "prompts")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_arguments(p)
+    add_run_arguments(p, "prompts")
     return p
 
 

@@ -6,8 +6,8 @@ import os
 import sys
 
 from pccfast.cli.common import (
-    add_config_arguments, add_device_arguments, add_label_set_argument, add_scaleout_arguments,
-    check_scaleout_arguments, fail, positive_int, run_and_report, run_settings,
+    add_device_arguments, add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, positive_int,
+    run_and_report, run_settings,
 )
 
 __all__ = ["build_parser", "main"]
@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--io-threads", type=int, default=2, metavar="N",
                    help="threads reading captures and images; with any, the next batch is read while this one is "
                    "labelled and masks are written behind it; 0 = all in line (default: %(default)s)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_scaleout_arguments(p, "captures (in id order)")
-    add_config_arguments(p)
+    add_run_arguments(p, "captures (in id order)")
     return p
 
 
