@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -33,18 +31,9 @@ from pccfast.core.labeller import label_images
 from pccfast.core.refine import cleanup, piece_majority, pool_small_pieces, refine_points
 from pccfast.core.seeding import SeedingCache
 from pccfast.testing.synthetic import make_scene, scene_features
+from pccfast.testing.timing import median_time
 
 __all__ = ["main"]
-
-
-def _median_time(fn, repeats: int) -> tuple[object, float]:
-    out = fn()  # warm-up (and the k-means++ random numbers' first draw, into the path's SeedingCache)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, statistics.median(times)
 
 
 def _ari(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def compare(name, torch_fn, native_fn, agree):
         log(f"{name}: torch")
-        a, ta = _median_time(torch_fn, args.repeats)
+        a, ta = median_time(torch_fn, args.repeats)  # warm-up first (fills the path's SeedingCache)
         log(f"{name}: native")
-        b, tb = _median_time(native_fn, args.repeats)
+        b, tb = median_time(native_fn, args.repeats)
         rows.append({"stage": name, "torch_s_per_image": ta / n, "native_s_per_image": tb / n,
                      "ratio": ta / tb, "agreement": agree(a, b)})
         return a
