@@ -147,34 +147,43 @@ def _written(step: Step, prepared: Prepared, result) -> tuple[list, list]:
         return [], [(e.id, f"{e.id}: cannot write: {one_line(exc)}") for e in prepared.items]
 
 
+def _process(step: Step, prepared: Prepared):
+    """``step.process``, or, when it raises, the batch once more item by item.
+
+    Returns ``(result, None)``, or ``(None, (records, failures, write seconds))`` of the retry:
+    the good items of a failed batch are still written; an item that fails alone is one line.
+    A fatal device error is raised (retrying in this process cannot help).
+    """
+    try:
+        return step.process(prepared), None
+    except Exception as exc:
+        if fatal_device_error(exc):
+            raise
+        if len(prepared.items) == 1:
+            return None, ([], [(prepared.items[0].id, failure_line(step, prepared.items[0], exc))], 0.0)
+        records, failures, t_write = [], [], 0.0
+        for item in prepared.items:
+            r, f, t = run_batch(step, [item])
+            records, failures, t_write = records + r, failures + f, t_write + t
+        return None, (records, failures, t_write)
+
+
 def run_batch(step: Step, items: list) -> tuple[list, list, float]:
-    """Prepare, process and write one batch in line, retrying item by item if it raises.
+    """Prepare, process and write one batch in line (with the item-by-item retry).
 
     Returns (records, failures, seconds spent writing). Used by Ray workers; the local loop
     does the same with its stages overlapped.
     """
     prepared = step.prepare(items)
-    records, failures = [], list(prepared.failures)
-    t_write = 0.0
     if not prepared.items:
-        return records, failures, t_write
-    try:
-        result = step.process(prepared)
-    except Exception as exc:
-        if fatal_device_error(exc):
-            raise
-        if len(prepared.items) == 1:
-            failures.append((prepared.items[0].id, failure_line(step, prepared.items[0], exc)))
-            return records, failures, t_write
-        for item in prepared.items:  # the good items of a failed batch are still written
-            r, f, t = run_batch(step, [item])
-            records += r
-            failures += f
-            t_write += t
-        return records, failures, t_write
+        return [], list(prepared.failures), 0.0
+    result, retried = _process(step, prepared)
+    if retried is not None:
+        records, failures, t_write = retried
+        return records, prepared.failures + failures, t_write
     t0 = time.perf_counter()
-    r, f = _written(step, prepared, result)
-    return records + r, failures + f, t_write + time.perf_counter() - t0
+    records, failures = _written(step, prepared, result)
+    return records, prepared.failures + failures, time.perf_counter() - t0
 
 
 class _Sink:
@@ -270,19 +279,15 @@ def run_local(
             if not prepared.items:
                 continue
             try:
-                result = step.process(prepared)
+                result, retried = _process(step, prepared)
             except Exception as exc:
                 if fatal_device_error(exc):
                     raise RunError(f"{one_line(exc)}; the device cannot be used any more: finished work is kept, "
                                    "run the same command again to resume") from exc
-                if len(prepared.items) == 1:  # the item failed alone: report it
-                    sink.failed([(prepared.items[0].id, failure_line(step, prepared.items[0], exc))])
-                    continue
-                report.retried += 1  # once more, item by item: the good items are still written
-                for item in prepared.items:
-                    r, f, _ = run_batch(step, [item])
-                    sink.failed(f)
-                    sink.written(r)
+                raise
+            if retried is not None:
+                report.retried += len(prepared.items) > 1
+                sink.settle(*retried[:2])
                 continue
             if writer is None:
                 write_and_commit(prepared, result)
