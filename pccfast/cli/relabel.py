@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         label_set, cfg, device = run_settings(args)
+        if args.workers is not None and args.ray is None:  # what --workers meant before the run engine
+            print(f"warning: --workers without --ray sets the reader threads, which are --io-threads now; "
+                  f"use --io-threads {args.workers} (--workers is the number of Ray workers with --ray)", file=sys.stderr)
+            args.io_threads, args.workers = args.workers, None
         if args.io_threads < 0:
             raise ValueError(f"`--io-threads` has to be >= 0 but is {args.io_threads}")
-        if args.workers is not None and args.ray is None:
-            raise ValueError(f"`--workers` {args.workers} needs --ray (Ray workers); reader threads are --io-threads")
         check_scaleout_arguments(args)
         shard = parse_shard(args.shard)
         for name in ("captures", "images"):

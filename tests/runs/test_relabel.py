@@ -378,3 +378,17 @@ def test_shards_write_every_mask_exactly_once(tmp_path, capsys):
         assert open(os.path.join(shared, f), "rb").read() == open(os.path.join(tmp_path, "all", f), "rb").read(), f
     assert main(base + ["--out", shared, "--shard", "1/2"]) == 0  # resume: nothing left
     assert "0 masks written, 3 already done" in capsys.readouterr().err
+
+
+def test_workers_without_ray_keeps_its_old_meaning(tmp_path, fake, capsys):
+    """Before the run engine, --workers N set relabel's reader threads: without --ray it still
+    does (with a warning), so existing commands run as they did."""
+    captures, images, _ = make_dataset(str(tmp_path), n=3)
+    base = ["--captures", captures, "--images", images, "--device", "cpu", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --workers without --ray sets the reader threads, which are --io-threads now" in err
+    assert "3 masks written" in err
+    assert main(base + ["--out", str(tmp_path / "b"), "--io-threads", "0"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert all_files(str(tmp_path / "a")) == all_files(str(tmp_path / "b"))
