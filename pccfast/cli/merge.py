@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pccfast.cli.common import fail
+    from pccfast.cli.common import fail, report_error
 
     args = build_parser().parse_args(argv)
     try:
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(report.ids)} samples -> {target} (train.txt, manifest.jsonl); "
               f"{f'{len(gaps)} gaps' if gaps else 'no gaps'}", file=sys.stderr)
     if not report.ids and not gaps:
-        print(f"error: no finished samples (no manifest records) in {', '.join(args.dirs)}", file=sys.stderr)
-        return 1
+        return report_error(f"no finished samples (no manifest records) in {', '.join(args.dirs)}", 1)
     return 1 if gaps else 0
 
 
