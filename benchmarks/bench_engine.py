@@ -22,7 +22,7 @@ from pccfast.core.config import PCCConfig
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.layout import CAPTURES, IMAGES
 from pccfast.data.manifest import Manifest
-from pccfast.data.prompts import builtin_prompts
+from pccfast.data.prompt_bank import builtin_prompts
 from pccfast.data.writer import SampleWriter
 from pccfast.diffusion.settings import GenerationConfig
 from pccfast.diffusion.tiny import build_tiny_pipeline

@@ -39,7 +39,8 @@ from pccfast.diffusion.settings import GenerationConfig
 from pccfast.runs.engine import run_batch, run_local
 from pccfast.runs.generate import GenerateStep
 from pccfast.data.labelsets import get_label_set
-from pccfast.data.prompts import builtin_prompts, read_prompts
+from pccfast.data.prompt_bank import builtin_prompts
+from pccfast.data.prompts import read_prompts
 
 __all__ = ["build_parser", "main"]
 

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["NativeUnavailable", "available", "build_kernels", "kernel_names", "kernel_source", "load", "main", "num_threads", "ptr",
+__all__ = ["NativeUnavailable", "available", "build_kernels", "kernel_names", "kernel_source", "load", "num_threads", "ptr",
            "typed"]
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-fno-math-errno"]

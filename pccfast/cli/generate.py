@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pccfast.data.prompts import PromptError, builtin_prompts, read_prompts
+    from pccfast.data.prompt_bank import builtin_prompts
+    from pccfast.data.prompts import PromptError, read_prompts
     from pccfast.runs.generate import run_generation
     from pccfast.runs.plan import parse_shard, select_shard
 

@@ -10,9 +10,8 @@ from collections import Counter
 from pccfast.cli.common import report_error
 from pccfast.data.fileio import atomic_write_bytes
 from pccfast.data.labelsets import get_label_set
-from pccfast.data.prompts import (
-    DEFAULT_PER_CLASS, PromptEntry, captions_to_prompts, prompt_bank, read_prompts,
-)
+from pccfast.data.prompt_bank import DEFAULT_PER_CLASS, captions_to_prompts, prompt_bank
+from pccfast.data.prompts import PromptEntry, read_prompts
 
 __all__ = ["build_parser", "main"]
 

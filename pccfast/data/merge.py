@@ -21,11 +21,6 @@ class MergeReport:
     missing_by_shard: dict[str, list[str]] = field(default_factory=dict)  # "I/N" -> its missing ids
 
 
-def record_order(r: dict):
-    idx = r.get("index")
-    return (0, idx, "") if isinstance(idx, int) else (1, 0, str(r["id"]))
-
-
 def merge_datasets(dirs: list[str], out: str | None = None) -> MergeReport:
     """Rebuild ``manifest.jsonl`` and ``train.txt`` from what shards wrote.
 

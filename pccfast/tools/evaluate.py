@@ -12,7 +12,6 @@ Command line: ``python -m pccfast.evaluate PRED_DIR GT_DIR`` prints a table (see
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pccfast.data.fileio import atomic_write_bytes, load_mask
+from pccfast.data.fileio import load_mask
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.layout import LABELSET, MASKS
 
-__all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "main"]
+__all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "default_label_set"]
 
 
 def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255):

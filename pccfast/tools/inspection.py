@@ -18,7 +18,6 @@ optional ``SegmentationClassBlocky/<id>.png``, ``manifest.jsonl``, ``labelset.js
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import re

@@ -9,8 +9,6 @@ synthetic scenes with planted ground truth (``pccfast.synthetic``):
   under another k-means seed (the floor two equally valid runs reach), and scores at least
   as well against the ground truth.
 """
-import os
-import sys
 
 import numpy as np
 import pytest

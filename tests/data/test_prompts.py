@@ -6,19 +6,9 @@ import pytest
 from pccfast.core.labelset import LabelSet
 from pccfast.data.labelsets import get_label_set
 from pccfast.cli.prompts import main
-from pccfast.data.prompts import (
-    PAIR_TEMPLATES,
-    RELATION_TEMPLATES,
-    SINGLE_TEMPLATES,
-    VOC_PAIRS,
-    PromptEntry,
-    PromptError,
-    builtin_prompts,
-    captions_to_prompts,
-    find_classes,
-    prompt_bank,
-    read_prompts,
-)
+from pccfast.data.prompt_bank import builtin_prompts, captions_to_prompts, find_classes, prompt_bank
+from pccfast.data.prompt_words import PAIR_TEMPLATES, RELATION_TEMPLATES, SINGLE_TEMPLATES, VOC_PAIRS
+from pccfast.data.prompts import PromptEntry, PromptError, read_prompts
 
 VOC = get_label_set("voc")
 

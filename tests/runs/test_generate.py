@@ -112,7 +112,7 @@ def test_batch_invariance(reference_run, shared_prompts, tmp_path):
     re-cluster the pixel colours (k-means, k=20); on the tiny model's noise images that is
     ill-conditioned, and the few flipped pixels move 0-2% of a mask (measured: 99.5% over 16
     prompts; scikit-learn's k-means moves as much under the same perturbation). The 99.9%
-    refined-mask requirement is checked on structured scenes in tests/test_batch_invariance.py.
+    refined-mask requirement is checked on structured scenes in tests/core/test_batch_invariance.py.
     """
     out = tmp_path / "b1"
     assert main(["--prompts", shared_prompts, "--limit", "4", "--batch", "1", "--out", str(out), "--save-blocky",

@@ -1,4 +1,3 @@
-import argparse
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ from pccfast.data.captures import read_capture
 from pccfast.core.config import PCCConfig
 from pccfast.data.fileio import load_mask, save_image
 from pccfast.core.labelset import voc_palette
-from pccfast.data.labelsets import get_label_set
 from pccfast.data.masks import find_inputs
 from pccfast.runs.engine import prefetched as _prefetched
 from pccfast.runs.relabel import relabel_dir
