@@ -1,5 +1,10 @@
 """The built-in prompt bank (templates over a label set's classes and plausible pairs) and
-captions turned into prompts (:func:`captions_to_prompts`)."""
+captions turned into prompts (:func:`captions_to_prompts`).
+
+:func:`builtin_prompts` never returns an empty list: ``n`` < 1, or a label set with no class
+besides background, is a ValueError. :func:`prompt_bank` with ``per_class=0`` and
+:func:`captions_to_prompts` of captions naming no class do return ``[]``; ``python -m
+pccfast.prompts`` refuses both (:mod:`pccfast.cli.prompts`)."""
 from __future__ import annotations
 
 import functools
@@ -112,12 +117,18 @@ def builtin_prompts(label_set, n: int | None = None) -> list[PromptEntry]:
 
     ``n=None``: :data:`DEFAULT_PER_CLASS` prompts per class; else the first ``n`` prompts of a
     bank just big enough (round-robin over the classes, so any prefix is balanced). Seed 0.
+
+    Returns: a non-empty list. Raises ValueError for ``n`` < 1 (an empty bank is never
+    returned) and for a label set with no class besides background.
     """
     label_set = get_label_set(label_set)
     k = label_set.num_classes - 1
-    if n is not None and (not isinstance(n, int) or n < 0):
-        raise ValueError(f"`n` has to be None or an int >= 0 but is {n!r}")
-    per_class = DEFAULT_PER_CLASS if n is None else max(1, math.ceil(n / max(k, 1)))
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"`n` has to be None or an int >= 1 but is {n!r}")
+    if k < 1:
+        raise ValueError(f"`label_set` {label_set.name!r} has no class besides background (classes: "
+                         f"{list(label_set.classes)}), so there is nothing to prompt for")
+    per_class = DEFAULT_PER_CLASS if n is None else max(1, math.ceil(n / k))
     recs = prompt_bank(label_set, per_class, seed=0)
     recs = recs if n is None else recs[:n]
     return [PromptEntry(str(r["id"]), r["prompt"], tuple(r["classes"]), i, f"builtin:{i}") for i, r in enumerate(recs)]
@@ -156,7 +167,8 @@ def find_classes(text: str, label_set) -> list[str]:
 def captions_to_prompts(lines, label_set, *, per_class: int | None = None) -> list[dict]:
     """Caption lines -> prompt records ``{"id", "prompt", "classes"}``; captions naming no class
     are dropped. With ``per_class``, a caption is kept only while one of its classes has fewer
-    than ``per_class`` kept captions (file order)."""
+    than ``per_class`` kept captions (file order). Returns ``[]`` when no caption names a class
+    (the caller decides whether that is an error; the prompts command says it is)."""
     label_set = get_label_set(label_set)
     counts: Counter = Counter()
     out = []

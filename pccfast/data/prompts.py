@@ -17,6 +17,16 @@ of the file: JSON elements, JSON lines, text prompt lines; comments and blank li
 records), so ``seed = base_seed + index`` reproduces the reference and does not move with
 ``--start``/``--limit`` or sharding. ``start``/``limit`` count the kept entries.
 
+Empty prompts. An entry whose prompt is empty (or only spaces) is skipped, as the reference
+does, but not silently: ``read_prompts(..., warn=callback)`` calls ``callback`` once per
+skipped entry, in file order, with the line ``FILE:LINE: empty prompt, skipped (its position
+still counts for the seeds)`` (``FILE:LINE: entry N: ...`` for a JSON list), after the whole
+file has been checked (a file that raises warns about nothing). Input that yields no prompt
+is an error, never an empty list: ``FILE: holds no prompts`` (no records: an empty file,
+``[]``, only comments and blank lines), ``FILE: all N prompts are empty`` (``FILE: its only
+prompt is empty``), and ``FILE: `--start` S is beyond its K prompts`` (``start`` at or past
+the kept entries).
+
 Where. JSON gives no line numbers, so the JSON-list reader walks the elements itself and
 knows each element's exact character offset, hence its exact line; the reference file is a
 single line, so its messages also name the element (``FILE:LINE: entry N: ...``).
@@ -25,8 +35,9 @@ Checks: class names against the label set (case-insensitive; an unknown name get
 matches or the class its synonym stands for), at least one class, ``background`` not listed
 (it is label 0 in every mask), ids that are plain file names (:func:`pccfast.fileio.check_id`),
 no id twice (ids compare as file names: ``5`` and ``"5"`` clash). Every error is a
-:class:`PromptError` with one line ``FILE:LINE: what was expected``. Repeated class names are
-kept as given (the reference's class text joins them as they are).
+:class:`PromptError` with one line ``FILE:LINE: what was expected`` (``FILE: ...`` for the
+empty-input errors above). Repeated class names are kept as given (the reference's class
+text joins them as they are).
 
 The command line over it is :mod:`pccfast.cli.prompts` (``python -m pccfast.prompts --help``).
 """
@@ -37,6 +48,7 @@ import difflib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pccfast.data.fileio import check_id
@@ -44,7 +56,7 @@ from pccfast.data.labelsets import get_label_set
 from pccfast.core.labelset import LabelSet
 from pccfast.data.prompt_words import class_synonyms
 
-__all__ = ["PromptEntry", "PromptError", "read_prompts"]
+__all__ = ["EMPTY_PROMPT", "PromptEntry", "PromptError", "read_prompts"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,8 @@ class PromptEntry:
 
 
 class PromptError(ValueError):
-    """A prompt file that cannot be used; the message is one line ``FILE:LINE: what was expected``."""
+    """A prompt file that cannot be used; the message is one line ``FILE:LINE: what was expected``
+    (``FILE: ...`` when the whole file is at fault, e.g. ``FILE: holds no prompts``)."""
 
 
 class _Classes:
@@ -206,27 +219,41 @@ def _sniff(text: str, path: str) -> str:
     return {"[": "json", "{": "jsonl"}.get(head, "text")
 
 
-def read_prompts(path: str, label_set, *, start: int = 0, limit: int | None = None,
-                 format: str = "auto") -> list[PromptEntry]:
+EMPTY_PROMPT = "empty prompt, skipped (its position still counts for the seeds)"  # warn's text after "FILE:LINE: "
+
+
+def read_prompts(path: str, label_set, *, start: int = 0, limit: int | None = None, format: str = "auto",
+                 warn: Callable[[str], None] | None = None) -> list[PromptEntry]:
     """Prompts of a JSON-list, JSON Lines or text file (see the module docstring).
 
     Args:
         path: the prompt file.
         label_set: a :class:`LabelSet` or anything :func:`get_label_set` takes.
-        start: skip this many kept entries (entries with an empty prompt are not counted).
-        limit: return at most this many entries (None: all).
+        start: skip this many kept entries (entries with an empty prompt are not counted);
+            has to be below the number of kept entries.
+        limit: return at most this many entries, >= 1 (None: all).
         format: "auto" (by content; ``.txt`` is text), "json", "jsonl" or "text".
+        warn: called as ``warn(line)`` once per skipped empty prompt, in file order, with
+            ``"FILE:LINE: empty prompt, skipped (its position still counts for the seeds)"``
+            (``"FILE:LINE: entry N: empty prompt, ..."`` for a JSON list); only when the file
+            is read without error. None: skipped silently.
 
-    Returns: the kept entries in file order; ``index`` is the record's position in the file.
-    Raises: PromptError (``FILE:LINE: ...``) on any defect, anywhere in the file (the whole
-    file is checked whatever ``start``/``limit``); ValueError for bad arguments.
+    Returns: the kept entries in file order (never empty); ``index`` is the record's position
+    in the file.
+    Raises: PromptError (one line ``FILE:LINE: ...`` or ``FILE: ...``) on any defect, anywhere
+    in the file (the whole file is checked whatever ``start``/``limit``), and when nothing is
+    left: ``FILE: holds no prompts``, ``FILE: all N prompts are empty``, ``FILE: `--start` S is
+    beyond its K prompts``; ValueError for bad arguments, TypeError for a ``warn`` that is not
+    callable.
     """
-    if not isinstance(start, int) or start < 0:
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ValueError(f"`start` has to be an int >= 0 but is {start!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"`limit` has to be None or an int >= 0 but is {limit!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` has to be None or an int >= 1 but is {limit!r}")
     if format not in ("auto", "json", "jsonl", "text"):
         raise ValueError(f"`format` has to be 'auto', 'json', 'jsonl' or 'text' but is {format!r}")
+    if warn is not None and not callable(warn):
+        raise TypeError(f"`warn` has to be None or a callable taking one line but is {type(warn).__name__}")
     label_set = get_label_set(label_set)
     path = os.fspath(path)
     try:
@@ -241,6 +268,7 @@ def read_prompts(path: str, label_set, *, start: int = 0, limit: int | None = No
     classes = _Classes(label_set)
     seen: dict[str, str] = {}
     out: list[PromptEntry] = []
+    empty: list[str] = []  # where each skipped empty prompt is
     for rec, index, where, default_id in records:
         if not isinstance(rec, dict):
             raise PromptError(f"{where}: expected an object with 'id', 'prompt_sd' and 'classes' but found {_short(rec)}")
@@ -251,7 +279,8 @@ def read_prompts(path: str, label_set, *, start: int = 0, limit: int | None = No
         if not isinstance(prompt, str):
             raise PromptError(f"{where}: '{key}' has to be a string but is {_short(prompt)}")
         if not prompt.strip():
-            continue  # the reference skips empty prompts; the position still counts for the seed
+            empty.append(where)  # the reference skips empty prompts; the position still counts for the seed
+            continue
         raw_id = rec.get("id", default_id)
         if isinstance(raw_id, bool) or not isinstance(raw_id, (int, str)):
             raise PromptError(f"{where}: 'id' has to be an int or a string but is {_short(raw_id)}")
@@ -265,6 +294,18 @@ def read_prompts(path: str, label_set, *, start: int = 0, limit: int | None = No
         if "classes" not in rec:
             raise PromptError(f"{where}: expected a 'classes' list of class names")
         out.append(PromptEntry(sid, prompt, classes.check(rec["classes"], where), index, where))
+    if not out and not empty:
+        raise PromptError(f"{path}: holds no prompts")
+    if not out:
+        raise PromptError(f"{path}: all {len(empty)} prompts are empty" if len(empty) > 1 else f"{path}: its only prompt is empty")
+    if start >= len(out):
+        skipped = f" ({_plural(len(empty), 'empty prompt')} not counted)" if empty else ""
+        raise PromptError(f"{path}: `--start` {start} is beyond its {_plural(len(out), 'prompt')}{skipped}")
+    if warn is not None:
+        for where in empty:
+            warn(f"{where}: {EMPTY_PROMPT}")
     return out[start:] if limit is None else out[start : start + limit]
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

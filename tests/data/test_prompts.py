@@ -1,4 +1,8 @@
+import errno
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -8,7 +12,7 @@ from pccfast.data.labelsets import get_label_set
 from pccfast.cli.prompts import main
 from pccfast.data.prompt_bank import builtin_prompts, captions_to_prompts, find_classes, prompt_bank
 from pccfast.data.prompt_words import PAIR_TEMPLATES, RELATION_TEMPLATES, SINGLE_TEMPLATES, VOC_PAIRS
-from pccfast.data.prompts import PromptEntry, PromptError, read_prompts
+from pccfast.data.prompts import EMPTY_PROMPT, PromptEntry, PromptError, read_prompts
 
 VOC = get_label_set("voc")
 
@@ -44,8 +48,7 @@ def test_start_limit_count_kept_entries(tmp_path):
     path = write(tmp_path, "p.json", JSON_LIST)
     assert [e.id for e in read_prompts(path, VOC, start=1)] == ["9", "x10"]
     assert [e.index for e in read_prompts(path, VOC, start=1, limit=1)] == [2]
-    assert read_prompts(path, VOC, start=5) == []
-    assert read_prompts(path, VOC, limit=0) == []
+    assert [e.id for e in read_prompts(path, VOC, start=2, limit=9)] == ["x10"]
 
 
 def test_jsonl(tmp_path):
@@ -130,6 +133,8 @@ def test_exception_file_and_arguments(tmp_path):
         read_prompts(path, VOC, start=-1)
     with pytest.raises(ValueError, match="`limit`"):
         read_prompts(path, VOC, limit=-2)
+    with pytest.raises(TypeError, match="`warn`"):
+        read_prompts(path, VOC, warn="stderr")
     with pytest.raises(ValueError, match="`format`"):
         read_prompts(path, VOC, format="csv")
 
@@ -138,6 +143,84 @@ def test_unknown_class_lists_classes_when_nothing_is_close(tmp_path):
     path = write(tmp_path, "p.txt", "a | zzzqqq\n")
     with pytest.raises(PromptError, match=r"\(classes: aeroplane, bicycle"):
         read_prompts(path, VOC)
+
+
+# ------------------------------------------------------------------------------------------
+# empty prompts and empty input (issue "dataset integrity")
+# ------------------------------------------------------------------------------------------
+def test_empty_prompts_are_reported_to_warn(tmp_path):
+    """Regression: empty prompts were skipped silently; now each is one line to ``warn``."""
+    path = write(tmp_path, "p.json", JSON_LIST)
+    lines = []
+    got = read_prompts(path, VOC, warn=lines.append)
+    assert [e.index for e in got] == [0, 2, 3]  # the seeds rule is unchanged
+    assert lines == [f"{path}:3: entry 1: empty prompt, skipped (its position still counts for the seeds)"]
+    assert lines[0].endswith(EMPTY_PROMPT)
+    text = write(tmp_path, "p.txt", "a cat | cat\n  | dog\n\n   | cat\na dog | dog\n")
+    lines = []
+    got = read_prompts(text, VOC, start=1, limit=1, warn=lines.append)  # start/limit do not hide warnings
+    assert [e.index for e in got] == [3]
+    assert lines == [f"{text}:2: {EMPTY_PROMPT}", f"{text}:4: {EMPTY_PROMPT}"]
+    jsonl = write(tmp_path, "p.jsonl", '{"id": 1, "prompt": " ", "classes": ["cat"]}\n{"id": 2, "prompt": "a", "classes": ["cat"]}\n')
+    lines = []
+    read_prompts(jsonl, VOC, warn=lines.append)
+    assert lines == [f"{jsonl}:1: {EMPTY_PROMPT}"]
+
+
+def test_warn_is_not_called_when_the_file_fails(tmp_path):
+    path = write(tmp_path, "p.txt", " | cat\na cat | kat\n")
+    lines = []
+    with pytest.raises(PromptError, match=":2: class 'kat'"):
+        read_prompts(path, VOC, warn=lines.append)
+    assert lines == []
+
+
+EMPTY_INPUT = [
+    ("p.txt", "", "holds no prompts"),
+    ("p.json", "", "holds no prompts"),
+    ("p.json", "[]", "holds no prompts"),
+    ("p.json", " \n[ \n ]\n", "holds no prompts"),
+    ("p.jsonl", "\n\n", "holds no prompts"),
+    ("p.txt", "# only a comment\n\n# and another\n", "holds no prompts"),
+    ("p.txt", " | cat\n\n | dog\n", "all 2 prompts are empty"),
+    ("p.json", '[{"id": 1, "prompt_sd": "", "classes": ["cat"]}]', "its only prompt is empty"),
+    ("p.jsonl", '{"prompt": "", "classes": []}\n{"prompt": "  ", "classes": []}\n{"prompt": "", "classes": []}\n',
+     "all 3 prompts are empty"),
+]
+
+
+@pytest.mark.parametrize("name, text, reason", EMPTY_INPUT)
+def test_exception_empty_input(tmp_path, name, text, reason):
+    """Regression: an empty file, ``[]`` or all-empty prompts gave an empty list (exit 0, empty dataset)."""
+    path = write(tmp_path, name, text)
+    lines = []
+    with pytest.raises(PromptError) as exc:
+        read_prompts(path, VOC, warn=lines.append)
+    assert str(exc.value) == f"{path}: {reason}"
+    assert lines == []
+
+
+def test_exception_start_beyond_the_prompts(tmp_path):
+    """Regression: ``--start`` past the end gave an empty list (exit 0, empty dataset)."""
+    path = write(tmp_path, "p.txt", "a | cat\nb | dog\nc | cow\n")
+    with pytest.raises(PromptError) as exc:
+        read_prompts(path, VOC, start=50)
+    assert str(exc.value) == f"{path}: `--start` 50 is beyond its 3 prompts"
+    with pytest.raises(PromptError, match=r"`--start` 3 is beyond its 3 prompts$"):
+        read_prompts(path, VOC, start=3)  # at the end is beyond too
+    assert [e.id for e in read_prompts(path, VOC, start=2)] == ["3"]
+    path = write(tmp_path, "p.json", JSON_LIST)  # 4 records, one of them empty
+    with pytest.raises(PromptError) as exc:
+        read_prompts(path, VOC, start=3)
+    assert str(exc.value) == f"{path}: `--start` 3 is beyond its 3 prompts (1 empty prompt not counted)"
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.0])
+def test_exception_limit_below_one(tmp_path, limit):
+    """Regression: ``limit=0`` gave an empty list."""
+    path = write(tmp_path, "p.txt", "a | cat\n")
+    with pytest.raises(ValueError, match=r"`limit` has to be None or an int >= 1 but is"):
+        read_prompts(path, VOC, limit=limit)
 
 
 def test_shared_prompt_file(shared_prompts):
@@ -208,6 +291,21 @@ def test_builtin_prompts():
     assert builtin_prompts(VOC, 25) == default[:25]
     assert [e.classes[0] for e in default[:20]] == list(VOC.classes[1:])  # one per class first
     assert len(builtin_prompts("coco", 3)) == 3
+    assert len(builtin_prompts(VOC, 1)) == 1
+
+
+@pytest.mark.parametrize("n", [0, -3, False])
+def test_builtin_prompts_exception_n(n):
+    """Regression: ``n=0`` gave an empty bank."""
+    with pytest.raises(ValueError, match=rf"`n` has to be None or an int >= 1 but is {n!r}"):
+        builtin_prompts(VOC, n)
+
+
+@pytest.mark.parametrize("n", [None, 1, 5])
+def test_builtin_prompts_exception_background_only(n):
+    bg = LabelSet("bg", ("background",), ("background",), VOC.palette)
+    with pytest.raises(ValueError, match=r"`label_set` 'bg' has no class besides background \(classes: \['background'\]\)"):
+        builtin_prompts(bg, n)
 
 
 # ------------------------------------------------------------------------------------------
@@ -288,3 +386,99 @@ def test_cli_check(tmp_path, capsys):
     assert err.startswith(f"error: {bad}:1: class 'kat'") and "\n" not in err
     assert main(["--from", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_cli_check_reports_empty_prompts(tmp_path, capsys):
+    """Regression: ``--check`` did not mention empty prompts (the README says they are reported)."""
+    path = write(tmp_path, "p.txt", "a cat | cat\n | dog\na dog | dog\n   | cow\n")
+    assert main(["--check", path]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("2 prompts, indices 0..2, 2 empty prompts skipped (listed as warnings)\n")
+    assert cap.err.splitlines() == [f"warning: {path}:2: {EMPTY_PROMPT}", f"warning: {path}:4: {EMPTY_PROMPT}"]
+    good = write(tmp_path, "q.txt", "a cat | cat\n")
+    assert main(["--check", good]) == 0
+    cap = capsys.readouterr()
+    assert "empty" not in cap.out and cap.err == ""
+
+
+@pytest.mark.parametrize("text, reason", [("", "holds no prompts"), ("[]", "holds no prompts"),
+                                          (" | cat\n | dog\n", "all 2 prompts are empty")])
+def test_cli_check_empty_input(tmp_path, capsys, text, reason):
+    path = write(tmp_path, "p.prompts", text)
+    assert main(["--check", path]) == 2
+    cap = capsys.readouterr()
+    assert cap.err == f"error: {path}: {reason}\n" and cap.out == ""
+
+
+def _fails_without_writing(capsys, argv, out, expected):
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1 and cap.err.startswith("error: "), cap.err
+    assert expected in cap.err, cap.err
+    assert not os.path.lexists(out) and not [p for p in os.listdir(os.path.dirname(out)) if p.startswith(".tmp")]
+
+
+def test_cli_per_class_zero_is_an_error(tmp_path, capsys):
+    """Regression: ``--per-class 0`` wrote an empty file with exit status 0."""
+    out = str(tmp_path / "bank.jsonl")
+    _fails_without_writing(capsys, ["--per-class", "0", "--out", out], out, "`--per-class` has to be >= 1 but is 0")
+    _fails_without_writing(capsys, ["--per-class", "-2", "--out", out], out, "`--per-class` has to be >= 1 but is -2")
+    caps = write(tmp_path, "caps.txt", "a dog\n")
+    _fails_without_writing(capsys, ["--from", caps, "--per-class", "0", "--out", out], out, "`--per-class`")
+    assert main(["--per-class", "0"]) == 2  # to standard output: nothing printed either
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.startswith("error: ")
+
+
+def test_cli_captions_naming_no_class_is_an_error(tmp_path, capsys):
+    """Regression: captions of which none names a class wrote an empty file with exit status 0."""
+    out = str(tmp_path / "p.jsonl")
+    caps = write(tmp_path, "caps.txt", "an empty road\n# a comment about a dog\n\na blue sky\n")
+    _fails_without_writing(capsys, ["--from", caps, "--out", out], out,
+                           f"error: {caps}: none of its 2 captions names a class of label set 'voc'; no prompts written")
+    blank = write(tmp_path, "blank.txt", "\n# nothing\n")
+    _fails_without_writing(capsys, ["--from", blank, "--out", out], out, f"error: {blank}: holds no captions")
+
+
+def test_cli_out_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """Regression: a directory, a missing folder or an unwritable ``--out`` ended in a traceback
+    (a missing folder was even created)."""
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert main(["--per-class", "1", "--out", str(folder)]) == 2
+    cap = capsys.readouterr()
+    assert cap.err == f"error: {folder}: is a directory; `--out` has to name a file\n"
+    assert os.listdir(folder) == [] and os.listdir(tmp_path) == ["adir"]
+    missing = tmp_path / "nope" / "bank.jsonl"
+    assert main(["--per-class", "1", "--out", str(missing)]) == 2
+    cap = capsys.readouterr()
+    assert cap.err == f"error: {missing}: its folder {tmp_path / 'nope'} does not exist (`--out`)\n"
+    assert not (tmp_path / "nope").exists()
+    afile = write(tmp_path, "afile", "x")
+    assert main(["--per-class", "1", "--out", afile + "/bank.jsonl"]) == 2
+    assert f"its folder {afile} is not a folder" in capsys.readouterr().err
+
+    def denied(path, data):  # tests run as root: permissions cannot refuse, so refuse here
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".tmp-x"))
+
+    monkeypatch.setattr("pccfast.cli.prompts.atomic_write_bytes", denied)
+    out = str(tmp_path / "bank.jsonl")
+    assert main(["--per-class", "1", "--out", out]) == 2
+    cap = capsys.readouterr()
+    assert cap.err == f"error: {out}: cannot be written: Permission denied\n" and cap.out == ""
+
+
+def test_cli_stdout_closed_by_the_reader(tmp_path):
+    """Regression: ``python -m pccfast.prompts | head -1`` ended in a BrokenPipeError traceback."""
+    cmd = f"set -o pipefail; {sys.executable} -m pccfast.prompts --per-class 400 | head -1"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert r.stderr == "" and r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == {"id", "prompt", "classes"}
+    # the read end closed before anything is written
+    p = subprocess.Popen([sys.executable, "-m", "pccfast.prompts", "--per-class", "2"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err
