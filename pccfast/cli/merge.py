@@ -11,13 +11,19 @@ are printed one per line on stdout (``missing <id> shard I/N``) and make the exi
 (as does a merge that finds no finished sample at all);
 re-running the unfinished shards with the same command fills them (they resume), after which
 the merge is run again.
+
+Nothing is written before every check has passed: a folder that is not a dataset, an
+``--out`` that is a file or one of several inputs, inputs with other label sets or other run
+settings (``run.json``), and ids that have different records in two inputs (timings aside)
+are refused with one ``error:`` line and exit status 2, as is any I/O error.
+``--on-conflict keep-first`` keeps the first input's record and files of such ids instead.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pccfast.data.merge import MergeReport, merge_datasets
+from pccfast.data.merge import ON_CONFLICT, MergeReport, merge_datasets
 
 __all__ = ["gap_lines", "main"]
 
@@ -44,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory is merged in place)")
     p.add_argument("--out", default=None, help="merged dataset directory; needed for several DIRs (files are "
                    "hard-linked where possible, else copied)")
+    p.add_argument("--on-conflict", choices=ON_CONFLICT, default="fail",
+                   help="an id with different records in two inputs: 'fail' (default, nothing is written) or "
+                   "'keep-first' (the first DIR's record and files are kept, the others dropped with a warning)")
     p.add_argument("--quiet", action="store_true", help="print only the gaps, no summary")
     return p
 
@@ -53,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        report = merge_datasets(args.dirs, args.out)
+        report = merge_datasets(args.dirs, args.out, on_conflict=args.on_conflict)
     except (ValueError, OSError) as exc:
-        fail(str(exc))
+        fail(exc)
     target = args.out or args.dirs[0]
+    if report.dropped:
+        n = sum(len(v) for v in report.dropped.values())
+        ids = sorted(report.dropped)
+        print(f"warning: {len(ids)} ids had different records in several inputs ({', '.join(ids[:5])}"
+              f"{', ...' if len(ids) > 5 else ''}): kept the first input's, dropped {n} records", file=sys.stderr)
     gaps = gap_lines(report)
     for line in gaps:
         print(line)

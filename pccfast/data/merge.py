@@ -1,15 +1,27 @@
-"""One dataset from what sharded runs wrote: rebuild ``manifest.jsonl`` and ``train.txt``, report gaps."""
+"""One dataset from what sharded runs wrote: rebuild ``manifest.jsonl`` and ``train.txt``, report gaps.
+
+A merge first reads and checks everything and only then writes: inputs that are not datasets,
+an ``--out`` that is a file or one of several inputs, label sets or defining run settings
+(``run.json``, see :mod:`pccfast.data.provenance`) that differ, and ids with different records in two inputs are refused before any file is
+touched. Records compare on every field except timings (keys named ``seconds``), so the same
+sample reached twice (a shared folder, a re-run shard) is merged once.
+"""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
 
-from pccfast.data.fileio import atomic_link_or_copy, atomic_write_bytes, read_jsonl
-from pccfast.data.layout import LABELSET, MANIFEST, SHARDS, parse_shard_file, sample_paths
+from pccfast.data.fileio import atomic_link_or_copy, atomic_write_bytes, check_id, check_writable, read_jsonl
+from pccfast.data.layout import LABELSET, MANIFEST, RUN_FILE, SHARDS, parse_shard_file, sample_paths
 from pccfast.data.manifest import dedup_records, record_order, write_split
+from pccfast.data.provenance import first_difference
 
-__all__ = ["MergeReport", "merge_datasets"]
+__all__ = ["MergeReport", "merge_datasets", "ON_CONFLICT"]
+
+ON_CONFLICT = ("fail", "keep-first")  # what to do with an id that has different records in two inputs
+_TIMING = "seconds"  # record keys left out when records are compared
+_SHOWN = 5  # clashing ids named in an error line
 
 
 @dataclass
@@ -19,80 +31,210 @@ class MergeReport:
     missing_shards: list[str] = field(default_factory=list)  # "I/N" with no plan file at all
     incomplete: list[str] = field(default_factory=list)  # manifest record without its files
     missing_by_shard: dict[str, list[str]] = field(default_factory=dict)  # "I/N" -> its missing ids
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # keep-first: id -> inputs whose other record was dropped
 
 
-def merge_datasets(dirs: list[str], out: str | None = None) -> MergeReport:
+@dataclass
+class _Source:
+    """One manifest file of one input: its records by id (last per id within the file)."""
+    dir: str  # the input directory
+    path: str  # the manifest file
+    records: list[dict]
+
+
+def merge_datasets(dirs: list[str], out: str | None = None, *, on_conflict: str = "fail") -> MergeReport:
     """Rebuild ``manifest.jsonl`` and ``train.txt`` from what shards wrote.
 
     With one directory (shards wrote into a shared folder) the merge is in place; with several,
     their files are copied into ``out`` (hard links where possible). Gaps (planned ids with no
-    finished sample, shards that never started) are reported, not invented.
+    finished sample, shards that never started) are reported, not invented. An id with
+    different records in two inputs is a ValueError (``on_conflict="fail"``) or keeps the
+    first input's record and files (``"keep-first"``, the others listed in ``report.dropped``).
+    Every check runs before anything is written; I/O failures raise ``OSError``.
     """
-    if not dirs:
-        raise ValueError("`dirs` has to name at least one dataset directory but is empty")
+    target = _check_dirs(dirs, out, on_conflict)
+    outside = [] if any(_same_path(target, d) for d in dirs) else [target]  # an existing --out is checked too
+    labelset = _agreed_file(dirs + outside, LABELSET, _labelset_difference)
+    run = _agreed_file(dirs + outside, RUN_FILE, _run_difference, "defining")
+    sources, planned, counts = [], {}, set()
     for d in dirs:
-        if not os.path.isdir(d):
-            raise ValueError(f"{d}: not a dataset directory")
-    target = out or dirs[0]
-    if len(dirs) > 1 and out is None:
-        raise ValueError("merging several directories needs `out` (--out DIR)")
+        sources += _read_sources(d)
+        planned.update(_read_plans(d, counts))
     report = MergeReport()
-    records: list[dict] = []
-    planned: dict[str, list[str]] = {}
-    counts: set[int] = set()
-    labelset = None
-    for d in dirs:
-        ls = os.path.join(d, LABELSET)
-        if os.path.exists(ls):
-            with open(ls, encoding="utf-8") as f:
-                this = json.load(f)
-            if labelset is not None and this.get("classes") != labelset.get("classes"):
-                raise ValueError(f"{ls}: label set {this.get('name')!r} differs from the other directories'")
-            labelset = this
-        recs = read_jsonl(os.path.join(d, MANIFEST))
-        sd = os.path.join(d, SHARDS)
-        if os.path.isdir(sd):
-            for name in sorted(os.listdir(sd)):
-                full = os.path.join(sd, name)
-                if name.endswith(".jsonl"):
-                    recs += read_jsonl(full)
-                elif name.endswith(".plan") and parse_shard_file(name) is not None:
-                    i, n = parse_shard_file(name)
-                    counts.add(n)
-                    with open(full, encoding="utf-8") as f:
-                        planned[f"{i}/{n}"] = [x for x in f.read().split("\n") if x]
-        for r in recs:
-            r["_dir"] = d
-        records += recs
-    merged = dedup_records(records)
-    for n in counts:
-        for i in range(n):
-            if f"{i}/{n}" not in planned:
-                report.missing_shards.append(f"{i}/{n}")
+    merged = _resolve(sources, on_conflict, report)
+    report.missing_shards = [f"{i}/{n}" for n in sorted(counts) for i in range(n) if f"{i}/{n}" not in planned]
     final = []
-    for r in sorted(merged, key=record_order):
-        src_dir = r.pop("_dir")
+    for r, src_dir in sorted(merged, key=lambda rd: record_order(rd[0])):
         src = sample_paths(src_dir, r["id"])
-        if not (os.path.exists(src["image"]) and os.path.exists(src["mask"])):
+        if os.path.exists(src["image"]) and os.path.exists(src["mask"]):
+            final.append((r, src_dir))
+        else:
             report.incomplete.append(r["id"])
-            continue
-        if os.path.abspath(src_dir) != os.path.abspath(target):
-            dst = sample_paths(target, r["id"])
-            for key in ("image", "mask", "blocky", "capture"):
-                if os.path.exists(src[key]):
-                    atomic_link_or_copy(src[key], dst[key])
-        final.append(r)
-    done = {r["id"] for r in final}
+    done = {r["id"] for r, _ in final}
     for key, ids in planned.items():
         gap = [i for i in ids if i not in done]
         if gap:
             report.missing_by_shard[key] = gap
         report.missing += gap
-    if labelset is not None:
-        atomic_write_bytes(os.path.join(target, LABELSET), (json.dumps(labelset, indent=1) + "\n").encode())
+    if not merged:  # no record at all: leave every folder as it is (the caller says "no finished samples")
+        return report
+    # every check has passed: write
+    check_writable(target)  # a read-only or full --out fails here, before a first file
+    elsewhere = {d for d in dirs if not _same_path(d, target)}
+    for r, src_dir in final:
+        if src_dir in elsewhere:
+            src, dst = sample_paths(src_dir, r["id"]), sample_paths(target, r["id"])
+            for key in ("image", "mask", "blocky", "capture"):
+                if os.path.exists(src[key]):
+                    atomic_link_or_copy(src[key], dst[key])
+    for name, found in ((LABELSET, labelset), (RUN_FILE, run)):
+        if found is not None and not _same_path(found[0], os.path.join(target, name)):
+            atomic_write_bytes(os.path.join(target, name), found[1])
     atomic_write_bytes(
-        os.path.join(target, MANIFEST), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in final).encode()
+        os.path.join(target, MANIFEST), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r, _ in final).encode()
     )
-    report.ids = [r["id"] for r in final]
+    report.ids = [r["id"] for r, _ in final]
     write_split(target, report.ids)
     return report
+
+
+def _check_dirs(dirs: list[str], out: str | None, on_conflict: str) -> str:
+    """The folder written into; ValueError for inputs that are not datasets and for a bad ``out``."""
+    if on_conflict not in ON_CONFLICT:
+        raise ValueError(f"`on_conflict` has to be one of {', '.join(ON_CONFLICT)} but is {on_conflict!r}")
+    if not dirs:
+        raise ValueError("`dirs` has to name at least one dataset directory but is empty")
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise ValueError(f"{d}: not a dataset directory (no such directory)")
+        if not any(os.path.exists(os.path.join(d, name)) for name in (MANIFEST, SHARDS, LABELSET)):
+            raise ValueError(f"{d}: not a dataset directory (no {MANIFEST}, {SHARDS}/ or {LABELSET})")
+    if len(dirs) > 1 and out is None:
+        raise ValueError("merging several directories needs `out` (--out DIR)")
+    if out is not None and os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    if out is not None and len(dirs) > 1 and any(_same_path(out, d) for d in dirs):
+        raise ValueError(f"--out {out}: is one of the input directories; merge several directories into a new folder")
+    return out or dirs[0]
+
+
+def _same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _agreed_file(dirs: list[str], name: str, difference, inner: str | None = None) -> tuple[str, bytes] | None:
+    """The first ``name`` (path, bytes) among ``dirs``; ValueError if another one differs from it
+    (``difference(first_path, first, path, this)`` is that error's text, or None), or if one is
+    not a JSON object (with an object under key ``inner``)."""
+    first = None
+    for d in dirs:
+        path = os.path.join(d, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"{path}: not a JSON file") from None
+        if not isinstance(value, dict) or (inner is not None and not isinstance(value.get(inner), dict)):
+            raise ValueError(f"{path}: has to be a JSON object{f' with a {inner!r} object' if inner else ''}")
+        if first is None:
+            first = (path, raw, value)
+        elif (why := difference(first[0], first[2], path, value)) is not None:
+            raise ValueError(why)
+    return None if first is None else first[:2]
+
+
+def _labelset_difference(first_path: str, first: dict, path: str, this: dict) -> str | None:
+    if this.get("classes") == first.get("classes"):
+        return None
+    return (f"{path}: label set {this.get('name')!r} differs from the other directories' ({first.get('name')!r} in "
+            f"{first_path}); one dataset has one label set")
+
+
+def _run_difference(first_path: str, first: dict, path: str, this: dict) -> str | None:
+    diff = first_difference(first["defining"], this["defining"], list(first["defining"]))
+    if diff is None:  # versions and the time written are informative, not compared
+        return None
+    key, old, new = diff
+    return (f"{path}: the samples were made with {key} {_short(new)} but those of {first_path} with {_short(old)}; "
+            "samples made with other settings are not one dataset")
+
+
+def _short(value, width: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _comparable(value):
+    """``value`` without timing keys (``seconds``), at any depth."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items() if k != _TIMING}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _read_sources(d: str) -> list[_Source]:
+    """The manifest files of input ``d``: ``manifest.jsonl``, then each shard's, in name order."""
+    paths = [os.path.join(d, MANIFEST)]
+    sd = os.path.join(d, SHARDS)
+    if os.path.isdir(sd):
+        paths += [os.path.join(sd, name) for name in sorted(os.listdir(sd)) if name.endswith(".jsonl")]
+    sources = []
+    for path in paths:
+        records = dedup_records([r for r in read_jsonl(path) if isinstance(r, dict)])
+        for r in records:
+            try:
+                check_id(r["id"])
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+        sources.append(_Source(d, path, records))
+    return sources
+
+
+def _read_plans(d: str, counts: set[int]) -> dict[str, list[str]]:
+    """``"I/N"`` -> planned ids, from input ``d``'s shard plans; adds each N to ``counts``."""
+    planned = {}
+    sd = os.path.join(d, SHARDS)
+    if not os.path.isdir(sd):
+        return planned
+    for name in sorted(os.listdir(sd)):
+        shard = parse_shard_file(name)
+        if name.endswith(".plan") and shard is not None:
+            i, n = shard
+            counts.add(n)
+            with open(os.path.join(sd, name), encoding="utf-8") as f:
+                planned[f"{i}/{n}"] = [x for x in f.read().split("\n") if x]
+    return planned
+
+
+def _resolve(sources: list[_Source], on_conflict: str, report: MergeReport) -> list[tuple[dict, str]]:
+    """One (record, its input directory) per id, the first met kept. An id whose later record
+    differs (timings aside) is a ValueError, or with ``keep-first`` lands in ``report.dropped``."""
+    kept: dict[str, tuple[dict, _Source]] = {}
+    clashes: dict[tuple[str, str], list[str]] = {}  # (first's name, other's name) -> ids
+    for s in sources:
+        for r in s.records:
+            if r["id"] not in kept:
+                kept[r["id"]] = (r, s)
+                continue
+            first, fs = kept[r["id"]]
+            if _comparable(first) == _comparable(r):
+                continue
+            names = (fs.dir, s.dir) if not _same_path(fs.dir, s.dir) else (fs.path, s.path)
+            clashes.setdefault(names, []).append(r["id"])
+            report.dropped.setdefault(r["id"], []).append(s.dir)
+    if clashes and on_conflict == "fail":
+        (a, b), ids = next(iter(clashes.items()))
+        shown = ", ".join(sorted(ids)[:_SHOWN]) + (", ..." if len(ids) > _SHOWN else "")
+        more = len(report.dropped) - len(set(ids))
+        raise ValueError(
+            f"{len(ids)} ids have different records in {a} and {b} ({shown})"
+            f"{f' and {more} more ids in other inputs' if more else ''}: merging would lose samples; "
+            f"use --on-conflict keep-first to keep {a}'s"
+        )
+    return [(r, s.dir) for r, s in kept.values()]

@@ -218,10 +218,196 @@ def test_merge_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         merge_main([str(a), str(coco), "--out", str(tmp_path / "m")])
     assert "differs from the other directories" in capsys.readouterr().err
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert merge_main([str(empty)]) == 1
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+    before = _tree(coco)  # a dataset (it has labelset.json) without a single sample
+    assert merge_main([str(coco)]) == 1
     assert "no finished samples" in capsys.readouterr().err
+    assert _tree(coco) == before
+
+
+# --- dataset integrity: refuse before writing ---------------------------------------------
+def _tree(path):
+    """Every file and folder under ``path`` with its bytes (None for folders); {} if it does not exist."""
+    tree = {}
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            tree[os.path.relpath(os.path.join(root, d), path)] = None
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                tree[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return tree
+
+
+def _refused(argv, capsys, *folders):
+    """Run merge ``argv``; it has to exit 2 with one ``error:`` line and leave ``folders`` as they were."""
+    before = [_tree(f) for f in folders]
+    with pytest.raises(SystemExit) as exc:
+        merge_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert [_tree(f) for f in folders] == before
+    return err.strip()
+
+
+def _unrelated(tmp_path):
+    """Two datasets of 4 samples each with the same ids but other prompts (and images)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, _entries(4))
+    _run(b, [PromptEntry(id=e.id, prompt=f"a dog number {e.index}", classes=("dog",), index=e.index + 100,
+                         source=e.source) for e in _entries(4)])
+    return a, b
+
+
+def test_clashing_ids_are_refused(tmp_path, capsys):
+    """Regression: two unrelated datasets with the same ids merged with exit 0 and 'no gaps'; the last one won."""
+    a, b = _unrelated(tmp_path)
+    out = tmp_path / "merged"
+    err = _refused([str(a), str(b), "--out", str(out)], capsys, a, b)
+    assert err == (f"error: 4 ids have different records in {a} and {b} (000000, 000001, 000002, 000003): "
+                   f"merging would lose samples; use --on-conflict keep-first to keep {a}'s")
+    assert not out.exists()
+
+
+def test_clash_between_a_folders_manifest_and_its_shard_manifest(tmp_path):
+    shared = tmp_path / "shared"
+    _run(shared, _entries(3), shard=(0, 1))
+    assert merge_main([str(shared), "--quiet"]) == 0  # manifest.jsonl now repeats the shard's records
+    path = shared / "manifests" / "shard-0-of-1.jsonl"
+    records = read_jsonl(str(path))
+    records[1]["prompt"] = "something else"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError) as exc:
+        merge_datasets([str(shared)])
+    assert str(exc.value) == (
+        f"1 ids have different records in {shared / 'manifest.jsonl'} and {path} (000001): merging would lose "
+        f"samples; use --on-conflict keep-first to keep {shared / 'manifest.jsonl'}'s")
+
+
+def test_identical_overlaps_are_merged_once(tmp_path):
+    """The same samples reached twice (a re-run shard in two folders, one folder given twice) are no conflict;
+    timings (``seconds``) do not count and the first input's record is kept."""
+    entries = _entries(6)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, entries, shard=(0, 2))
+    _run(a, entries, shard=(1, 2))
+    _run(b, entries, shard=(1, 2))  # shard 1 ran twice, once into each folder
+    path = b / "manifests" / "shard-1-of-2.jsonl"
+    path.write_text("".join(json.dumps({**r, "seconds": 9.5}) + "\n" for r in read_jsonl(str(path))))
+    out = tmp_path / "merged"
+    assert merge_main([str(a), str(b), "--out", str(out), "--quiet"]) == 0
+    assert _split(out) == [e.id for e in entries]
+    assert [r["seconds"] for r in _manifest(out)] == [0.1] * 6  # a's records, once each
+    _same_files(out, a, _split(out))
+    twice = tmp_path / "twice"
+    assert merge_main([str(b), str(a), str(b), "--out", str(twice), "--quiet"]) == 0
+    assert _split(twice) == [e.id for e in entries]
+    assert [r["seconds"] for r in _manifest(twice)] == [0.1, 9.5, 0.1, 9.5, 0.1, 9.5]  # b's where it has them
+
+
+def test_keep_first_keeps_the_first_inputs_samples(tmp_path, capsys):
+    a, b = _unrelated(tmp_path)
+    out = tmp_path / "merged"
+    assert merge_main([str(a), str(b), "--out", str(out), "--on-conflict", "keep-first", "--quiet"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: 4 ids had different records in several inputs (000000, 000001, 000002, 000003): "
+        "kept the first input's, dropped 4 records"]
+    assert _manifest(out) == _manifest(a)
+    _same_files(out, a, _split(a))
+    report = merge_datasets([str(a), str(b)], str(tmp_path / "again"), on_conflict="keep-first")
+    assert report.dropped == {i: [str(b)] for i in _split(a)}
+    with pytest.raises(ValueError, match="`on_conflict` has to be one of fail, keep-first but is 'last'"):
+        merge_datasets([str(a), str(b)], str(out), on_conflict="last")
+
+
+def test_folder_that_is_not_a_dataset_is_refused(tmp_path, capsys):
+    """Regression: merge wrote manifest.jsonl and ImageSets/ into a folder that is not a dataset, then failed."""
+    folder = tmp_path / "photos"
+    (folder / "JPEGImages").mkdir(parents=True)
+    (folder / "notes.txt").write_text("not a dataset\n")
+    assert _refused([str(folder)], capsys, folder) == (
+        f"error: {folder}: not a dataset directory (no manifest.jsonl, manifests/ or labelset.json)")
+    a = tmp_path / "a"
+    _run(a, _entries(2))
+    out = tmp_path / "merged"
+    assert "not a dataset directory" in _refused([str(a), str(folder), "--out", str(out)], capsys, a, folder)
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_an_input_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, _entries(4), shard=(0, 2))
+    _run(b, _entries(4), shard=(1, 2))
+    out = tmp_path / "merged.txt"
+    out.write_text("keep me\n")
+    assert _refused([str(a), str(b), "--out", str(out)], capsys, a, b, tmp_path) == (
+        f"error: --out {out}: is a file, not a directory")
+    assert _refused([str(a), str(b), "--out", str(a)], capsys, a, b) == (
+        f"error: --out {a}: is one of the input directories; merge several directories into a new folder")
+
+
+def test_run_settings_that_differ_are_refused(tmp_path, capsys):
+    """``run.json`` (the settings that define the samples) has to agree; where only some inputs have one, the
+    first found goes into --out."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, _entries(4), shard=(0, 2))
+    _run(b, _entries(4), shard=(1, 2))
+    run = lambda height, written: json.dumps({"defining": {"model": "fake", "height": height, "width": 512},  # noqa: E731
+                                              "versions": {"pccfast": written}, "written": written})
+    (a / "run.json").write_text(run(512, "2024-01-01"))
+    (b / "run.json").write_text(run(512, "2024-02-02"))  # versions and times are not compared
+    assert merge_datasets([str(a), str(b)], str(tmp_path / "same")).ids == [e.id for e in _entries(4)]
+    (b / "run.json").write_text(run(768, "2024-02-02"))
+    out = tmp_path / "merged"
+    assert _refused([str(a), str(b), "--out", str(out)], capsys, a, b) == (
+        f"error: {b / 'run.json'}: the samples were made with height 768 but those of {a / 'run.json'} with 512; "
+        "samples made with other settings are not one dataset")
+    assert not out.exists()
+    (b / "run.json").write_text("[]")
+    assert _refused([str(a), str(b), "--out", str(out)], capsys, a, b) == (
+        f"error: {b / 'run.json'}: has to be a JSON object with a 'defining' object")
+    (b / "run.json").unlink()
+    assert merge_main([str(a), str(b), "--out", str(out), "--quiet"]) == 0
+    assert (out / "run.json").read_bytes() == (a / "run.json").read_bytes()
+    assert _split(out) == [e.id for e in _entries(4)]
+
+
+def test_oserror_is_one_line(tmp_path, capsys, monkeypatch):
+    """An unreadable input or an --out that cannot be written is one ``error: FILE: reason`` line, exit 2
+    (permissions are simulated: the tests may run as root, which chmod does not stop)."""
+    import builtins
+    import errno
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, _entries(4), shard=(0, 2))
+    _run(b, _entries(4), shard=(1, 2))
+    locked = str(b / "manifests" / "shard-1-of-2.jsonl")
+    real_open, real_makedirs = builtins.open, os.makedirs
+
+    def open_(path, *args, **kw):
+        if str(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kw)
+
+    out = tmp_path / "merged"
+    before = _tree(a), _tree(b)
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", open_)
+        with pytest.raises(SystemExit) as exc:
+            merge_main([str(a), str(b), "--out", str(out)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {locked}: Permission denied"]
+    assert (_tree(a), _tree(b)) == before and not out.exists()
+
+    def makedirs(path, *args, **kw):
+        if str(path).startswith(str(out)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_makedirs(path, *args, **kw)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    assert _refused([str(a), str(b), "--out", str(out)], capsys, a, b) == (
+        f"error: {out}: cannot write files here: Permission denied")
+    assert not out.exists()
 
 
 # --- end to end on the tiny model ----------------------------------------------------------
@@ -235,6 +421,7 @@ def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts, ti
     from pccfast.cli.generate import main as generate_main
     from pccfast.core.config import PCCConfig
     from pccfast.data.prompts import read_prompts
+    from pccfast.data.provenance import file_digest
     from pccfast.diffusion.settings import GenerationConfig
     from pccfast.runs.generate import run_generation
 
@@ -243,10 +430,12 @@ def test_generate_shards_then_merge_equal_unsharded(tmp_path, shared_prompts, ti
     entries = read_prompts(shared_prompts, VOC, limit=8)
     settings, cfg = GenerationConfig(model="tiny", steps=2, height=64, width=64), PCCConfig()
     pipe = tiny_pipe
-    assert run_generation(entries, settings, cfg, VOC, str(ref), batch=4, progress=False, pipe=pipe).done == 8
+    source = f"{os.path.abspath(shared_prompts)} {file_digest(shared_prompts)}"  # what the CLI records in run.json
+    assert run_generation(entries, settings, cfg, VOC, str(ref), batch=4, progress=False, pipe=pipe,
+                          prompts=source).done == 8
     # the split ignores the batch size
     assert run_generation(select_shard(entries, (1, 2)), settings, cfg, VOC, str(shared), batch=3, shard=(1, 2),
-                          progress=False, pipe=pipe).done == 4
+                          progress=False, pipe=pipe, prompts=source).done == 4
     plans = [(shared / "manifests" / f"shard-{i}-of-2.plan").read_text().split() for i in range(2)]
     assert sorted(plans[0] + plans[1]) == _split(ref) and not set(plans[0]) & set(plans[1])
     assert merge_main([str(shared), "--quiet"]) == 0
