@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pccfast.cli.common import (
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-captures", action="store_true",
                    help="also write captures/<id>.safetensors (read by python -m pccfast.relabel)")
     g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of JPEGImages (default: %(default)s)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="accept settings or prompts that differ from the dataset's (OUT/run.json, the manifest) and "
+                   "redo the samples whose records differ; without it such a run is refused with the first difference")
     add_label_set_argument(p)
     m = p.add_argument_group("model and diffusion")
     m.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x checkpoint: hub id or "
@@ -52,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pccfast.data.prompt_bank import builtin_prompts
     from pccfast.data.prompts import PromptError, read_prompts
+    from pccfast.data.provenance import file_digest
+
+    def warn(line: str) -> None:
+        print(f"warning: {line}", file=sys.stderr)
+
     from pccfast.runs.generate import run_generation
     from pccfast.runs.plan import parse_shard, select_shard
 
@@ -61,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
         settings = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance, height=args.height,
                                     width=args.width, seed=args.seed, device=str(device), dtype=dtype)
+        settings.check_labeller(cfg.pca_components)
         if args.batch < 1:
             raise ValueError(f"`--batch` has to be at least 1 but is {args.batch}")
         if not 1 <= args.jpeg_quality <= 100:
@@ -72,17 +82,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"`--limit` has to be >= 1 but is {args.limit}")
         if args.prompts:
-            entries = read_prompts(args.prompts, label_set, start=args.start, limit=args.limit)
+            entries = read_prompts(args.prompts, label_set, start=args.start, limit=args.limit, warn=warn)
+            source = f"{os.path.abspath(args.prompts)} {file_digest(args.prompts)}"
         else:
-            entries = builtin_prompts(label_set)[args.start:]
-            entries = entries if args.limit is None else entries[: args.limit]
+            bank = builtin_prompts(label_set)
+            if args.start >= len(bank):
+                raise ValueError(f"`--start` {args.start} is beyond the {len(bank)} prompts of the built-in bank")
+            entries = bank[args.start:] if args.limit is None else bank[args.start:args.start + args.limit]
+            source = f"the built-in prompt bank of label set {label_set.name!r}"
+        chosen = len(entries)
         entries = select_shard(entries, shard)
-    except (ValueError, PromptError, FileNotFoundError) as exc:
-        fail(str(exc))
+        if not entries:
+            raise ValueError(f"`--shard` {args.shard} holds none of the {chosen} prompts chosen (--start, --limit)")
+    except (ValueError, PromptError, OSError) as exc:
+        fail(exc)
     return run_and_report(lambda: run_generation(
         entries, settings, cfg, label_set, args.out, batch=args.batch, shard=shard, save_blocky=args.save_blocky,
         save_captures=args.save_captures, jpeg_quality=args.jpeg_quality, ray=args.ray, workers=args.workers,
-        progress=not args.no_progress), "images", args.out)
+        progress=not args.no_progress, prompts=source, overwrite=args.overwrite), "images", args.out)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ class PCCConfig:
             raise ValueError(f"`connectivity` has to be 4 or 8 but is {self.connectivity}")
         if not self.thresholds:
             raise ValueError("`thresholds` has to hold at least one threshold but is empty")
+        if not all(0.0 < t < 1.0 for t in self.thresholds):
+            raise ValueError(f"`thresholds` have to lie strictly between 0 and 1 (a class covers the pixels where its "
+                             f"min-max scaled map is above it) but are "
+                             f"{','.join(f'{t:g}' for t in self.thresholds)}")
         if not 0.0 <= self.vote_min_share <= 1.0:
             raise ValueError(f"`vote_min_share` has to lie in [0, 1] but is {self.vote_min_share}")
         if self.refine_k < 1:

@@ -32,17 +32,34 @@ __all__ = [
     "read_jsonl",
     "clean_stale_temps",
     "atomic_link_or_copy",
+    "check_writable",
+    "FILE_MODE",
     "remove_temps_of",
 ]
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+# what an ordinary open() gives a new file: 0666 less the umask (0644 under umask 022), so that
+# a dataset on shared storage is readable by the training jobs of other accounts
+FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb"):
-    """Context manager yielding a file object; the target appears only if the block succeeds."""
+    """Context manager yielding a file object; the target appears only if the block succeeds.
+
+    The file gets the permissions an ordinary ``open()`` would give it (:data:`FILE_MODE`),
+    not the 0600 of a temporary file."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix="-" + os.path.basename(path), dir=d)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -177,6 +194,19 @@ def check_id(value) -> str:
             f"id {s!r} is not a plain file name (no path separators, no leading '.', no control characters, 1-200 chars)"
         )
     return s
+
+
+def check_writable(directory: str) -> None:
+    """Create ``directory`` (and parents) if needed and prove that files can be written in it,
+    with a temporary file that is removed at once; OSError (``DIR: reason``) otherwise. Used
+    before a run starts its work, so a read-only or full output fails at once, in one line."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix="-probe", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write files here: {e.strerror or e}", directory) from None
 
 
 def atomic_link_or_copy(src: str, dst: str) -> None:

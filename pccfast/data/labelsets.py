@@ -10,7 +10,7 @@ import os
 
 from pccfast.core.labelset import BUILTIN, LabelSet, as_label_set, label_set_from_dict
 
-__all__ = ["get_label_set", "load_label_set", "ensure_label_set_file"]
+__all__ = ["get_label_set", "load_label_set", "check_label_set_file", "ensure_label_set_file"]
 
 
 def get_label_set(name_or_path: "str | LabelSet | dict") -> LabelSet:
@@ -45,25 +45,42 @@ def load_label_set(path: str) -> LabelSet:
     return label_set_from_dict(data, path)
 
 
-def ensure_label_set_file(out: str, label_set: LabelSet) -> None:
-    """Write ``out/labelset.json``, or check the one there: a dataset is made with one label
-    set, so a run with another one is refused (ValueError naming the file and both sets)."""
-    from pccfast.data.fileio import atomic_write_bytes
+def check_label_set_file(out: str, label_set: LabelSet) -> None:
+    """Refuse (ValueError naming the file and both sets) a run with another label set than the
+    dataset's ``labelset.json``; reads only."""
     from pccfast.data.layout import LABELSET
 
     path = os.path.join(out, LABELSET)
-    want = label_set.to_json()
-    if os.path.exists(path):
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            have = json.load(f)
+        except json.JSONDecodeError:
+            return  # a torn file (killed writer) is written again
+    if isinstance(have, dict) and have.get("classes") != list(label_set.classes):
+        raise ValueError(
+            f"{path}: the dataset was made with label set {have.get('name')!r} "
+            f"({len(have.get('classes') or [])} classes), not {label_set.name!r}; use another --out"
+        )
+
+
+def ensure_label_set_file(out: str, label_set: LabelSet) -> None:
+    """Check ``out/labelset.json`` (:func:`check_label_set_file`) and write it if it is not there:
+    a dataset is made with one label set."""
+    from pccfast.data.fileio import atomic_write_bytes
+    from pccfast.data.layout import LABELSET
+
+    check_label_set_file(out, label_set)
+    path = os.path.join(out, LABELSET)
+    if not os.path.isfile(path) or not _readable_json(path):
+        atomic_write_bytes(path, (json.dumps(label_set.to_json(), indent=1) + "\n").encode())
+
+
+def _readable_json(path: str) -> bool:
+    try:
         with open(path, encoding="utf-8") as f:
-            try:
-                have = json.load(f)
-            except json.JSONDecodeError:
-                have = None
-        if isinstance(have, dict) and have.get("classes") != want["classes"]:
-            raise ValueError(
-                f"{path}: the dataset was made with label set {have.get('name')!r} "
-                f"({len(have.get('classes') or [])} classes), not {label_set.name!r}; use another --out"
-            )
-        if isinstance(have, dict):
-            return
-    atomic_write_bytes(path, (json.dumps(want, indent=1) + "\n").encode())
+            json.load(f)
+        return True
+    except (OSError, json.JSONDecodeError):
+        return False

@@ -9,6 +9,7 @@ VOC layout (readable as-is by torchvision's and mmsegmentation's VOC loaders)::
     OUT/ImageSets/Segmentation/train.txt    one id per line
     OUT/manifest.jsonl                      one JSON record per finished image
     OUT/labelset.json                       the label set
+    OUT/run.json                            provenance: what defines the samples (generate)
     OUT/manifests/shard-I-of-N.jsonl|.plan  sharded runs: their records and planned ids
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
-    "IMAGES", "MASKS", "BLOCKY", "CAPTURES", "SPLIT", "MANIFEST", "LABELSET", "SHARDS", "IMAGE_EXTS",
+    "IMAGES", "MASKS", "BLOCKY", "CAPTURES", "SPLIT", "MANIFEST", "LABELSET", "RUN_FILE", "SHARDS", "IMAGE_EXTS",
     "CAPTURE_EXT", "sample_paths", "dataset_paths", "shard_manifest", "shard_plan", "parse_shard_file",
     "output_dirs",
 ]
@@ -28,6 +29,7 @@ CAPTURES = "captures"
 SPLIT = os.path.join("ImageSets", "Segmentation", "train.txt")
 MANIFEST = "manifest.jsonl"
 LABELSET = "labelset.json"
+RUN_FILE = "run.json"  # provenance: the settings that define the dataset's samples
 SHARDS = "manifests"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")  # input images are looked up in this order, case-insensitively
 CAPTURE_EXT = ".safetensors"

@@ -10,12 +10,14 @@ in ``manifests/shard-I-of-N.plan``; :func:`pccfast.data.merge.merge_datasets` re
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 from pccfast.core.labelset import LabelSet
-from pccfast.data.fileio import append_line, atomic_write_bytes, clean_stale_temps, read_jsonl
-from pccfast.data.labelsets import ensure_label_set_file
+from pccfast.data.fileio import append_line, atomic_write_bytes, check_writable, clean_stale_temps, read_jsonl
+from pccfast.data.labelsets import check_label_set_file, ensure_label_set_file
+from pccfast.data.provenance import OVERWRITE_HINT, check_run_file, first_difference, write_run_file
 from pccfast.data.layout import IMAGES, MANIFEST, MASKS, SHARDS, SPLIT, output_dirs, sample_paths, shard_manifest, shard_plan
 
 __all__ = ["Manifest", "dedup_records", "record_order", "write_split", "all_records"]
@@ -55,17 +57,55 @@ def all_records(out: str) -> list[dict]:
 class Manifest:
     """Resume, plan and commit for a generated dataset ``out``; ``shard`` = (I, N) or None.
 
-    Creating it makes the output folders, writes (or checks) ``labelset.json`` and removes
-    temporary files that killed writers of this host left behind.
+    Args:
+        defining: the run's defining settings (see :mod:`pccfast.data.provenance`), checked
+            against ``run.json`` and written there; None: no provenance (e.g. tests, merge).
+        expected: id -> the record fields that define that sample (prompt, classes, seed,
+            size, ...); a finished sample whose record differs is refused, or redone with
+            ``overwrite``.
+        overwrite: redo the samples whose records differ instead of refusing the run.
+
+    Everything is checked before anything is written (label set, ``run.json``, the records,
+    that ``out`` can be written); then the output folders are made, ``labelset.json`` and
+    ``run.json`` written, and temporary files that killed writers of this host left removed.
     """
 
-    def __init__(self, out: str, label_set: LabelSet, shard: tuple[int, int] | None = None):
+    def __init__(self, out: str, label_set: LabelSet, shard: tuple[int, int] | None = None, *,
+                 defining: dict | None = None, expected: dict | None = None, overwrite: bool = False):
         self.out, self.label_set, self.shard = out, label_set, shard
+        self.overwrite = overwrite
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a dataset folder", out)
+        check_label_set_file(out, label_set)
+        if defining is not None:
+            check_run_file(out, defining, overwrite=overwrite)
+        self.stale = self._differing(expected or {})  # finished ids that this run makes otherwise
+        check_writable(out)
         os.makedirs(os.path.join(out, IMAGES), exist_ok=True)
         os.makedirs(os.path.join(out, MASKS), exist_ok=True)
         ensure_label_set_file(out, label_set)
+        if defining is not None:
+            write_run_file(out, defining)
         for d in output_dirs(out):
             clean_stale_temps(d)
+
+    def _differing(self, expected: dict) -> set[str]:
+        """Finished ids whose record differs from ``expected``: refused (ValueError naming the
+        first id, field and both values) unless ``overwrite``, which redoes them."""
+        if not expected or not os.path.isdir(self.out):
+            return set()
+        stale = set()
+        for r in dedup_records(all_records(self.out)):
+            want = expected.get(r["id"])
+            diff = None if want is None else first_difference(r, want)
+            if diff is None:
+                continue
+            if not self.overwrite:
+                key, old, new = diff
+                raise ValueError(f"{os.path.join(self.out, MANIFEST)}: sample {r['id']} was made with {key} {old!r} "
+                                 f"but this run has {new!r}: {OVERWRITE_HINT}")
+            stale.add(r["id"])
+        return stale
 
     @property
     def manifest_path(self) -> str:
@@ -77,7 +117,7 @@ class Manifest:
         for r in all_records(self.out):
             sid = str(r.get("id"))
             p = sample_paths(self.out, sid)
-            if os.path.exists(p["image"]) and os.path.exists(p["mask"]):
+            if sid not in self.stale and os.path.exists(p["image"]) and os.path.exists(p["mask"]):
                 done.add(sid)
         return done
 

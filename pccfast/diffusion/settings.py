@@ -2,14 +2,16 @@
 quality the writer's)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GenerationConfig", "DEFAULT_MODEL", "LATENT_FACTOR"]
+__all__ = ["GenerationConfig", "DEFAULT_MODEL", "LATENT_FACTOR", "SMALLEST_LEVEL"]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 LATENT_FACTOR = 8  # the VAE of SD 1.x/2.x: latents are 1/8 of the image size
+SMALLEST_LEVEL = 32  # SD 1.x/2.x: the coarsest up-block attention level is 1/32 of the image side
 
 
 @dataclass
@@ -50,6 +52,17 @@ class GenerationConfig:
             raise ValueError(f"`dtype` has to be float32, float16 or bfloat16 but is {self.dtype!r}")
         if self.dtype == "float16" and torch.device(self.device).type == "cpu":
             raise ValueError("`dtype` float16 needs a CUDA device (--device cuda); on the CPU use float32 or bfloat16")
+
+    def check_labeller(self, pca_components: int) -> None:
+        """The image has to be large enough to label: the coarsest attention level (1/32 of the
+        side) has to hold at least ``pca_components`` pixels for the head-wise PCA."""
+        side = SMALLEST_LEVEL * math.ceil(math.sqrt(pca_components))
+        if self.height < side:
+            raise ValueError(
+                f"`height` and `width` have to be at least {side} (the coarsest attention level, 1/{SMALLEST_LEVEL} of "
+                f"the side, has to hold at least pca_components = {pca_components} pixels) but are {self.height} "
+                f"and {self.width}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,6 +8,7 @@ engine (this process or Ray); finished ids are skipped, so re-running resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class GenerateStep:
             captures = [
                 dict(features=cap.features[i].cpu(), class_attention=cap.class_attention[i].cpu(),
                      label_set=self.label_set, prompt=e.prompt, classes=list(e.classes), seed=seeds[i],
-                     model=s.model, steps=s.steps)
+                     model=s.model, steps=s.steps, image=cap.images[i].cpu())
                 for i, e in enumerate(entries)
             ]
         return _Made(seeds, images, masks, blocky, captures, (time.perf_counter() - t0) / len(entries))
@@ -100,9 +101,25 @@ class GenerateStep:
             except OSError as exc:
                 failures.append((e.id, f"cannot write the files of {e.id} in {self.writer.out}: {exc.strerror or exc}"))
                 continue
-            records.append(dict(id=e.id, index=e.index, prompt=e.prompt, classes=list(e.classes), seed=made.seeds[i],
-                                model=s.model, steps=s.steps, seconds=round(made.seconds, 4)))
+            records.append(dict(id=e.id, index=e.index, **sample_record(e, s), seconds=round(made.seconds, 4)))
         return records, failures
+
+
+def sample_record(entry, settings: GenerationConfig) -> dict:
+    """What defines one sample, as its manifest record carries it (and resume compares)."""
+    return dict(prompt=entry.prompt, classes=list(entry.classes), seed=settings.seed + entry.index,
+                model=settings.model, steps=settings.steps, height=settings.height, width=settings.width)
+
+
+def defining_settings(settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, prompts: str,
+                      jpeg_quality: int) -> dict:
+    """What defines every sample of a run (``run.json``): not the batch size, workers, device
+    or the labeller's backends, which choose how, not what."""
+    labeller = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.endswith("_backend")}
+    return dict(model=settings.model, dtype=settings.dtype, height=settings.height, width=settings.width,
+                steps=settings.steps, guidance=settings.guidance, scheduler="the model's own",
+                seed=f"{settings.seed} + prompt index", label_set=label_set.to_json(), labeller=labeller,
+                jpeg_quality=jpeg_quality, prompts=prompts)
 
 
 def _build(cls, settings, cfg, label_set, writer, device):
@@ -127,6 +144,8 @@ def run_generation(
     workers: int | None = None,
     io_threads: int = 1,
     progress: bool = True,
+    prompts: str = "given in memory",
+    overwrite: bool = False,
     pipe=None,
     make_step=None,
 ) -> RunReport:
@@ -140,12 +159,16 @@ def run_generation(
         ray: None runs in this process; "local", "auto" or an address runs on Ray.
         workers: Ray workers (default one per GPU, else 1).
         io_threads: 0 writes in line; 1 writes a batch's files while the next one diffuses.
+        prompts: where the prompts come from, for ``run.json`` (a prompt file's digest).
+        overwrite: redo the samples whose records differ from this run's (settings or prompts
+            changed) instead of refusing the run.
         pipe: an already loaded pipeline to use in this process (instead of loading ``settings.model``).
         make_step: replaces :meth:`GenerateStep.factory` (tests).
     """
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"`jpeg_quality` has to lie in 1..100 but is {jpeg_quality}")
-    store = Manifest(out, label_set, shard)
+    store = Manifest(out, label_set, shard, defining=defining_settings(settings, cfg, label_set, prompts, jpeg_quality),
+                     expected={e.id: sample_record(e, settings) for e in entries}, overwrite=overwrite)
     writer = SampleWriter(out, label_set, save_blocky=save_blocky, save_captures=save_captures,
                           jpeg_quality=jpeg_quality)
     if make_step is None and pipe is not None:
