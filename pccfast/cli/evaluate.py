@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from pccfast.cli.common import report_error
+from pccfast.cli.common import one_line_errors, report_error
+from pccfast.cli.inspect import check_output_file, write_output
 from pccfast.data.fileio import atomic_write_bytes
 from pccfast.data.labelsets import get_label_set
 from pccfast.tools.evaluate import default_label_set, evaluate_dirs, mask_dir
@@ -32,9 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
+    """The table on stdout; exit status 2 with one ``error:`` line for a missing folder, a bad
+    label set or mask, or a ``--json`` that cannot be written (checked before any mask is read)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.json:
+            check_output_file(args.json, "--json")
         ls = get_label_set(args.label_set or default_label_set(args.pred_dir))
         ids = None
         if args.ids:
@@ -48,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"label set: {ls.name}")
     print(report.table())
     if args.json:
-        atomic_write_bytes(args.json, (json.dumps(report.to_json(), indent=1) + "\n").encode())
+        text = json.dumps(report.to_json(), indent=1) + "\n"
+        write_output(args.json, lambda: atomic_write_bytes(args.json, text.encode()))
     return 0
 
 

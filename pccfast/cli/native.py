@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from pccfast.backends.native import build_kernels
+from pccfast.cli.common import one_line_errors
 
 __all__ = ["build_parser", "main"]
 
@@ -18,8 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    """One line per kernel; exit status 1 if one is unavailable."""
+    """One line per kernel; exit status 1 if one is unavailable (Ctrl-C, a closed stdout, an OSError:
+    :func:`~pccfast.cli.common.one_line_errors`)."""
     args = build_parser().parse_args(argv)
     results = build_kernels(args.names)
     for n, path, why in results:

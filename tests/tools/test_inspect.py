@@ -146,6 +146,7 @@ def test_html_page_references_existing_files(tmp_path, capsys):
     root = make_dataset(tmp_path / "ds", extra=True)
     os.unlink(root / "SegmentationClassBlocky" / "2.png")
     page = tmp_path / "report" / "page.html"
+    page.parent.mkdir()  # --out's folder has to exist (tests/cli/test_errors.py)
     assert main([str(root), "--out", str(page), "--limit", "10"]) == 0
     text = page.read_text()
     refs = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", text)
