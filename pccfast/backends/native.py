@@ -160,14 +160,16 @@ def load(name: str) -> ctypes.CDLL:
 
 
 def available(name: str, warn: bool = True) -> bool:
-    """Whether ``load(name)`` works; on the first failure, warn once (the torch path is used)."""
+    """Whether ``load(name)`` works; on a failure, warn once per reason (no C compiler is one
+    warning for all the kernels, not one per kernel): the torch path is used."""
     try:
         load(name)
         return True
     except NativeUnavailable as e:
-        if warn and name not in _warned and "PCCFAST_NATIVE=0" not in str(e):
-            _warned.add(name)
-            warnings.warn(f"pccfast: {e}; using the slower torch path on the CPU", RuntimeWarning, stacklevel=3)
+        reason = str(e)
+        if warn and reason not in _warned and "PCCFAST_NATIVE=0" not in reason:
+            _warned.add(reason)
+            warnings.warn(f"pccfast: {reason}; using the slower torch path on the CPU", RuntimeWarning, stacklevel=3)
         return False
 
 

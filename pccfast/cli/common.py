@@ -42,6 +42,8 @@ __all__ = [
     "report_run",
     "run_and_report",
     "interrupted",
+    "one_line_errors",
+    "BROKEN_PIPE_STATUS",
 ]
 
 # One line per PCCConfig field; the default is appended from the dataclass.
@@ -275,7 +277,7 @@ def run_and_report(run: "typing.Callable[[], object]", what: str, out: str) -> i
         report = run()
     except KeyboardInterrupt:
         return interrupted(out)
-    except (RunError, ImportError, ConnectionError, ValueError) as exc:
+    except (RunError, ImportError, ConnectionError, ValueError, OSError) as exc:
         fail(exc)
     return report_run(report, what, out)
 
@@ -294,3 +296,102 @@ def interrupted(out: str) -> int:
     """Ctrl-C: one line saying that the finished work is kept; exit status 130."""
     print(f"interrupted; finished work is kept in {out}: run the same command again to resume", file=sys.stderr)
     return 130
+
+
+# 128 + SIGPIPE: what a shell reports for a command whose reader went away (``yes | head``); it
+# only shows under ``set -o pipefail``, where it tells a script that the output was cut short
+BROKEN_PIPE_STATUS = 141
+
+
+def one_line_errors(main=None, *, resumable=None):
+    """Decorator for a command's ``main(argv) -> int``: whatever escapes it ends in at most one
+    line on stderr and an exit status, never a traceback. Use ``@one_line_errors``, or
+    ``@one_line_errors(resumable=build_parser)`` for a command whose re-run resumes its ``--out``.
+
+    - BrokenPipeError on standard output (``python -m pccfast.inspect DATASET | head``): nothing
+      printed, exit status :data:`BROKEN_PIPE_STATUS` (141). Standard output is pointed at
+      ``os.devnull`` first, so the interpreter's final flush prints no "Exception ignored". A
+      broken pipe elsewhere, with standard output still open, is an OSError as below.
+    - KeyboardInterrupt (Ctrl-C): the line ``interrupted``, exit status 130; with ``resumable``
+      (the command's parser), :func:`interrupted` with the ``--out`` of ``argv``.
+    - OSError not handled inside (permission denied, not a directory, no space left, read-only
+      file system): ``error: FILE: reason`` (:func:`error_text`), exit status 2.
+
+    SystemExit (argparse, :func:`fail`) passes through, after standard output is flushed; any
+    other exception is a bug and keeps its traceback.
+    """
+
+    def decorate(func):
+        import functools
+
+        @functools.wraps(func)
+        def wrapper(argv: "list[str] | None" = None) -> int:
+            try:
+                try:
+                    return func(argv)
+                finally:
+                    if sys.stdout is not None:
+                        sys.stdout.flush()  # a reader gone early shows here, not at interpreter exit
+            except BrokenPipeError as exc:
+                if not _stdout_closed():
+                    return report_error(exc)
+                _stdout_to_devnull()
+                return BROKEN_PIPE_STATUS
+            except KeyboardInterrupt:
+                out = _resumable_out(resumable, argv)
+                if out:
+                    return interrupted(out)
+                print("interrupted", file=sys.stderr)
+                return 130
+            except OSError as exc:
+                return report_error(exc)
+
+        return wrapper
+
+    return decorate if main is None else decorate(main)
+
+
+def _stdout_fd() -> "int | None":
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # None, closed, or an in-memory stream (io.UnsupportedOperation)
+        return None
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe (or socket) whose reader is gone; True where it cannot be told."""
+    fd = _stdout_fd()
+    if fd is None:
+        return True
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() on this platform
+        return True
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    fd = _stdout_fd()
+    if fd is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _resumable_out(build_parser, argv) -> "str | None":
+    """The ``--out`` of ``argv`` by the command's parser (None without one, or if it cannot be read)."""
+    if build_parser is None:
+        return None
+    try:
+        args, _ = build_parser().parse_known_args(argv)
+    except (SystemExit, Exception):
+        return None
+    return getattr(args, "out", None)

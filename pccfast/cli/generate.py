@@ -6,7 +6,8 @@ import os
 import sys
 
 from pccfast.cli.common import (
-    add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, run_and_report, run_settings,
+    add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, one_line_errors, run_and_report,
+    run_settings,
 )
 from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors(resumable=build_parser)
 def main(argv: list[str] | None = None) -> int:
     from pccfast.data.prompt_bank import builtin_prompts
     from pccfast.data.prompts import PromptError, read_prompts

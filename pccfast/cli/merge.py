@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pccfast.cli.common import fail, one_line_errors, report_error
 from pccfast.data.merge import ON_CONFLICT, MergeReport, merge_datasets
 
 __all__ = ["gap_lines", "main"]
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    from pccfast.cli.common import fail, report_error
 
     args = build_parser().parse_args(argv)
     try:

@@ -17,7 +17,7 @@ import os
 import sys
 from collections import Counter
 
-from pccfast.cli.common import report_error
+from pccfast.cli.common import one_line_errors, report_error
 from pccfast.data.fileio import atomic_write_bytes
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.prompt_bank import DEFAULT_PER_CLASS, captions_to_prompts, prompt_bank
@@ -86,18 +86,7 @@ def _captions(path: str, label_set, per_class: int | None) -> list[dict]:
     return records
 
 
-def _write_stdout(text: str) -> None:
-    """Write to standard output; a reader that has gone (``| head -1``) ends it quietly."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # what is still buffered would fail again at exit: point the descriptor at /dev/null
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     empty: list[str] = []
@@ -122,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         for line in empty:
             print(f"warning: {line}", file=sys.stderr)
-        _write_stdout(_summary(entries, len(empty)) + "\n")
+        sys.stdout.write(_summary(entries, len(empty)) + "\n")
         return 0
     text = "".join(json.dumps({k: r[k] for k in ("id", "prompt", "classes")}, ensure_ascii=False) + "\n" for r in records)
     if args.out:
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             return report_error(f"{args.out}: cannot be written: {e.strerror or e}")
         print(f"{len(records)} prompts -> {args.out}", file=sys.stderr)
     else:
-        _write_stdout(text)
+        sys.stdout.write(text)  # a reader that has gone (| head): one_line_errors
     return 0
 
 

@@ -103,8 +103,11 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
 
         return build_tiny_pipeline(device=device, dtype=dtype, label_set=label_set)
 
-    from diffusers import StableDiffusionPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from pccfast.diffusion.quiet import quiet_imports
+
+    with quiet_imports():
+        from diffusers import StableDiffusionPipeline
+        from diffusers.models.attention_processor import AttnProcessor2_0
 
     path = os.path.expanduser(name_or_path)
     local = os.path.exists(path)

@@ -223,9 +223,12 @@ def build_tiny_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype = torch.
         ``StableDiffusionPipeline`` (no safety checker) with a 2-layer, 32-wide CLIP text
         encoder, the tiny UNet (``TINY_UNET_CONFIG``), a tiny VAE (factor 8) and PNDM.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from pccfast.diffusion.quiet import quiet_imports
+
+    with quiet_imports():
+        from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tiny_tokenizer(label_set)
     text_config = CLIPTextConfig(

@@ -181,7 +181,7 @@ def test_decorator_broken_pipe_elsewhere_is_an_error(tmp_path, capsys, monkeypat
 # ------------------------------------------------------------------------------------------
 # per command: argv for a run whose output goes to OUT, and what each case patches
 # ------------------------------------------------------------------------------------------
-OWNED_ELSEWHERE = {"generate", "relabel", "merge", "prompts"}  # being changed by others (see the xfail marks)
+OWNED_ELSEWHERE = {"relabel"}  # being changed by others (see the xfail marks)
 
 
 def xfail(reason):
@@ -341,8 +341,8 @@ WORK = {  # the function doing each command's work, as its main looks it up
 
 @pytest.mark.parametrize("name", [
     "generate", "relabel",
-    pytest.param("merge", marks=xfail(f"merge: {NO_DECORATOR}")),
-    pytest.param("prompts", marks=xfail(f"prompts: {NO_DECORATOR}")),
+    "merge",
+    "prompts",
     "inspect", "evaluate", "native",
 ])
 def test_ctrl_c(name, inputs, tmp_path, capsys, monkeypatch):
@@ -399,9 +399,9 @@ def run_closed_stdout(name, argv, env=None):
 
 @pytest.mark.parametrize("name", [
     "inspect",
-    pytest.param("prompts", marks=xfail(f"prompts: {NO_DECORATOR}; sys.stdout.write raises BrokenPipeError")),
+    "prompts",
     "evaluate",
-    pytest.param("merge", marks=xfail(f"merge: {NO_DECORATOR}; print of a gap line raises BrokenPipeError")),
+    "merge",
     "native",
 ])
 def test_closed_stdout_is_quiet(name, inputs, tmp_path):
