@@ -1,4 +1,4 @@
-"""``python -m pccfast.relabel``: saved captures + images -> masks, with other labeller settings."""
+"""``python -m pccfast.relabel``: saved captures (+ images) -> masks or a dataset, with other labeller settings."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,8 @@ import os
 import sys
 
 from pccfast.cli.common import (
-    add_device_arguments, add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, positive_int,
-    run_and_report, run_settings,
+    add_device_arguments, add_run_arguments, check_scaleout_arguments, config_from_args, device_from_args, fail,
+    label_set_from_args, positive_int, run_and_report,
 )
 
 __all__ = ["build_parser", "main"]
@@ -17,26 +17,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pccfast.relabel",
         description="Label saved captures again (e.g. with other labeller settings) without running Stable "
-        "Diffusion: CAPTURES/<id>.safetensors + IMAGES/<id>.jpg|.jpeg|.png -> OUT/SegmentationClass/<id>.png "
-        "(8-bit palette PNG, 255 = uncertain). Re-running the same command resumes where it stopped. "
+        "Diffusion: CAPTURES/<id>.safetensors (+ IMAGES/<id>.jpg|.jpeg|.png for captures that hold no image) -> "
+        "OUT/SegmentationClass/<id>.png (8-bit palette PNG, 255 = uncertain); with --as-dataset a complete dataset. "
+        "The label set is the one the captures record; captures that hold their decoded image (written by "
+        "generate --save-captures since capture format_version 2) give generate's masks exactly. "
+        "Re-running the same command resumes where it stopped. "
         "Bad inputs are reported one line each and skipped; a batch that fails is run again item by item; "
         "the exit status is 1 if anything failed.",
     )
     g = p.add_argument_group("input and output")
     g.add_argument("--captures", required=True, metavar="DIR",
                    help="folder of <id>.safetensors captures (written by python -m pccfast.generate --save-captures)")
-    g.add_argument("--images", required=True, metavar="DIR",
-                   help="folder of the images <id>.jpg, <id>.jpeg or <id>.png (sides multiples of the capture grid)")
+    g.add_argument("--images", default=None, metavar="DIR",
+                   help="folder of the images <id>.jpg, <id>.jpeg or <id>.png (sides multiples of the capture grid), "
+                   "or a dataset folder holding JPEGImages/; used for captures that hold no image of their own "
+                   "(default: none, and every capture has to hold its image)")
     g.add_argument("--out", required=True, metavar="DIR",
                    help="output dataset folder: SegmentationClass/<id>.png (and SegmentationClassBlocky/) and "
                    "labelset.json (an existing one has to name the same label set)")
+    g.add_argument("--as-dataset", action="store_true",
+                   help="write a complete dataset into --out, read like a generated one: also JPEGImages/<id>.jpg "
+                   "(linked or copied from --images, or encoded from the capture's image), "
+                   "ImageSets/Segmentation/train.txt and manifest.jsonl (each capture's prompt, classes, seed, "
+                   "model, steps); an id is done when its manifest record, image and mask exist")
     g.add_argument("--save-blocky", action="store_true",
                    help="also write SegmentationClassBlocky/<id>.png: the blocky mask before refinement, at image size")
     g.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="only the first N captures, sorted by id (default: all)")
     g.add_argument("--overwrite", action="store_true",
                    help="relabel ids whose outputs exist (default: skip them, so a re-run resumes)")
-    add_label_set_argument(p)
+    p.add_argument("--label-set", default=None, metavar="NAME|FILE",
+                   help="label set: voc, coco, or a JSON/YAML file with 'classes' (background first) and optional "
+                   "'texts', 'palette', 'ignore_index'; captures of another set fail one by one (default: the set "
+                   "the captures record, which all of them have to share)")
     r = p.add_argument_group("execution")
     r.add_argument("--batch", type=positive_int, default=8, metavar="N",
                    help="captures per batch; captures of one size are labelled together (default: %(default)s)")
@@ -54,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        label_set, cfg, device = run_settings(args)
+        label_set = None if args.label_set is None else label_set_from_args(args)
+        cfg, device = config_from_args(args), device_from_args(args)
         if args.workers is not None and args.ray is None:  # what --workers meant before the run engine
             print(f"warning: --workers without --ray sets the reader threads, which are --io-threads now; "
                   f"use --io-threads {args.workers} (--workers is the number of Ray workers with --ray)", file=sys.stderr)
@@ -65,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         shard = parse_shard(args.shard)
         for name in ("captures", "images"):
             d = getattr(args, name)
-            if not os.path.isdir(d):
+            if d is not None and not os.path.isdir(d):
                 raise ValueError(f"`--{name}` has to be a directory but {d!r} is not one")
         if not any(n.endswith(".safetensors") and not n.startswith(".") for n in os.listdir(args.captures)):
             hint = os.path.join(args.captures, "captures")
@@ -75,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     return run_and_report(lambda: relabel_dir(
         args.captures, args.images, args.out, cfg, batch=args.batch, device=device, save_blocky=args.save_blocky,
-        label_set=label_set, limit=args.limit, overwrite=args.overwrite, workers=args.io_threads, shard=shard,
-        ray=args.ray, ray_workers=args.workers, progress=not args.no_progress), "masks", args.out)
+        label_set=label_set, as_dataset=args.as_dataset, limit=args.limit, overwrite=args.overwrite,
+        workers=args.io_threads, shard=shard, ray=args.ray, ray_workers=args.workers, progress=not args.no_progress),
+        "samples" if args.as_dataset else "masks", args.out)
 
 
 if __name__ == "__main__":

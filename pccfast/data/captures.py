@@ -5,13 +5,17 @@ One safetensors file per image, ``<id>.safetensors``:
 - tensors ``features`` (D, h, w) float32 (head-wise PCA features, not normalised) and
   ``class_attention`` (K, h, w) float32 (one map per class of the label set; index 0 =
   background from the start token; all-zero maps for classes not in the image);
-- string metadata ``format_version`` ("1"), ``label_set`` (the label set's name),
+- since format_version 2, optionally ``image`` (3, H, W) uint8 RGB, channels first as the
+  labeller takes it: the decoded image generate refined from (H, W multiples of h, w), so
+  relabelling needs no image file and reproduces generate's masks exactly;
+- string metadata ``format_version`` ("2"; "1" files, without ``image``, are still read), ``label_set`` (the label set's name),
   ``label_classes`` (JSON list of the set's class names), ``prompt``, ``classes`` (JSON list
   of the image's class names, may repeat), ``seed`` and ``steps`` (decimal ints, "" if
   unknown) and ``model``.
 
 :func:`read_capture` validates everything it reads and raises :class:`CaptureError`, a
-one-line ``ValueError`` that starts with the file's path and says what was expected.
+one-line ``ValueError`` that starts with the file's path and says what was expected;
+:func:`read_capture_info` reads only a file's header (metadata, whether it holds an image).
 """
 from __future__ import annotations
 
@@ -29,10 +33,13 @@ from pccfast.data.fileio import atomic_write_bytes
 from pccfast.data.labelsets import get_label_set
 from pccfast.core.labelset import LabelSet
 
-__all__ = ["FORMAT_VERSION", "Capture", "CaptureError", "write_capture", "read_capture"]
+__all__ = ["FORMAT_VERSION", "READ_VERSIONS", "Capture", "CaptureInfo", "CaptureError", "write_capture",
+           "read_capture", "read_capture_info"]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # what write_capture writes
+READ_VERSIONS = ("1", "2")  # what read_capture reads; version 1 has no ``image``
 _TENSORS = ("features", "class_attention")
+_IMAGE = "image"
 _META = ("format_version", "label_set", "label_classes", "prompt", "classes", "seed", "model", "steps")
 
 
@@ -52,6 +59,7 @@ class Capture:
     features: torch.Tensor  # (D, h, w) float32, CPU
     class_attention: torch.Tensor  # (K, h, w) float32, CPU
     metadata: dict = field(default_factory=dict)
+    image: "torch.Tensor | None" = None  # (3, H, W) uint8, CPU; None if the file holds none (version 1)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -97,6 +105,20 @@ def _check_pair(where: str, features: torch.Tensor, class_attention: torch.Tenso
         )
 
 
+def _check_image(where: str, image, grid: tuple[int, int]) -> None:
+    if not isinstance(image, torch.Tensor):
+        raise CaptureError(f"{where}: 'image' has to be a torch.Tensor but is {type(image).__name__}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise CaptureError(f"{where}: 'image' has to be (3, H, W) (RGB, channels first) but has shape {tuple(image.shape)}")
+    if image.dtype != torch.uint8:
+        raise CaptureError(f"{where}: 'image' has to be uint8 but has dtype {image.dtype}")
+    (height, width), (h, w) = image.shape[-2:], grid
+    if height == 0 or width == 0 or height % h or width % w:
+        raise CaptureError(
+            f"{where}: 'image' is {width}x{height} (width x height) but has to be a multiple of the capture grid {w}x{h}"
+        )
+
+
 def _resolve_label_set(where: str, label_set) -> LabelSet:
     try:
         return get_label_set(label_set)
@@ -115,6 +137,7 @@ def write_capture(
     seed: "int | None",
     model: str,
     steps: "int | None",
+    image: "torch.Tensor | None" = None,
 ) -> None:
     """Write one capture file atomically (a crash leaves the old file or none, never half).
 
@@ -127,11 +150,15 @@ def write_capture(
         classes: the image's class names (may repeat).
         seed, steps: generation seed and number of denoising steps (None if unknown).
         model: the model id or path.
+        image: (3, H, W) uint8 RGB, any device: the decoded image the masks were refined from
+            (H, W multiples of h, w); None writes no image (relabel then needs the image file).
     Raises:
         CaptureError: the tensors break the format (message names ``path``).
     """
     ls = _resolve_label_set(path, label_set)
     _check_pair(path, features, class_attention, ls)
+    if image is not None:
+        _check_image(path, image, tuple(features.shape[-2:]))
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
         raise CaptureError(f"{path}: `classes` has to be a list of class names but is {classes!r}")
     ints = {}
@@ -146,6 +173,8 @@ def write_capture(
         "features": features.detach().to("cpu", torch.float32).contiguous(),
         "class_attention": class_attention.detach().to("cpu", torch.float32).contiguous(),
     }
+    if image is not None:
+        tensors[_IMAGE] = image.detach().to("cpu").contiguous()
     metadata = {
         "format_version": FORMAT_VERSION,
         "label_set": ls.name,
@@ -159,9 +188,9 @@ def write_capture(
     atomic_write_bytes(path, _st_save(tensors, metadata=metadata))
 
 
-def _read_header(where: str) -> dict:
-    """The ``__metadata__`` of a safetensors file (8-byte little-endian header length, then
-    a JSON header), read without touching the tensor data."""
+def _read_header(where: str) -> tuple[dict, dict]:
+    """``(__metadata__, tensor entries)`` of a safetensors file (8-byte little-endian header
+    length, then a JSON header), read without touching the tensor data."""
     try:
         with open(where, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -185,7 +214,7 @@ def _read_header(where: str) -> dict:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise CaptureError(f"{where}: '__metadata__' has to be a string map but is {type(meta).__name__}")
-    return meta
+    return meta, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def _json_str_list(where: str, key: str, text: str) -> list[str]:
@@ -207,6 +236,44 @@ def _opt_int(where: str, key: str, text: str) -> "int | None":
         raise CaptureError(f"{where}: metadata {key!r} has to be an integer or empty but is {text[:40]!r}") from None
 
 
+def _checked_metadata(path: str) -> tuple[dict, dict]:
+    """The header's metadata (format version and keys checked) and tensor entries."""
+    meta, entries = _read_header(path)
+    version = meta.get("format_version")
+    if version is None:
+        raise CaptureError(f"{path}: metadata 'format_version' is missing (expected {FORMAT_VERSION!r})")
+    if version not in READ_VERSIONS:
+        raise CaptureError(f"{path}: unknown format_version {version!r} "
+                           f"(this pccfast reads {' and '.join(repr(v) for v in READ_VERSIONS)})")
+    missing = [k for k in _META if k not in meta]
+    if missing:
+        raise CaptureError(f"{path}: metadata {', '.join(repr(k) for k in missing)} missing (a capture holds {', '.join(_META)})")
+    return meta, entries
+
+
+@dataclass
+class CaptureInfo:
+    """What a capture's header says, read without its tensors (:func:`read_capture_info`)."""
+
+    path: str
+    label_set: str  # the label set's name
+    label_classes: list  # its class names
+    has_image: bool  # the file holds the decoded ``image`` (format_version 2)
+    metadata: dict = field(default_factory=dict)  # every metadata string, as in the file
+
+
+def read_capture_info(path: str) -> CaptureInfo:
+    """Read only the header of a capture (a few kB, no tensor data): its label set and whether
+    it holds an image. The tensors are not checked; :func:`read_capture` does that.
+
+    Raises:
+        CaptureError: one line starting with ``path`` (unreadable, not a capture, bad metadata).
+    """
+    meta, entries = _checked_metadata(path)
+    classes = _json_str_list(path, "label_classes", meta["label_classes"])
+    return CaptureInfo(path, meta["label_set"], classes, _IMAGE in entries, dict(meta))
+
+
 def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Capture:
     """Read and validate one capture file.
 
@@ -214,25 +281,18 @@ def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Captur
         path: a ``.safetensors`` capture.
         label_set: if given, the capture has to follow it (same class count and names).
     Returns:
-        :class:`Capture` with CPU float32 ``features`` (D, h, w) and ``class_attention`` (K, h, w).
+        :class:`Capture` with CPU float32 ``features`` (D, h, w) and ``class_attention`` (K, h, w),
+        and ``image`` (3, H, W) uint8 if the file holds one (else None).
     Raises:
         CaptureError: one line starting with ``path`` that says what was expected.
     """
     ls = None if label_set is None else _resolve_label_set(path, label_set)
-    meta = _read_header(path)
-    version = meta.get("format_version")
-    if version is None:
-        raise CaptureError(f"{path}: metadata 'format_version' is missing (expected {FORMAT_VERSION!r})")
-    if version != FORMAT_VERSION:
-        raise CaptureError(f"{path}: unknown format_version {version!r} (this pccfast reads {FORMAT_VERSION!r})")
-    missing = [k for k in _META if k not in meta]
-    if missing:
-        raise CaptureError(f"{path}: metadata {', '.join(repr(k) for k in missing)} missing (a capture holds {', '.join(_META)})")
+    meta, _ = _checked_metadata(path)
 
     try:
         with safe_open(path, framework="pt") as f:  # memory-mapped: no copy of the whole file
             names = sorted(f.keys())
-            tensors = {k: f.get_tensor(k) for k in names if k in _TENSORS}
+            tensors = {k: f.get_tensor(k) for k in names if k in _TENSORS or k == _IMAGE}
     except Exception as e:  # safetensors raises its own error types for broken files
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CaptureError(f"{path}: corrupt safetensors file: {first}") from None
@@ -244,6 +304,9 @@ def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Captur
         )
     features, class_attention = tensors["features"], tensors["class_attention"]
     _check_pair(path, features, class_attention, ls)
+    image = tensors.get(_IMAGE)
+    if image is not None:
+        _check_image(path, image, tuple(features.shape[-2:]))
 
     metadata = dict(meta)
     label_classes = _json_str_list(path, "label_classes", meta["label_classes"])
@@ -267,4 +330,5 @@ def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Captur
         features=features.to(torch.float32).contiguous(),
         class_attention=class_attention.to(torch.float32).contiguous(),
         metadata=metadata,
+        image=image,
     )

@@ -1,7 +1,11 @@
-"""The relabel step: saved captures + images -> masks, through the same run engine as generate.
+"""The relabel step: saved captures (+ images) -> masks, through the same run engine as generate.
 
 Run the labeller again on captures written by ``generate --save-captures`` (for example with
-other settings) without running Stable Diffusion again. Captures of one size go through
+other settings) without running Stable Diffusion again. The label set is the one the captures
+record unless one is given; a capture that holds its decoded image (format_version 2) is
+labelled from it, so with generate's settings the masks are generate's, bit for bit; older
+captures need the image files. With ``as_dataset`` the output is a complete dataset (images,
+masks, train.txt, manifest.jsonl), resumed like generate's. Captures of one size go through
 :func:`pccfast.core.labeller.label_images` in batches; every output file is written
 atomically, the mask last, so an existing mask means the id is done and a second run skips
 it (resume) unless ``overwrite``. A bad input (missing or unreadable image, an image size that
@@ -24,7 +28,10 @@ from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import LabelSet
 from pccfast.core.seeding import SeedingCache
 from pccfast.data.labelsets import get_label_set
-from pccfast.data.masks import InputPair, MaskStore, MaskWriter, Pair, find_inputs, read_pair
+from pccfast.data.masks import (
+    DatasetStore, InputPair, MaskStore, MaskWriter, Pair, captures_label_set, find_inputs, first_without_image,
+    images_folder, read_infos, read_pair,
+)
 from pccfast.runs.engine import Prepared, run_local
 from pccfast.runs.plan import select_shard
 from pccfast.runs.report import RunReport
@@ -44,6 +51,26 @@ class _Group:
     images: torch.Tensor  # (B, 3, H, W) uint8
 
 
+@dataclass
+class _Batch:
+    """A prepared batch: its groups, and per id its manifest record and JPEGImages source."""
+
+    groups: list
+    records: dict  # id -> record (id, index and the capture's metadata)
+    images: dict  # id -> what MaskWriter.write takes as ``image`` (None: no image file)
+
+
+_RECORD_KEYS = ("prompt", "classes", "seed", "model", "steps")  # capture metadata kept in the manifest
+
+
+def _record(entry: InputPair, pair: Pair) -> dict:
+    """The manifest record of one item: as generate's (prompt, classes, seed, model, steps from
+    the capture; height and width of the image labelled), without ``seconds``."""
+    height, width = pair.image.shape[:2]
+    return dict(id=entry.id, index=entry.index, **{k: pair.metadata.get(k) for k in _RECORD_KEYS},
+                height=int(height), width=int(width))
+
+
 def _stack(pairs: list[Pair]) -> _Group:
     """One batch array per input (NumPy copies: torch.stack was 5-10x slower here)."""
     first = pairs[0]
@@ -61,11 +88,12 @@ def _stack(pairs: list[Pair]) -> _Group:
 
 
 class RelabelStep:
-    """Reads capture + image pairs, labels them on ``device``, writes their masks."""
+    """Reads captures (and their images), labels them on ``device``, writes their masks
+    (and, when ``writer.images``, their images)."""
 
     name = "relabel"
 
-    def __init__(self, cfg: PCCConfig, label_set: LabelSet, images_dir: str, writer: MaskWriter, *,
+    def __init__(self, cfg: PCCConfig, label_set: LabelSet, images_dir: str | None, writer: MaskWriter, *,
                  device: str = "cpu", save_blocky: bool = False, readers: int = 2):
         self.cfg, self.label_set, self.images_dir, self.writer = cfg, label_set, images_dir, writer
         self.device, self.save_blocky = torch.device(device), save_blocky
@@ -93,7 +121,7 @@ class RelabelStep:
 
     def prepare(self, entries: list) -> Prepared:
         got = list(self.pool.map(self._read, entries)) if self.pool is not None else [self._read(e) for e in entries]
-        ok, failures, by_shape = [], [], {}
+        ok, failures, by_shape, records, images = [], [], {}, {}, {}
         for entry, pair in zip(entries, got):
             if isinstance(pair, Exception):
                 failures.append((entry.id, str(pair)))
@@ -101,14 +129,16 @@ class RelabelStep:
             ok.append(entry)
             key = (pair.features.shape, pair.class_attention.shape, pair.image.shape)
             by_shape.setdefault(key, []).append(pair)
-        return Prepared(ok, [_stack(g) for g in by_shape.values()], failures)
+            records[entry.id] = _record(entry, pair)
+            images[entry.id] = self.writer.dataset_image(pair)
+        return Prepared(ok, _Batch([_stack(g) for g in by_shape.values()], records, images), failures)
 
     def process(self, prepared: Prepared) -> dict:
         from pccfast.core.labeller import label_images
 
         out = {}
         d = self.device
-        for g in prepared.data:
+        for g in prepared.data.groups:
             res = label_images(g.features.to(d), g.class_attention.to(d), g.images.to(d), self.cfg,
                                return_blocky=self.save_blocky, cache=self.cache)
             masks = res.mask.to("cpu", torch.uint8).numpy()  # (B, H, W)
@@ -122,12 +152,13 @@ class RelabelStep:
         for e in prepared.items:
             mask, blocky = result[e.id]
             try:
-                self.writer.write(e.id, mask, blocky)
+                self.writer.write(e.id, mask, blocky, prepared.data.images[e.id])
             except OSError as exc:
-                failures.append((e.id, f"{os.path.join(self.writer.out, e.id)}: cannot write its mask: "
+                what = "files" if self.writer.images else "mask"
+                failures.append((e.id, f"{os.path.join(self.writer.out, e.id)}: cannot write its {what}: "
                                        f"{exc.strerror or exc}"))
                 continue
-            records.append(dict(id=e.id))
+            records.append(prepared.data.records[e.id])
         return records, failures
 
 
@@ -137,14 +168,15 @@ def _build(cls, cfg, label_set, images_dir, writer, save_blocky, readers, device
 
 def relabel_dir(
     captures: str,
-    images: str,
+    images: str | None,
     out: str,
     cfg: PCCConfig | None = None,
     *,
     batch: int = 8,
     device: "str | torch.device | None" = None,
     save_blocky: bool = False,
-    label_set: "str | LabelSet" = "voc",
+    label_set: "str | LabelSet | None" = None,
+    as_dataset: bool = False,
     limit: int | None = None,
     overwrite: bool = False,
     workers: int = 2,
@@ -153,18 +185,26 @@ def relabel_dir(
     ray_workers: int | None = None,
     progress: bool = False,
 ) -> RunReport:
-    """Label every capture in ``captures`` with its image from ``images`` into ``out``.
+    """Label every capture in ``captures`` (with its own image, else its image from ``images``) into ``out``.
 
     Args:
         captures: folder of ``<id>.safetensors`` capture files.
-        images: folder of ``<id>.jpg`` / ``.jpeg`` / ``.png`` images (H, W multiples of the grid).
+        images: folder of ``<id>.jpg`` / ``.jpeg`` / ``.png`` images (H, W multiples of the grid),
+            or a dataset folder holding ``JPEGImages/``; used for the captures that hold no image
+            of their own. None: every capture to label has to hold its image.
         out: dataset folder; masks go to ``out/SegmentationClass/<id>.png`` (palette PNG).
         cfg: labeller settings (default: the reference's). Its ``ignore_index`` is taken
             from the label set.
         batch: captures per batch (captures of one size are labelled together).
         device: where to label (default: cuda if available, else cpu).
         save_blocky: also write ``out/SegmentationClassBlocky/<id>.png`` (image size).
-        label_set: the label set the captures follow (name, file or LabelSet).
+        label_set: the label set the captures follow (name, file or LabelSet); None: the one the
+            captures record (they have to agree; a ``labelset.json`` next to them gives its palette).
+        as_dataset: write a complete dataset: also ``JPEGImages/<id>.jpg`` (the image file linked
+            or copied when it is a JPEG, else encoded), ``ImageSets/Segmentation/train.txt`` and
+            ``manifest.jsonl`` (id, index, each capture's prompt, classes, seed, model, steps, and
+            the image's height and width);
+            an id is done when its record, image and mask exist (generate's rule).
         limit: only the first ``limit`` captures (sorted by id).
         overwrite: relabel ids whose outputs exist (default: skip them).
         workers: threads reading inputs; with any, the next batch is read while this one is
@@ -175,28 +215,45 @@ def relabel_dir(
     Returns:
         The :class:`~pccfast.runs.report.RunReport`; bad inputs are in ``failures``, never raised.
     Raises:
-        ValueError: a folder is missing or an argument is out of range.
+        ValueError: a folder is missing, an argument is out of range, the captures record
+            different label sets, or ``images`` is None and a capture holds no image.
     """
-    ls = get_label_set(label_set)
     cfg = PCCConfig() if cfg is None else cfg
-    if cfg.ignore_index != ls.ignore_index:
-        cfg = cfg.replace(ignore_index=ls.ignore_index)
     for name, value in (("batch", batch), ("limit", limit)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` has to be a positive int but is {value!r}")
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"`workers` has to be an int >= 0 but is {workers!r}")
     for name, d in (("captures", captures), ("images", images)):
-        if not os.path.isdir(d):
+        if d is not None and not os.path.isdir(d):
             raise ValueError(f"`{name}` has to be a directory but {d!r} is not one")
+    images = None if images is None else images_folder(images)
     device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     inputs = find_inputs(captures, images)
+    infos = None
+    if label_set is None:  # every capture's header (cheap): they have to agree, whichever part this run takes
+        infos = dict(zip((e.id for e in inputs), read_infos(inputs)))
+        ls = captures_label_set(list(infos.values()), captures) or get_label_set("voc")
+    else:
+        ls = get_label_set(label_set)
+    if cfg.ignore_index != ls.ignore_index:
+        cfg = cfg.replace(ignore_index=ls.ignore_index)
     if limit is not None:
         inputs = inputs[:limit]
     inputs = select_shard(inputs, shard)
-    store = MaskStore(out, ls, save_blocky=save_blocky, overwrite=overwrite)
-    writer = MaskWriter(os.path.abspath(out) if ray is not None else out, ls)
-    make_step = RelabelStep.factory(cfg, ls, os.path.abspath(images) if ray is not None else images, writer,
+    if images is None:
+        heads = [infos[e.id] for e in inputs] if infos is not None else read_infos(inputs)
+        missing = first_without_image(inputs, heads)
+        if missing is not None:
+            raise ValueError(f"`--images` is needed: {missing.capture} holds no image (captures written before "
+                             "format_version 2 hold none); give --images with the folder of the generated images")
+    if as_dataset:
+        store = DatasetStore(out, ls, shard, save_blocky=save_blocky, overwrite=overwrite)
+    else:
+        store = MaskStore(out, ls, save_blocky=save_blocky, overwrite=overwrite)
+    writer = MaskWriter(os.path.abspath(out) if ray is not None else out, ls, images=as_dataset)
+    images_dir = os.path.abspath(images) if ray is not None and images is not None else images
+    make_step = RelabelStep.factory(cfg, ls, images_dir, writer,
                                     save_blocky=save_blocky, readers=workers)
     if ray is None:
         return run_local(make_step, inputs, store, batch=batch, device=device, io_threads=min(workers, 1),

@@ -7,7 +7,7 @@ import torch
 from pccfast.testing.fixtures import good_metadata, make_scene, write_raw_capture
 from safetensors import safe_open
 
-from pccfast.data.captures import FORMAT_VERSION, CaptureError, read_capture, write_capture
+from pccfast.data.captures import FORMAT_VERSION, CaptureError, read_capture, read_capture_info, write_capture
 from pccfast.core.labelset import VOC_CLASSES
 from pccfast.data.labelsets import get_label_set
 
@@ -31,9 +31,10 @@ def test_round_trip(tmp_path, device):
     torch.testing.assert_close(cap.class_attention, class_attention, rtol=0, atol=0)
     assert cap.grid == (4, 5)
     assert cap.metadata == {
-        "format_version": "1", "label_set": "voc", "label_classes": list(VOC_CLASSES),
+        "format_version": "2", "label_set": "voc", "label_classes": list(VOC_CLASSES),
         "prompt": "a cat on a sofa", "classes": ["cat", "sofa", "cat"], "seed": 2031, "model": "sd21", "steps": 80,
     }
+    assert cap.image is None  # written without one
     assert os.listdir(tmp_path / "sub") == ["7.safetensors"]  # no temp file left
 
 
@@ -48,7 +49,7 @@ def test_format_on_disk(tmp_path):
         assert sorted(f.keys()) == ["class_attention", "features"]
         assert f.get_tensor("features").dtype == torch.float32
         assert f.get_tensor("class_attention").dtype == torch.float32
-    assert meta["format_version"] == FORMAT_VERSION == "1"
+    assert meta["format_version"] == FORMAT_VERSION == "2"
     assert json.loads(meta["label_classes"]) == list(VOC_CLASSES)
     assert meta["classes"] == "[]" and meta["seed"] == "" and meta["steps"] == ""
     cap = read_capture(path)
@@ -72,10 +73,12 @@ def test_scene_fixture(tmp_path):
     assert cap.class_attention[3].sum() > 0 and cap.class_attention[4].sum() == 0
 
 
-def _bad(tmp_path, name="7.safetensors", features=None, class_attention=None, drop=(), **meta):
+def _bad(tmp_path, name="7.safetensors", features=None, class_attention=None, drop=(), image=None, **meta):
     f, c = _pair()
     tensors = {"features": f if features is None else features,
                "class_attention": c if class_attention is None else class_attention}
+    if image is not None:
+        tensors["image"] = image
     for k in drop:
         tensors.pop(k)
     return write_raw_capture(str(tmp_path / name), tensors, good_metadata(**meta))
@@ -105,8 +108,13 @@ def _bad_cases():
          r"'class_attention' has 21 classes but metadata 'label_classes' lists 20$"),
         (dict(label_classes=json.dumps(labels)), "voc",
          r"'label_classes' disagree with label set 'voc' at index 3: 'birb' in the file, 'bird' in the set$"),
-        (dict(format_version="2"), None, r"unknown format_version '2' \(this pccfast reads '1'\)$"),
-        (dict(format_version=None), None, r"metadata 'format_version' is missing \(expected '1'\)$"),
+        (dict(format_version="3"), None, r"unknown format_version '3' \(this pccfast reads '1' and '2'\)$"),
+        (dict(format_version=None), None, r"metadata 'format_version' is missing \(expected '2'\)$"),
+        (dict(image=torch.zeros(3, 8, 10, dtype=torch.float32)), None, r"'image' has to be uint8 but has dtype torch.float32$"),
+        (dict(image=torch.zeros(8, 10, 3, dtype=torch.uint8)), None,
+         r"'image' has to be \(3, H, W\) \(RGB, channels first\) but has shape \(8, 10, 3\)$"),
+        (dict(image=torch.zeros(3, 8, 12, dtype=torch.uint8)), None,
+         r"'image' is 12x8 \(width x height\) but has to be a multiple of the capture grid 5x4$"),
         (dict(prompt=None, seed=None), None, r"metadata 'prompt', 'seed' missing \(a capture holds"),
         (dict(classes="cat"), None, r"metadata 'classes' has to be a JSON list of strings but is 'cat'$"),
         (dict(steps="80.5"), None, r"metadata 'steps' has to be an integer or empty but is '80.5'$"),
@@ -188,3 +196,70 @@ def test_write_seed_kinds(tmp_path):
     for bad in (1.5, True, "7"):
         with pytest.raises(CaptureError, match=r"`seed` has to be an int or None but is "):
             write_capture(path, f, c, label_set="voc", prompt="", classes=[], seed=bad, model="m", steps=1)
+
+
+def _image(h=8, w=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)  # (3, H, W)
+
+
+def test_image_round_trip(tmp_path, device):
+    """format_version 2: the decoded image (3, H, W) uint8 is stored and read back exactly."""
+    features, class_attention = _pair()
+    image = _image()
+    path = str(tmp_path / "i.safetensors")
+    write_capture(path, features.to(device), class_attention.to(device), label_set="voc", prompt="p", classes=["cat"],
+                  seed=1, model="m", steps=2, image=image.to(device))
+    cap = read_capture(path, "voc")
+    assert cap.image.dtype == torch.uint8 and cap.image.device.type == "cpu"
+    assert torch.equal(cap.image, image)
+    with safe_open(path, framework="pt") as f:
+        assert sorted(f.keys()) == ["class_attention", "features", "image"]
+        assert f.metadata()["format_version"] == "2"
+    info = read_capture_info(path)
+    assert (info.label_set, info.label_classes, info.has_image) == ("voc", list(VOC_CLASSES), True)
+
+
+def test_write_rejects_bad_image(tmp_path):
+    f, c = _pair()
+    path = str(tmp_path / "w.safetensors")
+    kw = dict(label_set="voc", prompt="", classes=[], seed=0, model="m", steps=1)
+    with pytest.raises(CaptureError, match=r"w\.safetensors: 'image' has to be uint8 but has dtype torch.float32$"):
+        write_capture(path, f, c, image=torch.zeros(3, 8, 10), **kw)
+    with pytest.raises(CaptureError, match=r"'image' has to be \(3, H, W\) \(RGB, channels first\) but has shape \(8, 10, 3\)$"):
+        write_capture(path, f, c, image=torch.zeros(8, 10, 3, dtype=torch.uint8), **kw)
+    with pytest.raises(CaptureError, match=r"'image' is 9x8 \(width x height\) but has to be a multiple of the capture grid 5x4$"):
+        write_capture(path, f, c, image=torch.zeros(3, 8, 9, dtype=torch.uint8), **kw)
+    with pytest.raises(CaptureError, match=r"'image' has to be a torch.Tensor but is ndarray$"):
+        import numpy as np
+
+        write_capture(path, f, c, image=np.zeros((3, 8, 10), np.uint8), **kw)
+    assert os.listdir(tmp_path) == []
+
+
+def test_version_1_still_read(tmp_path):
+    """Regression: captures written before format_version 2 (no image, version "1") stay readable."""
+    path = _bad(tmp_path, name="v1.safetensors")  # good_metadata writes format_version "1"
+    cap = read_capture(path, "voc")
+    assert cap.metadata["format_version"] == "1" and cap.image is None
+    assert cap.class_attention.shape == (21, 4, 5)
+    info = read_capture_info(path)
+    assert info.has_image is False and info.label_set == "voc" and info.metadata["format_version"] == "1"
+
+
+def test_info_reads_only_the_header(tmp_path):
+    """read_capture_info needs the header only: a file whose tensor data is cut off still
+    gives its label set (read_capture refuses it)."""
+    ls = get_label_set("coco")
+    f, _ = _pair()
+    path = str(tmp_path / "c.safetensors")
+    write_capture(path, f, torch.rand(81, 4, 5), label_set=ls, prompt="", classes=[], seed=0, model="m", steps=1,
+                  image=_image())
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-100])
+    info = read_capture_info(path)
+    assert info.label_set == "coco" and len(info.label_classes) == 81 and info.has_image
+    with pytest.raises(CaptureError, match="corrupt safetensors file"):
+        read_capture(path)
+    with pytest.raises(CaptureError, match=r"unknown format_version '9'"):
+        read_capture_info(_bad(tmp_path, name="v9.safetensors", format_version="9"))

@@ -11,10 +11,10 @@ from pccfast.testing.fixtures import make_dataset, make_scene
 from PIL import Image
 
 from pccfast.cli.relabel import main
-from pccfast.data.captures import read_capture
+from pccfast.data.captures import read_capture, write_capture
 from pccfast.core.config import PCCConfig
-from pccfast.data.fileio import load_mask, save_image
-from pccfast.core.labelset import voc_palette
+from pccfast.data.fileio import load_image, load_mask, save_image
+from pccfast.core.labelset import VOC_CLASSES as VOC, voc_palette
 from pccfast.data.masks import find_inputs
 from pccfast.runs.engine import prefetched as _prefetched
 from pccfast.runs.relabel import relabel_dir
@@ -181,23 +181,30 @@ def test_api_buckets_sizes_and_retries(tmp_path, fake):
 
 
 def test_label_set_checked(tmp_path, fake, capsys):
+    """Without --label-set the captures' own set is used; with one, a capture of another set
+    is a per-file failure, and an --out made with another set is refused."""
     ls = {"name": "fruit", "classes": ["background", "apple", "pear"]}
     make_scene(str(tmp_path / "c"), str(tmp_path / "i"), "a", cls=2, label_set=ls)
     args = ["--captures", str(tmp_path / "c"), "--images", str(tmp_path / "i"), "--out", str(tmp_path / "o"),
             "--no-progress", "--device", "cpu"]
-    assert main(args) == 1
+    assert main(args + ["--label-set", "voc"]) == 1
     assert "a.safetensors: 'class_attention' has 3 classes but label set 'voc' has 21" in capsys.readouterr().err
     (tmp_path / "fruit.json").write_text(json.dumps(ls))
     # the folder now holds a VOC labelset.json: another label set is refused, not written over it
-    with pytest.raises(SystemExit) as info:
-        main(args + ["--label-set", str(tmp_path / "fruit.json")])
-    assert info.value.code == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'o' / 'labelset.json'}: the dataset was made with label "
-                                       "set 'voc' (21 classes), not 'fruit'; use another --out\n")
+    for extra in (["--label-set", str(tmp_path / "fruit.json")], []):
+        with pytest.raises(SystemExit) as info:
+            main(args + extra)
+        assert info.value.code == 2
+        assert capsys.readouterr().err == (f"error: {tmp_path / 'o' / 'labelset.json'}: the dataset was made with "
+                                           "label set 'voc' (21 classes), not 'fruit'; use another --out\n")
     assert json.loads((tmp_path / "o" / "labelset.json").read_text())["name"] == "voc"
     args[args.index("--out") + 1] = str(tmp_path / "o2")
     assert main(args + ["--label-set", str(tmp_path / "fruit.json")]) == 0
     assert set(np.unique(load_mask(str(tmp_path / "o2" / "SegmentationClass" / "a.png")))) == {0, 2, 255}
+    args[args.index("--out") + 1] = str(tmp_path / "o3")
+    assert main(args) == 0  # the set the captures record
+    assert json.loads((tmp_path / "o3" / "labelset.json").read_text())["classes"] == ls["classes"]
+    assert set(np.unique(load_mask(str(tmp_path / "o3" / "SegmentationClass" / "a.png")))) == {0, 2, 255}
 
 
 def test_cli_usage_errors(tmp_path, fake, capsys):
@@ -390,3 +397,113 @@ def test_workers_without_ray_keeps_its_old_meaning(tmp_path, fake, capsys):
     assert main(base + ["--out", str(tmp_path / "b"), "--io-threads", "0"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert all_files(str(tmp_path / "a")) == all_files(str(tmp_path / "b"))
+
+
+# ------------------------------------------------------------------------------------------
+# the captures' own label set and image; --images as a dataset folder; --as-dataset
+# ------------------------------------------------------------------------------------------
+def _with_image(captures, sid, image_hw3):
+    """Rewrite capture ``sid`` with its image (format_version 2)."""
+    path = os.path.join(captures, f"{sid}.safetensors")
+    cap = read_capture(path)
+    m = cap.metadata
+    write_capture(path, cap.features, cap.class_attention, label_set=m["label_set"], prompt=m["prompt"],
+                  classes=m["classes"], seed=m["seed"], model=m["model"], steps=m["steps"],
+                  image=torch.from_numpy(np.ascontiguousarray(image_hw3.transpose(2, 0, 1))))
+
+
+def test_capture_image_is_labelled_not_the_file(tmp_path, fake, monkeypatch):
+    """A capture holding its image is labelled from it (the file is not even read); one
+    without takes the image file."""
+    captures, images, _ = make_dataset(str(tmp_path), n=2)
+    own = np.full((64, 64, 3), 7, np.uint8)
+    _with_image(captures, "0", own)
+    seen = []
+    label = fake.label_images
+
+    def spy(features, class_attention, images, cfg=None, **kw):
+        seen.extend(images.permute(0, 2, 3, 1).numpy().copy())
+        return label(features, class_attention, images, cfg, **kw)
+
+    fake.label_images = spy
+    module = sys.modules["pccfast.core.labeller"]
+    monkeypatch.setattr(module, "label_images", spy)
+    report = relabel_dir(captures, images, str(tmp_path / "out"), device="cpu", workers=0)
+    assert report.ok and report.written == ["0", "1"]
+    np.testing.assert_array_equal(seen[0], own)
+    np.testing.assert_array_equal(seen[1], load_image(os.path.join(images, "1.png")))
+
+
+def test_images_dataset_folder_and_optional(tmp_path, fake, capsys):
+    """--images DATASET finds DATASET/JPEGImages; without --images every capture needs its image."""
+    captures, images, _ = make_dataset(str(tmp_path), n=2)
+    dataset = tmp_path / "ds"
+    os.makedirs(dataset)
+    os.rename(images, dataset / "JPEGImages")
+    base = ["--captures", captures, "--device", "cpu", "--no-progress"]
+    assert main(base + ["--images", str(dataset), "--out", str(tmp_path / "a")]) == 0
+    assert sorted(os.listdir(tmp_path / "a" / "SegmentationClass")) == ["0.png", "1.png"]
+    _with_image(captures, "0", np.zeros((64, 64, 3), np.uint8))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(base + ["--out", str(tmp_path / "b")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: `--images` is needed: {os.path.join(captures, '1.safetensors')} holds no image (captures written "
+        "before format_version 2 hold none); give --images with the folder of the generated images\n")
+    assert main(base + ["--out", str(tmp_path / "c"), "--limit", "1"]) == 0  # only the capture with its image
+
+
+def test_mixed_label_sets_one_line(tmp_path, fake):
+    """Captures recording different label sets are refused before anything is written, naming
+    two files and their sets; a broken capture does not count (it fails on its own)."""
+    captures, images, _ = make_dataset(str(tmp_path), n=1)
+    make_scene(captures, images, "f", cls=1, label_set={"name": "fruit", "classes": ["background", "apple"]})
+    open(os.path.join(captures, "00.safetensors"), "wb").write(b"broken")
+    with pytest.raises(ValueError) as info:
+        relabel_dir(captures, images, str(tmp_path / "out"), device="cpu")
+    assert str(info.value) == (
+        f"the captures record different label sets: {os.path.join(captures, '0.safetensors')} has 'voc' (21 classes), "
+        f"{os.path.join(captures, 'f.safetensors')} has 'fruit' (2 classes); relabel them apart or give --label-set")
+    assert not os.path.exists(tmp_path / "out")
+    report = relabel_dir(captures, images, str(tmp_path / "out"), device="cpu", label_set="voc")
+    assert report.written == ["0"] and [f[0] for f in report.failures] == ["00", "f"]
+
+
+def test_label_set_file_next_to_captures_gives_palette(tmp_path, fake):
+    """A custom set recorded by the captures takes its palette from OUT/labelset.json (generate's layout)."""
+    ls = {"name": "fruit", "classes": ["background", "apple", "pear"], "palette": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]}
+    root = tmp_path / "gen"
+    make_scene(str(root / "captures"), str(root / "JPEGImages"), "a", cls=2, label_set=ls)
+    (root / "labelset.json").write_text(json.dumps(ls))
+    report = relabel_dir(str(root / "captures"), str(root), str(tmp_path / "out"), device="cpu")
+    assert report.ok
+    with Image.open(tmp_path / "out" / "SegmentationClass" / "a.png") as im:
+        assert im.getpalette()[:9] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_as_dataset_files_and_resume(tmp_path, fake):
+    """--as-dataset: a JPEG source is linked or copied, a PNG source encoded as JPEG; manifest
+    records carry the captures' metadata; train.txt lists every id; a re-run does nothing."""
+    captures, images, scenes = make_dataset(str(tmp_path), n=2)
+    make_scene(captures, images, "j", seed=9, image_ext=".jpg")
+    out = str(tmp_path / "D")
+    args = ["--captures", captures, "--images", images, "--out", out, "--as-dataset", "--device", "cpu",
+            "--no-progress"]
+    assert main(args) == 0
+    assert all_files(out) == ["ImageSets/Segmentation/train.txt", "JPEGImages/0.jpg", "JPEGImages/1.jpg",
+                              "JPEGImages/j.jpg", "SegmentationClass/0.png", "SegmentationClass/1.png",
+                              "SegmentationClass/j.png", "labelset.json", "manifest.jsonl"]
+    assert open(os.path.join(out, "JPEGImages", "j.jpg"), "rb").read() == open(os.path.join(images, "j.jpg"),
+                                                                               "rb").read()
+    with Image.open(os.path.join(out, "JPEGImages", "0.jpg")) as im:
+        assert im.format == "JPEG" and im.size == (64, 64)
+    records = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    assert records[0] == {"id": "0", "index": 0, "prompt": f"a photo of a {VOC[scenes[0].cls]}",
+                          "classes": [VOC[scenes[0].cls]], "seed": 0, "model": "tiny", "steps": 2,
+                          "height": 64, "width": 64}
+    assert open(os.path.join(out, "ImageSets", "Segmentation", "train.txt")).read() == "0\n1\nj\n"
+    n = len(fake.calls)
+    assert main(args) == 0 and len(fake.calls) == n  # resumed: all done
+    os.remove(os.path.join(out, "JPEGImages", "1.jpg"))  # a sample without its image is not done
+    assert relabel_dir(captures, images, out, device="cpu", as_dataset=True).written == ["1"]
