@@ -7,7 +7,7 @@ import sys
 
 from pccfast.cli.common import (
     add_device_arguments, add_run_arguments, check_scaleout_arguments, config_from_args, device_from_args, fail,
-    label_set_from_args, positive_int, run_and_report,
+    label_set_from_args, one_line_errors, positive_int, run_and_report,
 )
 
 __all__ = ["build_parser", "main"]
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors(resumable=build_parser)
 def main(argv: list[str] | None = None) -> int:
     from pccfast.runs.plan import parse_shard
     from pccfast.runs.relabel import relabel_dir

@@ -181,7 +181,7 @@ def test_decorator_broken_pipe_elsewhere_is_an_error(tmp_path, capsys, monkeypat
 # ------------------------------------------------------------------------------------------
 # per command: argv for a run whose output goes to OUT, and what each case patches
 # ------------------------------------------------------------------------------------------
-OWNED_ELSEWHERE = {"relabel"}  # being changed by others (see the xfail marks)
+OWNED_ELSEWHERE = set()  # commands whose main lacks @one_line_errors (none left)
 
 
 def xfail(reason):

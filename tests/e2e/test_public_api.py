@@ -1,4 +1,9 @@
-"""The top-level API stays importable and the README's example runs (on the tiny model)."""
+"""The top-level API stays importable and the README's example runs as written (tiny model)."""
+import contextlib
+import io
+import os
+import re
+
 import torch
 
 import pccfast
@@ -24,3 +29,15 @@ def test_readme_example_on_the_tiny_model():
     assert res.blocky.shape == cap.features.shape[:1] + cap.features.shape[2:]
     assert set(res.mask.unique().tolist()) <= {0, pccfast.get_label_set("voc").index("cat"),
                                                pccfast.get_label_set("voc").index("sofa"), 255}
+
+
+def test_readme_python_block_runs_as_written():
+    """The README's Python block is executed exactly as printed there."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
+    with open(readme, encoding="utf-8") as f:
+        blocks = re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+    assert len(blocks) == 1, "the README has one Python block"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[0], "README.md", "exec"), {})
+    assert out.getvalue().strip() == "torch.Size([1, 64, 64])"
