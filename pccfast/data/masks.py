@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -21,8 +22,10 @@ import numpy as np
 
 from pccfast.core.labelset import BUILTIN, LabelSet
 from pccfast.data.captures import CaptureError, CaptureInfo, read_capture, read_capture_info
-from pccfast.data.fileio import atomic_link_or_copy, check_id, clean_stale_temps, load_image, save_image, save_mask_png
-from pccfast.data.labelsets import ensure_label_set_file, get_label_set
+from pccfast.data.fileio import (
+    atomic_link_or_copy, check_id, check_writable, clean_stale_temps, load_image, save_image, save_mask_png,
+)
+from pccfast.data.labelsets import check_label_set_file, ensure_label_set_file, get_label_set
 from pccfast.data.layout import BLOCKY, CAPTURE_EXT, IMAGE_EXTS, IMAGES, LABELSET, MASKS, sample_paths
 from pccfast.data.manifest import Manifest
 
@@ -189,12 +192,17 @@ def first_without_image(entries: list[InputPair], infos: list[CaptureInfo | None
 class MaskStore:
     """The driver's side of a relabelled dataset ``out``: resume by mask presence.
 
-    ``overwrite`` counts nothing as done. Creating it makes ``SegmentationClass/``, writes or
-    checks ``labelset.json`` (a dataset has one label set) and removes dead writers' temporaries.
+    ``overwrite`` counts nothing as done. Creating it checks first (``out`` a folder that can be
+    written, its ``labelset.json`` naming this label set), then makes ``SegmentationClass/``,
+    writes ``labelset.json`` and removes dead writers' temporaries.
     """
 
     def __init__(self, out: str, label_set: LabelSet, *, save_blocky: bool = False, overwrite: bool = False):
         self.out, self.save_blocky, self.overwrite = out, save_blocky, overwrite
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a dataset folder", out)
+        check_label_set_file(out, label_set)
+        check_writable(out)  # a read-only or full output fails now, in one line, not after the work
         for d in (MASKS, BLOCKY):
             clean_stale_temps(os.path.join(out, d))
         os.makedirs(os.path.join(out, MASKS), exist_ok=True)

@@ -507,3 +507,23 @@ def test_as_dataset_files_and_resume(tmp_path, fake):
     assert main(args) == 0 and len(fake.calls) == n  # resumed: all done
     os.remove(os.path.join(out, "JPEGImages", "1.jpg"))  # a sample without its image is not done
     assert relabel_dir(captures, images, out, device="cpu", as_dataset=True).written == ["1"]
+
+
+def test_unwritable_out_is_one_line_before_any_work(tmp_path, fake, capsys, monkeypatch):
+    """Regression: a read-only dataset resumed failed only after the work, one mask at a time."""
+    import errno as _errno
+
+    from pccfast.data import fileio
+
+    captures, images, _ = make_dataset(str(tmp_path), n=2)
+
+    def denied(*a, **k):
+        raise PermissionError(_errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", denied)
+    with pytest.raises(SystemExit) as info:
+        main(["--captures", captures, "--images", images, "--out", str(tmp_path / "o"), "--device", "cpu",
+              "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err == [f"error: {tmp_path / 'o'}: cannot write files here: Permission denied"]
+    assert fake.calls == []  # nothing labelled
