@@ -79,7 +79,8 @@ def build_sd21_random_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype =
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device=device)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
+    if dtype != torch.float32:  # each model cast on its own (the pipeline's .to(dtype) warns about the VAE)
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            torch.nn.Module.to(model, dtype)  # (diffusers' own .to warns even with nothing to keep in float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe

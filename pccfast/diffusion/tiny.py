@@ -257,6 +257,7 @@ def build_tiny_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype = torch.
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device=device)
-    if dtype != torch.float32:  # the weights are built in float32; casting when not needed only warns
-        pipe = pipe.to(dtype=dtype)
+    if dtype != torch.float32:  # built in float32; each model cast on its own (the pipeline's .to(dtype)
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):  # warns about keeping VAE modules in float32)
+            torch.nn.Module.to(model, dtype)  # (diffusers' own .to warns even with nothing to keep in float32)
     return pipe
