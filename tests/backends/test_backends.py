@@ -171,3 +171,83 @@ def test_cupy_missing_message():
     with pytest.raises(ImportError, match=r"^components backend 'cupy' needs CuPy, which is not installed: "
                                           r"pip install cupy-cuda12x"):
         rapids.components_cupy(torch.zeros(1, 3, 3, dtype=torch.long), 8)
+
+
+def _fake_module(name, **attrs):
+    import importlib.machinery
+    import types
+
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    return mod
+
+
+@pytest.fixture
+def fake_rapids(monkeypatch):
+    """CuPy and cuML stand-ins over NumPy, scipy and scikit-learn (same calls, host arrays), to
+    check the RAPIDS backends' plumbing and numbering where the libraries are absent."""
+    import sys
+
+    import numpy as np
+
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    sk_cluster = pytest.importorskip("sklearn.cluster")
+    cupy = _fake_module("cupy", asarray=np.asarray, zeros=np.zeros, where=np.where, unique=np.unique, ones=np.ones,
+                        int64=np.int64, from_dlpack=np.from_dlpack)
+    cupyx = _fake_module("cupyx")
+    cupyx_scipy = _fake_module("cupyx.scipy", ndimage=scipy_ndimage)
+    cupyx.scipy = cupyx_scipy
+
+    class KMeans:
+        def __init__(self, n_clusters, max_iter, tol, random_state, n_init, init, output_type):
+            assert output_type == "cupy"  # results stay device arrays (DLPack), not NumPy
+            self.model = sk_cluster.KMeans(n_clusters=n_clusters, max_iter=max_iter, tol=tol,
+                                           random_state=random_state, n_init=n_init, init=init)
+
+        def fit(self, data):
+            self.model.fit(data)
+            self.labels_, self.cluster_centers_ = self.model.labels_, self.model.cluster_centers_.astype(np.float32)
+
+    cuml = _fake_module("cuml")
+    cuml_cluster = _fake_module("cuml.cluster", KMeans=KMeans)
+    cuml.cluster = cuml_cluster
+    for name, mod in {"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy, "cuml": cuml,
+                      "cuml.cluster": cuml_cluster}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_cupy_components_number_as_the_torch_path(fake_rapids, connectivity):
+    """CuPy labels each value apart and numbers pieces its own way; renumbered, the ids are the
+    torch path's (1..N in raster order of the first pixel; masked pixels 0)."""
+    from pccfast.core.components import connected_components
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 3, (3, 12, 17), generator=g)  # (B, H, W)
+    labels[1, 2:5, 3:9] = -1  # masked
+    got = rapids.components_cupy(labels, connectivity)
+    want = connected_components(labels, connectivity, backend="torch")
+    assert got.dtype == torch.long and torch.equal(got, want)
+
+
+def test_raster_order_value():
+    x = torch.tensor([[[5, 5, 2], [0, 2, 6]], [[3, 1, 1], [3, 0, 4]]])
+    assert rapids.raster_order(x).tolist() == [[[1, 1, 2], [0, 2, 3]], [[1, 2, 2], [1, 0, 3]]]
+
+
+def test_cuml_kmeans_plumbing(fake_rapids):
+    """Labels and centres come back as tensors on the input's device, one fit per batch item."""
+    from sklearn.metrics import adjusted_rand_score
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [6.0, 6.0], [0.0, 6.0]])
+    x = torch.stack([centres[torch.randint(0, 3, (60,), generator=g)] + 0.1 * torch.randn(60, 2, generator=g)
+                     for _ in range(2)])  # (2, 60, 2)
+    labels, got = rapids.kmeans_cuml(x, 3, 100, 1e-4, 0, 1)
+    assert labels.shape == (2, 60) and labels.dtype == torch.long and got.shape == (2, 3, 2)
+    assert got.dtype == torch.float32
+    truth = torch.cdist(x, centres).argmin(-1)  # (2, 60)
+    for b in range(2):
+        assert adjusted_rand_score(truth[b].numpy(), labels[b].numpy()) == 1.0
