@@ -59,13 +59,15 @@ def binary_class_maps(norm: Tensor, usable: Tensor, thresholds, background_facto
     return (flat > cut[None, :, :, None]) & usable[:, None, :, None]  # (B, T, K, h*w)
 
 
-def piece_iou_labels(pieces: Tensor, binary: Tensor) -> Tensor:
+def piece_iou_labels(pieces: Tensor, binary: Tensor, n_pieces: Optional[int] = None) -> Tensor:
     """Per-pixel class of the highest piece-vs-map IoU, for every piece map and threshold.
 
     Args:
         pieces: (B, M, P) long piece ids in [0, n) per map (M piece maps, e.g. one per k;
             P pixels).
         binary: (B, T, K, P) bool thresholded class maps.
+        n_pieces: a bound on the ids (the tables' size), e.g. P + 1 for connected-component
+            ids 1..N <= P: a static size, no host sync; None: ``max(pieces) + 1`` (one sync).
 
     Returns:
         (B, M, T, P) long class per pixel: argmax over classes of IoU(pixel's piece, map);
@@ -73,7 +75,7 @@ def piece_iou_labels(pieces: Tensor, binary: Tensor) -> Tensor:
     """
     b, m, p = pieces.shape
     t, k = binary.shape[1:3]
-    n = int(pieces.max()) + 1
+    n = int(pieces.max()) + 1 if n_pieces is None else n_pieces
     src = binary.reshape(b, 1, t * k, p).expand(b, m, t * k, p).float()  # (B, M, T*K, P)
     idx = pieces[:, :, None, :].expand(b, m, t * k, p)  # (B, M, T*K, P)
     inter = torch.zeros(b, m, t * k, n, device=pieces.device).scatter_add_(3, idx, src)  # (B, M, T*K, n)
@@ -180,6 +182,6 @@ def blocky_mask(
                                 cache=cache)  # (B, len(ks), h*w)
     norm, usable = normalise_class_maps(class_attention)  # (B, K, h, w), (B, K)
     binary = binary_class_maps(norm, usable, cfg.thresholds, cfg.background_factor)  # (B, T, K, h*w)
-    labels = piece_iou_labels(pieces, binary)  # (B, len(ks), T, h*w)
+    labels = piece_iou_labels(pieces, binary, h * w + 1)  # (B, len(ks), T, h*w); ids <= h*w
     voted = vote(labels.reshape(b, -1, h * w), k, cfg.vote_min_share, cfg.ignore_index)  # (B, h*w)
     return voted.view(b, h, w).to(torch.uint8)

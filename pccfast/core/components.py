@@ -2,11 +2,14 @@
 
 Two pixels are connected when they are neighbours (8- or 4-connectivity) with the same label.
 The torch backend is exact for any shape (spirals, snakes): it starts from the runs of equal
-labels in each row, then hooks the larger of two neighbouring roots onto the smaller
-(``scatter_reduce`` amin over the pairs still joining two trees) and compresses paths by
-pointer jumping, until no neighbouring same-label pair has two different roots. Each pixel's
-root is the first pixel of its piece in raster order, so pieces are numbered 1..N in the
-order of their first pixel, as ``scipy.ndimage.label`` numbers them.
+labels in each row, then hooks the larger of two neighbouring parents onto the smaller
+(``scatter_reduce`` amin over the pairs of neighbouring runs) and jumps pointers, until every
+pixel points at a root and no neighbouring same-label pair has two different roots. The
+rounds run on a fixed schedule: the host checks convergence after ``ROUNDS_PER_CHECK``
+rounds, then after twice as many each time, so on a GPU a call costs a few synchronisations,
+not one per round (off the CPU the pair list also keeps its fixed shape, without a
+``nonzero``). Each pixel's root is the first pixel of its piece in raster order, so pieces
+are numbered 1..N in the order of their first pixel, as ``scipy.ndimage.label`` numbers them.
 
 Backends (``pccfast.backends.OPERATIONS["components"]``): ``"torch"`` (any device, this
 module), ``"native"`` (the C kernel ``kernels/components.c``, CPU tensors: run-based
@@ -23,7 +26,7 @@ from torch import Tensor
 from pccfast.backends import kernels, rapids, resolve
 from pccfast.core.checks import check_tensor
 
-__all__ = ["connected_components"]
+__all__ = ["ROUNDS_PER_CHECK", "connected_components"]
 
 # neighbour offsets (dy, dx) to the next row; same-row neighbours are merged as runs first
 _DOWN_OFFSETS = {4: ((1, 0),), 8: ((1, -1), (1, 0), (1, 1))}
@@ -49,48 +52,74 @@ def _row_runs(labels: Tensor) -> tuple[Tensor, Tensor]:
     return (row_base + first).reshape(-1), start
 
 
-def _compress(parent: Tensor) -> Tensor:
-    """Pointer jumping until every pixel points at its root. parent: (n,) -> (n,)"""
-    while True:
-        grand = parent[parent]
-        if torch.equal(grand, parent):
-            return parent
-        parent = grand
+# hook-and-jump rounds between two host checks of convergence: on a GPU each check is one
+# synchronisation, and a round after convergence changes nothing, so a few spare rounds cost
+# only their kernels; the SD-sized maps of the labeller converge within one or two checks
+ROUNDS_PER_CHECK = 4
 
 
-def _components_torch(labels: Tensor, connectivity: int) -> Tensor:
+def _pairs(labels: Tensor, start: Tensor, connectivity: int, compact: bool) -> tuple[Tensor, Tensor]:
+    """Neighbouring pixel pairs (p, q) to the next row that may join two row runs.
+
+    A pair whose left neighbours (p-1, q-1) lie in the same runs joins the same two runs, so
+    only pairs where p or q starts its run count (column 0 always does), with equal labels
+    >= 0. ``compact``: keep only those (one ``nonzero``, a single host sync); else every pair
+    of the grid, a pair that does not count made a self-pair (q = p, a no-op), fixed shape.
+
+    labels: (B, H, W), start: (B, H, W) bool run starts -> p, q (E,) flat indices
+    """
+    b, h, w = labels.shape
+    idx = torch.arange(b * h * w, device=labels.device).view(b, h, w)  # (B, H, W) flat index
+    ps, qs, keeps = [], [], []
+    for dy, dx in _DOWN_OFFSETS[connectivity]:  # pairs to the next row
+        xp, xq = _shifted(dx, w)
+        a, c = labels[:, : h - dy, xp], labels[:, dy:, xq]  # (B, H-dy, w') labels of p and q
+        keeps.append(((a == c) & (a >= 0) & (start[:, : h - dy, xp] | start[:, dy:, xq])).reshape(-1))
+        ps.append(idx[:, : h - dy, xp].reshape(-1))
+        qs.append(idx[:, dy:, xq].reshape(-1))
+    p, q, keep = torch.cat(ps), torch.cat(qs), torch.cat(keeps)  # (E',) each, raster order per offset
+    if compact:
+        sel = keep.nonzero().squeeze(1)  # (E,)
+        return p[sel], q[sel]
+    return p, torch.where(keep, q, p)
+
+
+def _components_torch(labels: Tensor, connectivity: int, rounds_per_check: int = ROUNDS_PER_CHECK,
+                      compact: bool | None = None) -> Tensor:
     """labels: (B, H, W) int -> (B, H, W) long piece ids, 1..N per image, 0 where labels < 0.
 
     Invariant: parent[i] <= i and parent[i] lies in i's piece, so roots are the pieces' first
     pixels. Starting from the row runs, each round hooks, for every neighbouring pair (p, q)
-    with equal labels whose roots differ, the larger root onto the smaller (a scatter with
-    amin), then compresses. Only one pair per touching run segment is needed, and roots only
-    ever merge, so a pair with equal roots never matters again and leaves the list. A round
-    without such a pair means every piece is one tree.
+    with equal labels, the larger of their parents onto the smaller (a scatter with amin)
+    where that parent is a root (hooking a non-root would cut its link to its own tree),
+    then jumps pointers once (parent = parent[parent]). Parents only ever decrease, so the
+    rounds reach a fixed point, and there every pixel points at a root (else the jump would
+    move it) and every pair has one root (else the hook would move it): every piece is one
+    tree rooted at its first pixel, whatever the schedule, so the numbering never depends
+    on it. The host checks the fixed point after ``rounds_per_check`` rounds, then after
+    twice as many more, and so on (one sync per check, O(log rounds) in all).
+
+    compact: drop the pairs that cannot join two runs first (one sync, fewer pairs per
+    round); None: on the CPU only, where a sync costs nothing.
     """
     b, h, w = labels.shape
     n = b * h * w
+    if compact is None:
+        compact = labels.device.type == "cpu"
     parent, start = _row_runs(labels)  # (n,) row runs are already merged; (B, H, W)
-    idx = torch.arange(n, device=labels.device).view(b, h, w)  # (B, H, W) flat index
-    ps, qs = [], []
-    for dy, dx in _DOWN_OFFSETS[connectivity]:  # pairs to the next row
-        xp, xq = _shifted(dx, w)
-        a, c = labels[:, : h - dy, xp], labels[:, dy:, xq]  # (B, H-dy, w') labels of p and q
-        # a pair whose left neighbours (p-1, q-1) lie in the same runs joins the same two
-        # runs, so keep only pairs where p or q starts its run (column 0 always does)
-        keep = (a == c) & (a >= 0) & (start[:, : h - dy, xp] | start[:, dy:, xq])
-        ps.append(idx[:, : h - dy, xp][keep])
-        qs.append(idx[:, dy:, xq][keep])
-    p, q = torch.cat(ps), torch.cat(qs)  # (E,) pairs that may join two trees
-    while p.numel():
-        rp, rq = parent[p], parent[q]  # roots (parent is compressed)
-        diff = rp != rq
-        if not bool(diff.all()):
-            p, q, rp, rq = p[diff], q[diff], rp[diff], rq[diff]
-            if not p.numel():
-                break
-        parent = parent.scatter_reduce(0, torch.maximum(rp, rq), torch.minimum(rp, rq), reduce="amin")
-        parent = _compress(parent)  # hook larger root onto smaller, then compress
+    p, q = _pairs(labels, start, connectivity, compact)  # (E,) pairs that may join two trees
+    rounds = max(rounds_per_check, 1)
+    while True:
+        for _ in range(rounds):
+            rp, rq = parent[p], parent[q]  # (E,)
+            hi, lo = torch.maximum(rp, rq), torch.minimum(rp, rq)  # (E,)
+            up = parent[hi]  # (E,) a non-root keeps its parent (amin with it is a no-op)
+            parent = parent.scatter_reduce(0, hi, torch.where(up == hi, lo, up), reduce="amin")
+            parent = parent[parent]  # hook larger roots onto smaller, then jump
+        grand = parent[parent]
+        if bool((grand == parent).all() & (grand[p] == grand[q]).all()):  # the one sync per check
+            break
+        parent, rounds = grand, 2 * rounds  # long chains (spirals): O(log rounds) checks
     flat = torch.arange(n, device=labels.device)
     is_root = ((parent == flat) & (labels.reshape(-1) >= 0)).view(b, h * w)  # (B, HW)
     number = torch.cumsum(is_root, dim=1).view(-1)  # (B*HW,) 1..N per image at roots

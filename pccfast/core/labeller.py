@@ -69,15 +69,36 @@ def _check_inputs(features: Tensor, class_attention: Tensor, images: Tensor, cfg
             f"`features`, `class_attention` and `images` have to be on one device but are on "
             f"{features.device}, {class_attention.device} and {images.device}"
         )
-    check_tensor(features, "features", finite=True)
-    check_tensor(class_attention, "class_attention", finite=True)
+    _check_values(features, class_attention, images)
+    if not images.is_floating_point() and images.dtype != torch.uint8:
+        raise TypeError(f"`images` has to be uint8 or floating point but has dtype {images.dtype}")
+
+
+def _check_values(features: Tensor, class_attention: Tensor, images: Tensor) -> None:
+    """Finite features and class maps, float images finite and in [0, 255], in one host sync.
+
+    One summing pass per tensor (a NaN or inf makes the sum non-finite) and the images' range
+    go to the host together; only a failing flag calls ``check_tensor`` for its message (which
+    looks element by element, so a finite sum that overflowed passes there as before).
+    """
+    named = [(features, "features"), (class_attention, "class_attention")]
     if images.is_floating_point():
-        check_tensor(images, "images", finite=True)
-        lo, hi = float(images.min()), float(images.max())
+        named.append((images, "images"))
+    named = [(x, name) for x, name in named if x.numel()]
+    stats = [torch.isfinite(x.sum()).double() for x, _ in named]  # (1,) flags as 0/1
+    if images.is_floating_point() and images.numel():
+        stats += [images.min().double(), images.max().double()]
+    if not stats:
+        return
+    # the one sync; an explicit copy to the host, which a dispatch counter sees on the CPU too
+    got = torch.stack(stats).to("cpu", copy=True).tolist()
+    for (x, name), ok in zip(named, got):
+        if not ok:
+            check_tensor(x, name, finite=True)
+    if images.is_floating_point() and images.numel():
+        lo, hi = got[-2], got[-1]
         if lo < 0.0 or hi > 255.0:
             raise ValueError(f"`images` has to lie in [0, 255] but spans [{lo:g}, {hi:g}]")
-    elif images.dtype != torch.uint8:
-        raise TypeError(f"`images` has to be uint8 or floating point but has dtype {images.dtype}")
 
 
 def label_images(

@@ -44,12 +44,13 @@ def refine_points(images: Tensor, position_range: float = 255.0) -> Tensor:
     return pts.transpose(1, 2)
 
 
-def pool_small_pieces(pieces: Tensor, min_pixels: int) -> Tensor:
+def pool_small_pieces(pieces: Tensor, min_pixels: int, n_pieces: Optional[int] = None) -> Tensor:
     """Pieces of fewer than ``min_pixels`` pixels all become piece 0.
 
-    pieces: (B, P) long ids >= 1 -> (B, P) long
+    pieces: (B, P) long ids in [0, n_pieces); n_pieces: a bound on the ids, by default P + 1
+    (connected-component ids, 1..N <= P), a static size, no host sync -> (B, P) long
     """
-    n = int(pieces.max()) + 1
+    n = pieces.shape[-1] + 1 if n_pieces is None else n_pieces
     size = torch.zeros(pieces.shape[0], n, dtype=torch.long, device=pieces.device)
     size.scatter_add_(1, pieces, torch.ones_like(pieces))  # (B, n) pixels per piece
     small = torch.gather(size, 1, pieces) < min_pixels  # (B, P)
@@ -71,14 +72,21 @@ def piece_majority(pieces: Tensor, labels: Tensor, ratio: float, ignore_index: i
         (B, P) long relabelled pixels.
     """
     b, p = pieces.shape
-    if labels.numel() and 0 <= int(labels.min()) and int(labels.max()) <= 255:  # a table, no sort
-        present = torch.bincount(labels.reshape(-1), minlength=256) > 0  # (256,)
-        values = present.nonzero().squeeze(1)  # (L,) ascending
+    lo = hi = n = n_lab = None
+    if labels.numel():  # a table of the 256 values, no sort; one host sync for all the sizes
+        table = torch.arange(256, device=labels.device)  # (256,)
+        present = torch.zeros(256, dtype=torch.bool, device=labels.device).scatter_(
+            0, labels.reshape(-1).clamp(0, 255), True)  # (256,)
+        # an explicit copy to the host, which a dispatch counter sees on the CPU too
+        lo, hi, n, n_lab = torch.stack([labels.min(), labels.max(), pieces.max() + 1,
+                                        present.sum()]).to("cpu", copy=True).tolist()
+    if lo is not None and 0 <= lo and hi <= 255:
+        values = torch.where(present, table, 256).sort().values[:n_lab]  # (L,) ascending
         compact = (torch.cumsum(present, 0) - 1)[labels]  # (B, P) in [0, L)
     else:
         values, compact = torch.unique(labels, return_inverse=True)  # (L,), (B, P) in [0, L)
-    n_lab = values.numel()
-    n = int(pieces.max()) + 1
+        n_lab = values.numel()
+        n = int(pieces.max()) + 1 if n is None else n
     hist = torch.zeros(b, n * n_lab, dtype=torch.int32, device=pieces.device)
     hist.scatter_add_(1, pieces * n_lab + compact, torch.ones_like(compact, dtype=torch.int32))
     hist = hist.view(b, n, n_lab)  # (B, n, L) label counts per piece
@@ -174,8 +182,7 @@ def _cleanup_torch(labels: Tensor, cfg: PCCConfig) -> Tensor:
     """
     b, h, w = labels.shape
     ignore = cfg.ignore_index
-    values = torch.unique(labels)
-    values = values[values != 0]  # (C,) ascending
+    values = torch.unique(labels)  # (C,) ascending; the one host sync
     if values.numel() == 0:
         return torch.zeros(b, h, w, dtype=torch.uint8, device=labels.device)
     raw = labels[:, None] == values[None, :, None, None]  # (B, C, H, W) bool
@@ -183,7 +190,8 @@ def _cleanup_torch(labels: Tensor, cfg: PCCConfig) -> Tensor:
     band = dilate(m, cfg.band_dilations)  # (B, C, H, W)
     is_ignore = (values == ignore)[None, :, None, None]  # (1, C, 1, 1)
     m = torch.where(is_ignore, raw, m)
-    band = torch.where(is_ignore, raw, band)
+    # 0's channel covers nothing (as if dropped, without a data-dependent mask on the host)
+    band = torch.where(is_ignore, raw, band) & (values != 0)[None, :, None, None]
     rank = torch.arange(1, values.numel() + 1, device=labels.device)[None, :, None, None]  # (1, C, 1, 1)
     last = (band * rank).amax(dim=1)  # (B, H, W): 1 + channel of the last covering value, 0 none
     idx = (last - 1).clamp_min(0)[:, None]  # (B, 1, H, W)
@@ -228,7 +236,7 @@ def refine_mask(
                          backend=cfg.kmeans_backend, cache=cache)  # (B, H*W)
     pieces = connected_components(clusters.view(b, h, w), cfg.connectivity,
                                   backend=cfg.components_backend)  # (B, H, W)
-    pieces = pool_small_pieces(pieces.view(b, h * w), cfg.min_piece_pixels)  # (B, H*W)
+    pieces = pool_small_pieces(pieces.view(b, h * w), cfg.min_piece_pixels, h * w + 1)  # (B, H*W)
     relabelled = piece_majority(pieces, blocky_full.reshape(b, h * w).long(), cfg.dominance_ratio,
                                 cfg.ignore_index)  # (B, H*W)
     return cleanup(relabelled.view(b, h, w), cfg)

@@ -175,3 +175,18 @@ def test_clustering_points_native_equals_torch(shape, monkeypatch):
         assert got[i].shape == want[i].shape, name
         assert torch.allclose(got[i], want[i], atol=2e-6, rtol=1e-5), name
     assert got[2] is None and got[3] is None
+
+
+def test_piece_iou_labels_static_size_no_sync():
+    """Regression: the piece table was sized ``int(pieces.max()) + 1`` (one host sync); with
+    the static bound (P + 1 for component ids) the IoU vote syncs never and gives the same."""
+    from pccfast.testing.counting import OpCounter
+    g = torch.Generator().manual_seed(0)
+    pieces = torch.randint(1, 30, (2, 3, 64), generator=g)  # (B, M, P)
+    binary = torch.rand(2, 3, 4, 64, generator=g) > 0.6  # (B, T, K, P)
+    ref = piece_iou_labels(pieces, binary)
+    with OpCounter() as c:
+        out = piece_iou_labels(pieces, binary, 65)
+        vote(out.reshape(2, -1, 64), 4, 0.56, 255)
+    assert torch.equal(out, ref)
+    assert c.total_syncs == 0, c.sync_ops

@@ -297,3 +297,38 @@ def test_native_disabled_falls_back(monkeypatch):
 def test_native_rejects_gpu_tensors():
     with pytest.raises(ValueError, match="components backend 'native' runs on the CPU but the input is on cuda"):
         connected_components(torch.zeros(1, 3, 3, dtype=torch.long, device="cuda"), backend="native")
+
+
+def test_schedule_does_not_change_ids():
+    """The fixed schedule (rounds between host checks) and the pair list's shape never change
+    the ids: the fixed point is unique (every piece one tree rooted at its first pixel)."""
+    from pccfast.core.components import _components_torch
+    rng = np.random.default_rng(3)
+    for lab in (torch.from_numpy(rng.integers(0, 3, size=(2, 37, 41))), torch.from_numpy(_spiral(23))[None],
+                torch.from_numpy(_snake(15, 12))[None]):
+        ref = _components_torch(lab, 8)
+        for rounds in (1, 2, 7, 64):
+            for compact in (True, False):
+                assert torch.equal(_components_torch(lab, 8, rounds, compact), ref)
+        expected, n = _scipy_pieces(lab[0].numpy(), 8)
+        assert _same_partition(ref[0].numpy(), expected) and int(ref[0].max()) == n
+
+
+def test_syncs_bounded():
+    """Regression: the torch path synchronised with the host once per pointer jump
+    (``torch.equal``) and per hook round (mask indexing, ``bool``): about 136 syncs for the
+    components of a batch of 8 SD-sized images. Now one ``nonzero`` (CPU only) and one check
+    per block of rounds, the blocks doubling: O(log rounds) even for a spiral."""
+    from pccfast.core.components import _components_torch
+    from pccfast.testing.counting import OpCounter
+    rng = np.random.default_rng(4)
+    lab = torch.from_numpy(rng.integers(0, 4, size=(8, 64, 64)))
+    for compact, most in ((True, 4), (False, 3)):
+        with OpCounter() as c:
+            _components_torch(lab, 8, compact=compact)
+        assert c.total_syncs <= most, c.sync_ops
+    spiral = torch.from_numpy(_spiral(41))[None]  # hundreds of pixels in one chain
+    with OpCounter() as c:
+        out = _components_torch(spiral, 8, compact=False)
+    assert c.total_syncs <= 8, c.sync_ops
+    assert _same_partition(out[0].numpy(), _scipy_pieces(spiral[0].numpy(), 8)[0])

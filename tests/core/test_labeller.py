@@ -116,3 +116,22 @@ def test_exceptions():
     bad_cams[0, 0, 0, 0] = math.nan
     with pytest.raises(ValueError, match="`class_attention` has to be finite but holds 1 NaN or inf values"):
         label_images(feats, bad_cams, imgs)
+
+
+def test_input_checks_one_sync():
+    """Regression: the finiteness checks synchronised once per tensor and the float images'
+    range twice more (5 syncs for float images); now one read-back for all of them, and a
+    failing flag still gives check_tensor's message."""
+    from pccfast.core.labeller import _check_inputs
+    from pccfast.testing.counting import OpCounter
+    feats, cams, imgs = torch.rand(2, 4, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 16, 16) * 255
+    with OpCounter() as c:
+        _check_inputs(feats, cams, imgs, PCCConfig())
+    assert c.total_syncs == 1, c.sync_ops
+    bad = imgs.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="`images` has to be finite but holds 1 NaN or inf values"):
+        _check_inputs(feats, cams, bad, PCCConfig())
+    bad[0, 0, 0, 0] = -1.0
+    with pytest.raises(ValueError, match=r"`images` has to lie in \[0, 255\] but spans \[-1, "):
+        _check_inputs(feats, cams, bad, PCCConfig())

@@ -284,3 +284,25 @@ def test_exceptions():
         refine_mask(img, full[:, :32, :32])
     with pytest.raises(TypeError, match="`blocky_full` has to be an integer tensor but has dtype torch.float32"):
         refine_mask(img, full.float())
+
+
+def test_refine_stage_syncs_bounded():
+    """Regression: pooling sized its table by ``int(pieces.max())`` and the majority took the
+    label range, a ``bincount``, a ``nonzero`` and the piece count, one host sync each (6);
+    the clean-up dropped 0 with a boolean mask. Now pooling has a static table (no sync),
+    the majority reads its sizes back in one sync, and the clean-up only its ``unique``."""
+    from pccfast.testing.counting import OpCounter
+    g = torch.Generator().manual_seed(1)
+    pieces = torch.randint(1, 40, (2, 32 * 32), generator=g)  # (B, P)
+    labels = torch.tensor([0, 3, 7, 255])[torch.randint(0, 4, (2, 32 * 32), generator=g)]  # (B, P)
+    ref = piece_majority(pool_small_pieces(pieces, 25), labels, 2.0, 255)
+    ref_clean = cleanup(ref.view(2, 32, 32), PCCConfig(cleanup_backend="torch"))
+    with OpCounter() as c:
+        with c.section("pool"):
+            pooled = pool_small_pieces(pieces, 25, 32 * 32 + 1)
+        with c.section("majority"):
+            out = piece_majority(pooled, labels, 2.0, 255)
+        with c.section("cleanup"):
+            clean = cleanup(out.view(2, 32, 32), PCCConfig(cleanup_backend="torch"))
+    assert torch.equal(out, ref) and torch.equal(clean, ref_clean)
+    assert c.syncs["pool"] == 0 and c.syncs["majority"] <= 1 and c.syncs["cleanup"] <= 1, c.sync_ops
