@@ -22,7 +22,7 @@ from pccfast.core.checks import check_tensor, local_generator
 from pccfast.core.config import PCCConfig
 from pccfast.core.resize import resize
 
-__all__ = ["headwise_pca", "headwise_features", "pca_components"]
+__all__ = ["headwise_pca", "headwise_features", "grouped_headwise_features", "pca_components"]
 
 
 def _flip_signs(components: Tensor) -> Tensor:
@@ -40,13 +40,15 @@ _MAX_MEAN_RATIO = 10.0  # mean^2 / variance up to which a head's scatter comes f
 
 
 def _centred_gram(x: Tensor, mean: Tensor, n_valid: int) -> Tensor:
-    """Scatter matrix of the centred data without a centred copy of the data.
+    """Scatter matrix of the centred data, without a host sync.
 
     ``(x - m)^T (x - m) = x^T x - N m^T m``: one float32 matmul on the raw data and a float64
     correction. The correction cancels digits when a column's mean is large against its
     spread (relative error about 4e-6 * (1 + mean^2 / var)); heads with some column over
-    ``_MAX_MEAN_RATIO`` are recomputed from explicitly centred data, so the leading
-    subspace stays within ~2e-5 of the exact one (a float64 SVD; tested).
+    ``_MAX_MEAN_RATIO`` take the scatter of explicitly centred data instead, so the leading
+    subspace stays within ~2e-5 of the exact one (a float64 SVD; tested). The choice is a
+    ``torch.where`` over a second matmul on ``x - redo * m`` (the other heads' rows are left
+    uncentred), not an index of the heads to redo, which would wait for the device.
 
     x: (B, N, d) float32, mean: (B, 1, d) -> (B, d, d) float32
     """
@@ -55,10 +57,9 @@ def _centred_gram(x: Tensor, mean: Tensor, n_valid: int) -> Tensor:
     gram = raw - n_valid * (m.transpose(1, 2) @ m)  # (B, d, d)
     var = torch.diagonal(gram, dim1=1, dim2=2) / n_valid  # (B, d)
     ratio = (m[:, 0] ** 2 / var.clamp_min(torch.finfo(torch.float64).tiny)).amax(dim=-1)  # (B,)
-    redo = (ratio > _MAX_MEAN_RATIO).nonzero().squeeze(1)  # (R,) heads to centre explicitly
-    if redo.numel():
-        xc = x[redo] - mean[redo]  # (R, N, d)
-        gram[redo] = (xc.transpose(1, 2) @ xc).double()
+    redo = (ratio > _MAX_MEAN_RATIO)[:, None, None]  # (B, 1, 1) heads to centre explicitly
+    xc = x - mean * redo.to(x.dtype)  # (B, N, d): centred where redone
+    gram = torch.where(redo, (xc.transpose(1, 2) @ xc).double(), gram)  # (B, d, d)
     return gram.to(x.dtype)
 
 
@@ -67,6 +68,29 @@ def _components_eigh(gram: Tensor, n_components: int) -> Tensor:
     _, evecs = torch.linalg.eigh(gram.double())  # ascending eigenvalues; evecs (B, d, d)
     top = evecs[..., -n_components:].flip(-1)  # (B, d, c), descending
     return top.transpose(1, 2).to(gram.dtype)  # (B, c, d)
+
+
+def _lowrank_start(d: int, q: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    """The randomised solver's orthonormal (d, q) start, drawn from ``generator`` (float64,
+    then ``like``'s dtype and device); shared by all items, so none depends on its batch."""
+    omega = torch.randn((d, q), generator=generator, device=generator.device, dtype=torch.float64)
+    return torch.linalg.qr(omega.to(device=like.device, dtype=like.dtype)).Q  # (d, q)
+
+
+def _lowrank_subspace(gram: Tensor, start: Tensor, niter: int) -> tuple[Tensor, Tensor]:
+    """Power iterations from ``start``: gram (B, d, d), start (d, q) -> basis (B, d, q) and the
+    Rayleigh-Ritz matrix basis^T gram basis (B, q, q) float64."""
+    b, d, _ = gram.shape
+    basis = start.expand(b, d, start.shape[1])  # (B, d, q)
+    for _ in range(niter + 1):  # power iterations, re-orthonormalised each step
+        basis = torch.linalg.qr(gram @ basis).Q  # (B, d, q)
+    return basis, (basis.transpose(1, 2) @ gram @ basis).double()  # (B, d, q), (B, q, q)
+
+
+def _ritz_components(basis: Tensor, evecs: Tensor, n_components: int) -> Tensor:
+    """basis (B, d, q), ascending eigenvectors (B, q, q) of the Ritz matrix -> (B, c, d)."""
+    top = basis @ evecs[..., -n_components:].flip(-1).to(basis.dtype)  # (B, d, c), descending
+    return top.transpose(1, 2)  # (B, c, d)
 
 
 def _components_lowrank(
@@ -82,17 +106,11 @@ def _components_lowrank(
     of 2n+2 passes over the (N x d) data with tall QRs. The iteration runs in float32 (as
     ``torch.pca_lowrank`` on float32 data); the final (q x q) eigenproblem in float64.
     """
-    b, d, _ = gram.shape
+    d = gram.shape[-1]
     q = min(n_components + oversample, n, d)
-    # one test matrix shared by all items: an item's result does not depend on its batch
-    omega = torch.randn((d, q), generator=generator, device=generator.device, dtype=torch.float64)
-    basis = torch.linalg.qr(omega.to(device=gram.device, dtype=gram.dtype)).Q.expand(b, d, q)  # (B, d, q)
-    for _ in range(niter + 1):  # power iterations, re-orthonormalised each step
-        basis = torch.linalg.qr(gram @ basis).Q  # (B, d, q)
-    small = (basis.transpose(1, 2) @ gram @ basis).double()  # (B, q, q)
+    basis, small = _lowrank_subspace(gram, _lowrank_start(d, q, generator, gram), niter)
     _, evecs = torch.linalg.eigh(small)  # ascending; (B, q, q)
-    top = basis @ evecs[..., -n_components:].flip(-1).to(gram.dtype)  # (B, d, c), descending
-    return top.transpose(1, 2).to(gram.dtype)  # (B, c, d)
+    return _ritz_components(basis, evecs, n_components)
 
 
 def _validate(x: Tensor, n_components: int, method: str, oversample: int, niter: int) -> None:
@@ -227,4 +245,103 @@ def headwise_features(
         out.copy_(proj)
     else:
         resize(proj, (grid, grid), mode="nearest", out=out)  # (B, heads*c, grid, grid)
+    return out
+
+
+def _check_layer(x: Tensor, name: str, cfg: PCCConfig) -> tuple[int, int, int, int, int]:
+    """A (B, heads, S*S, d) layer of ``grouped_headwise_features``; returns (B, heads, N, d, S)."""
+    check_tensor(x, name, 4, floating=True)
+    b, heads, n, d = x.shape
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"`{name}` has to hold a square number of pixels (dimension 2) but holds {n}")
+    if b == 0 or heads == 0:
+        raise ValueError(f"`{name}` has to hold at least one image and head but has shape {tuple(x.shape)}")
+    _validate(x.select(0, 0), cfg.pca_components, cfg.pca_method, cfg.pca_oversample, cfg.pca_niter)  # (heads, N, d)
+    return b, heads, n, d, side
+
+
+def _eigh_grouped(mats: list) -> list:
+    """Ascending eigenvectors of every (B_i, m_i, m_i) float64 stack in ``mats``, one
+    ``torch.linalg.eigh`` (one error-check sync on a GPU) per distinct size m."""
+    out = [None] * len(mats)
+    by_size: dict = {}
+    for i, m in enumerate(mats):
+        by_size.setdefault(m.shape[-1], []).append(i)
+    for idx in by_size.values():
+        _, evecs = torch.linalg.eigh(torch.cat([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]])  # (sum B_i, m, m)
+        for i, part in zip(idx, evecs.split([mats[i].shape[0] for i in idx])):
+            out[i] = part
+    return out
+
+
+def grouped_headwise_features(layers, grid: int, cfg: Optional[PCCConfig] = None) -> list:
+    """``headwise_features`` of several layers at once, batched over layers, images and heads.
+
+    Layers of the same shape form one group and one batch of PCA problems; the randomised
+    solver's (q x q) eigenproblems of all groups (the exact solver's (d x d) ones, per d) go to
+    a single ``torch.linalg.eigh``. Every item starts from the test matrix of a generator
+    seeded with ``cfg.pca_seed`` (as each ``headwise_features`` call with its default
+    generator), so an image's features depend neither on its batch-mates nor on the other
+    layers. No host sync but one finiteness check for all layers and one per ``eigh``.
+
+    Args:
+        layers: L tensors (B, heads_l, S_l*S_l, d_l), per-head attention outputs (row-major pixels).
+        grid: output side; nearest-neighbour upsampling from each S_l.
+        cfg: PCA settings, as for ``headwise_features`` (reference defaults when None).
+
+    Returns:
+        L tensors (B, heads_l * n_components, grid, grid) float32, head-major channels; equal to
+        ``headwise_features(layers[l], grid, cfg)``.
+    """
+    cfg = cfg or PCCConfig()
+    layers = list(layers)
+    if grid < 1:
+        raise ValueError(f"`grid` has to be at least 1 but is {grid}")
+    c, method = cfg.pca_components, cfg.pca_method
+    shapes = [_check_layer(x, f"layers[{i}]", cfg) for i, x in enumerate(layers)]
+    if not layers:
+        return []
+    groups: dict = {}  # (heads, N, d, device) -> layer indices
+    for i, x in enumerate(layers):
+        groups.setdefault((*x.shape[1:], x.device), []).append(i)
+    data, means, grams = [], [], []
+    for idx in groups.values():
+        xs = [layers[i] for i in idx]
+        n, d = xs[0].shape[-2:]
+        x = (torch.stack(xs) if len(xs) > 1 else xs[0]).reshape(-1, n, d).float()  # (L_g*B*heads, N, d)
+        mean = x.mean(dim=1, keepdim=True)  # (L_g*B*heads, 1, d)
+        data.append(x)
+        means.append(mean)
+        grams.append(_centred_gram(x, mean, n))  # (L_g*B*heads, d, d)
+    finite = torch.stack([torch.isfinite(g).all() for g in grams]).all()
+    if not bool(finite):  # the one check for all layers
+        bad = [i for i, x in enumerate(layers) if not bool(torch.isfinite(x).all())]
+        raise ValueError(
+            f"`layers` have to be finite but {len(bad)} of {len(layers)} hold NaN or infinite values "
+            f"(e.g. layers[{bad[0]}] of shape {tuple(layers[bad[0]].shape)})"
+        )
+    if method == "eigh":
+        comps = [evecs[..., -c:].flip(-1).transpose(1, 2).to(g.dtype)  # (G, c, d), descending
+                 for g, evecs in zip(grams, _eigh_grouped([g.double() for g in grams]))]
+    else:
+        starts: dict = {}  # (d, q, device) -> start; one per shape, as a fresh generator gives it
+        bases, smalls = [], []
+        for x, g in zip(data, grams):
+            n, d = x.shape[1:]
+            q = min(c + cfg.pca_oversample, n, d)
+            if (d, q, x.device) not in starts:
+                starts[(d, q, x.device)] = _lowrank_start(d, q, local_generator(None, cfg.pca_seed, x.device), g)
+            basis, small = _lowrank_subspace(g, starts[(d, q, x.device)], cfg.pca_niter)
+            bases.append(basis)
+            smalls.append(small)
+        comps = [_ritz_components(basis, evecs, c) for basis, evecs in zip(bases, _eigh_grouped(smalls))]
+    out = [None] * len(layers)
+    for idx, x, mean, comp in zip(groups.values(), data, means, comps):
+        comp = _flip_signs(comp)  # (G, c, d)
+        proj = torch.baddbmm(-(comp @ mean.transpose(1, 2)), comp, x.transpose(1, 2))  # (G, c, N)
+        for i, part in zip(idx, proj.chunk(len(idx))):
+            b, heads, _, _, side = shapes[i]
+            part = part.reshape(b, heads * c, side, side)  # (B, heads*c, S, S), head-major
+            out[i] = part if side == grid else resize(part, (grid, grid), mode="nearest")  # (B, heads*c, grid, grid)
     return out

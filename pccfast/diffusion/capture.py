@@ -5,12 +5,16 @@
 processors of :mod:`pccfast.diffusion.processors` on the layers that
 :mod:`pccfast.diffusion.layers` selects, with ``unet.set_attn_processor``, and restores the
 previous processors on exit; the pipeline's ``callback_on_step_end`` advances its step counter.
-What it keeps:
+The step counter is never read inside the UNet (a ``torch.compile``-d UNet would recompile
+every step on it): the ``attn1`` processors that record are installed by the callback before
+the last step, and the features are reduced by the callback after it. What it keeps:
 
 * per ``attn2`` layer: the unconditional CFG half's class-text token probabilities, summed over
   heads and added into one (B, T, h_l, w_l) buffer, so memory does not grow with the steps;
 * per ``attn1`` layer, at the last step: the per-head outputs of both CFG halves (unconditional
-  heads first), reduced at once by ``pca.headwise_features`` to (B, 2*heads*3, grid, grid).
+  heads first), reduced after the step for all layers and images at once by
+  ``pca.grouped_headwise_features`` to (B, 2*heads*3, grid, grid) (one batched PCA per layer
+  shape, no host sync but its finiteness check and ``eigh``).
 
 ``assemble_class_attention`` turns the per-layer token maps into class maps on the labelling
 grid (the reference's resampling).
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pccfast.core.config import PCCConfig
-from pccfast.core.pca import headwise_features
+from pccfast.core.pca import grouped_headwise_features
 from pccfast.core.resize import resize
 from pccfast.diffusion.layers import cross_attention_layers, layer_size, self_attention_layers
 from pccfast.diffusion.processors import ClassAttentionProcessor, HeadFeatureProcessor, class_token_probs
@@ -82,6 +86,7 @@ class AttentionCapture:
         self.cross_layers = cross_attention_layers(unet)
         self.self_layers = self_attention_layers(unet)
         self.class_maps: dict[str, Tensor] = {}  # name -> (B, T, h_l, w_l), summed over steps and heads
+        self.head_inputs: dict[str, Tensor] = {}  # name -> (2B, heads, N, d), last step, until reduced
         self.head_features: dict[str, Tensor] = {}  # name -> (B, 2*heads*c, grid, grid), last step
         self._saved = None
 
@@ -91,23 +96,31 @@ class AttentionCapture:
         return self.step == self.num_steps - 1
 
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
-        """``callback_on_step_end`` of the pipeline: step i is done, the next UNet call is i + 1."""
+        """``callback_on_step_end`` of the pipeline: step i is done, the next UNet call is i + 1.
+        Before the last call it installs the recording ``attn1`` processors; after it, it
+        reduces what they recorded (``reduce_head_features``)."""
         self.step = i + 1
+        if self.is_last_step and self._saved is not None:
+            self.unet.set_attn_processor(self.processors(record=True))
+        elif self.step == self.num_steps:
+            self.reduce_head_features()
         return callback_kwargs
 
     # --- installation
-    def processors(self) -> dict:
-        """Every processor of the UNet, the captured layers replaced (for ``set_attn_processor``)."""
+    def processors(self, record: bool = False) -> dict:
+        """Every processor of the UNet, the captured layers replaced (for ``set_attn_processor``);
+        the ``attn1`` processors record the per-head outputs if ``record`` (the last step)."""
         procs = dict(self.unet.attn_processors)
         for name in self.cross_layers:
-            procs[name] = ClassAttentionProcessor(self, name)
+            if not isinstance(procs[name], ClassAttentionProcessor) or procs[name].capture is not self:
+                procs[name] = ClassAttentionProcessor(self, name)
         for name in self.self_layers:
-            procs[name] = HeadFeatureProcessor(self, name)
+            procs[name] = HeadFeatureProcessor(self, name, record=record)
         return procs
 
     def __enter__(self) -> "AttentionCapture":
         self._saved = dict(self.unet.attn_processors)
-        self.unet.set_attn_processor(self.processors())
+        self.unet.set_attn_processor(self.processors(record=self.is_last_step))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -129,16 +142,27 @@ class AttentionCapture:
             self.class_maps[name] = maps
 
     def add_head_features(self, name: str, per_head: Tensor) -> None:
-        """per_head: (2B, heads, N, d) -> ``head_features[name]`` (B, 2*heads*c, grid, grid)."""
-        x = cfg_heads(per_head, self.batch)  # (B, 2*heads, N, d), uncond heads first
-        grid = self.latent_hw[0]
-        # One call per image, each with a fresh generator seeded with cfg.pca_seed, so an image's
-        # features do not depend on the batch it was generated in.
-        self.head_features[name] = torch.cat([headwise_features(x[i : i + 1], grid, self.cfg) for i in range(self.batch)])
+        """per_head: (2B, heads, N, d) -> kept in ``head_inputs[name]`` until
+        ``reduce_head_features``."""
+        unconditional_half(per_head, self.batch)  # batch check
+        self.head_inputs[name] = per_head
+
+    def reduce_head_features(self) -> None:
+        """``head_inputs`` -> ``head_features[name]`` (B, 2*heads*c, grid, grid), all layers and
+        images in one ``grouped_headwise_features`` call (per item a generator seeded with
+        ``cfg.pca_seed``, so an image's features do not depend on its batch)."""
+        if not self.head_inputs:
+            return
+        names = [n for n in self.self_layers if n in self.head_inputs] + [
+            n for n in self.head_inputs if n not in self.self_layers]
+        xs = [cfg_heads(self.head_inputs[n], self.batch) for n in names]  # (B, 2*heads, N, d) each
+        self.head_features.update(zip(names, grouped_headwise_features(xs, self.latent_hw[0], self.cfg)))
+        self.head_inputs = {}
 
     # --- assembly after the loop
     def features(self) -> Tensor:
         """(B, D, grid, grid): the self-attention layers' features, in layer order."""
+        self.reduce_head_features()  # when the pipeline's callback was not the capture's
         missing = [n for n in self.self_layers if n not in self.head_features]
         if missing:
             raise RuntimeError(

@@ -3,11 +3,14 @@
 ``generate_with_capture`` encodes the images' class texts, seeds one ``torch.Generator`` per
 image, runs the pipeline once for the batch inside an :class:`AttentionCapture`, and returns
 the images with the labeller's inputs (``features`` and ``class_attention``) as a
-``CaptureOutput``.
+``CaptureOutput``. With ``compile`` the pipeline runs a ``torch.compile``-d UNet (compiled
+once per UNet and backend and kept for later batches); the capture adds no per-step
+recompilation (see :mod:`pccfast.diffusion.capture`).
 """
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +22,7 @@ from pccfast.core.labelset import as_label_set
 from pccfast.diffusion.capture import AttentionCapture, assemble_class_attention
 from pccfast.diffusion.tokens import encode_class_texts
 
-__all__ = ["CaptureOutput", "generate_with_capture"]
+__all__ = ["CaptureOutput", "generate_with_capture", "compiled_unet"]
 
 
 @dataclass
@@ -38,6 +41,24 @@ def _count_unet_calls(scheduler, steps: int, device) -> int:
     return len(sched.timesteps)
 
 
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # unet -> {backend: compiled unet}
+
+
+def compiled_unet(unet, backend: str = "inductor"):
+    """``torch.compile(unet, backend=backend)``, made once per UNet and backend and kept.
+
+    Dynamo guards on the processors: with the capture a UNet compiles three graphs per input
+    shape (the first step, the steps that add into the class maps, the recording last step),
+    whatever the number of steps, and later batches of the same shapes reuse them.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"`compile` has to be a bool or a torch.compile backend name but is {type(backend).__name__}")
+    per_backend = _COMPILED.setdefault(unet, {})
+    if backend not in per_backend:
+        per_backend[backend] = torch.compile(unet, backend=backend)
+    return per_backend[backend]
+
+
 def generate_with_capture(
     pipe,
     prompts: list,
@@ -52,6 +73,7 @@ def generate_with_capture(
     *,
     generator_device=None,
     progress: bool = False,
+    compile=False,
 ) -> CaptureOutput:
     """Generate a batch of images with attention capture (one pipeline call for the batch).
 
@@ -67,6 +89,9 @@ def generate_with_capture(
         cfg: PCA settings (reference defaults when None).
         generator_device: device of the seed generators (default: the pipeline's device).
         progress: show the pipeline's per-step progress bar.
+        compile: run a ``torch.compile``-d UNet: True for the default backend ("inductor") or a
+            backend name ("eager", "aot_eager", ...); False (default) runs eagerly. The images,
+            features and class maps are those of the eager run (to the bit with "eager").
 
     Returns:
         ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 and
@@ -88,6 +113,8 @@ def generate_with_capture(
         )
     if steps < 1:
         raise ValueError(f"`steps` has to be at least 1 but is {steps}")
+    if compile is not False and compile is not True and not isinstance(compile, str):
+        raise TypeError(f"`compile` has to be a bool or a torch.compile backend name but is {type(compile).__name__}")
     ls = as_label_set(label_set)
     device = pipe._execution_device
     latent_hw = (height // factor, width // factor)
@@ -97,7 +124,10 @@ def generate_with_capture(
     capture = AttentionCapture(pipe.unet, embeds, mask, _count_unet_calls(pipe.scheduler, steps, device), latent_hw, cfg)
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
+    unet = pipe.unet
     try:
+        if compile:
+            pipe.unet = compiled_unet(unet, "inductor" if compile is True else compile)
         with capture:
             out = pipe(
                 prompt=list(prompts),
@@ -111,6 +141,8 @@ def generate_with_capture(
             )
     finally:
         pipe._progress_bar_config = saved_bar
+        if pipe.unet is not unet:
+            pipe.unet = unet
     if capture.step != capture.num_steps:
         raise RuntimeError(f"the pipeline made {capture.step} denoising steps but {capture.num_steps} were expected")
     images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)

@@ -10,7 +10,9 @@ what they see to :class:`pccfast.diffusion.capture.AttentionCapture`, which inst
 ``unet.set_attn_processor``:
 
 * ``ClassAttentionProcessor`` (``attn2``): the queries, for the class-text scores;
-* ``HeadFeatureProcessor`` (``attn1``): at the last step, the per-head outputs.
+* ``HeadFeatureProcessor`` (``attn1``): the per-head outputs if it records (installed so for the
+  last step only: no step counter is read inside the UNet, so a compiled UNet does not
+  recompile every step).
 """
 from __future__ import annotations
 
@@ -120,14 +122,14 @@ class ClassAttentionProcessor:
 
 
 class HeadFeatureProcessor:
-    """``attn1`` processor: normal output; at the last step the per-head outputs go to
-    ``capture.add_head_features``."""
+    """``attn1`` processor: normal output; if ``record`` (the capture installs such processors
+    for the last step) the per-head outputs go to ``capture.add_head_features``."""
 
-    def __init__(self, capture: "AttentionCapture", name: str):
-        self.capture, self.name = capture, name
+    def __init__(self, capture: "AttentionCapture", name: str, record: bool = False):
+        self.capture, self.name, self.record = capture, name, bool(record)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         out, _, per_head = attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if self.capture.is_last_step:
+        if self.record:
             self.capture.add_head_features(self.name, per_head)
         return out

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pccfast.core.config import PCCConfig
-from pccfast.core.pca import headwise_features, headwise_pca, pca_components
+from pccfast.core.pca import grouped_headwise_features, headwise_features, headwise_pca, pca_components
 
 
 def _gapped(b, n, d, c, gen, gap=20.0):
@@ -182,3 +182,70 @@ def test_headwise_features_into_out_slice():
         assert torch.equal(big[:, 5:14], alone) and big[:, :5].abs().sum() == 0 and big[:, 14:].abs().sum() == 0
     with pytest.raises(ValueError, match=r"`out` has to be a float32 tensor of shape \(2, 9, 16, 16\)"):
         headwise_features(x, 16, out=torch.zeros(2, 8, 16, 16))
+
+
+def _layers(b, gen):
+    """Layers of three shapes, two of them twice (like a UNet's up blocks): (B, heads, S*S, d)."""
+    shapes = [(6, 4, 8), (6, 4, 8), (4, 8, 8), (4, 8, 8), (2, 16, 16)]  # heads, S, d
+    return [torch.randn(b, h, s * s, d, generator=gen) * (1 + torch.arange(d) / 2) + 0.5 for h, s, d in shapes]
+
+
+@pytest.mark.parametrize("method", ["lowrank", "eigh"])
+def test_grouped_headwise_features_equal_per_layer_and_per_image(method):
+    """Regression: the capture called headwise_features once per image and layer (a nonzero and
+    an eigh sync each). The grouped call gives the same features to the bit, and an image's
+    features do not depend on its batch-mates nor on the other layers."""
+    cfg = PCCConfig(pca_method=method)
+    layers = _layers(3, torch.Generator().manual_seed(7))
+    layers[1][1] += 1e3  # image 1 of layer 1: the explicitly centred path (large means)
+    got = grouped_headwise_features(layers, 16, cfg)
+    for x, f in zip(layers, got):
+        assert f.shape == (3, x.shape[1] * 3, 16, 16) and f.dtype == torch.float32
+        assert torch.equal(f, headwise_features(x, 16, cfg))
+        assert torch.equal(f, torch.cat([headwise_features(x[i : i + 1], 16, cfg) for i in range(3)]))
+    alone = grouped_headwise_features([x[2:3] for x in layers[::-1]], 16, cfg)[::-1]
+    assert all(torch.equal(f[2:3], a) for f, a in zip(got, alone))
+
+
+def _count_syncs(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncs = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                        torch.ops.aten._linalg_eigh.default):
+                syncs.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return syncs
+
+
+@pytest.mark.parametrize("method", ["lowrank", "eigh"])
+def test_grouped_headwise_features_syncs(method):
+    """One finiteness check and one eigh (a GPU waits on its error check) per eigenproblem size:
+    the (q x q) Ritz matrices of all layers are one eigh (q = 6 here), the exact solver's (d x d)
+    covariances one per d (8 and 16). No nonzero."""
+    layers = _layers(2, torch.Generator().manual_seed(8))
+    syncs = _count_syncs(lambda: grouped_headwise_features(layers, 16, PCCConfig(pca_method=method)))
+    assert sorted(syncs) == ["_linalg_eigh.default"] * (1 if method == "lowrank" else 2) + ["_local_scalar_dense.default"]
+
+
+def test_grouped_headwise_features_exceptions():
+    ok = torch.zeros(1, 2, 16, 4)
+    bad = torch.ones(1, 2, 16, 4)
+    bad[0, 1, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"`layers` have to be finite but 1 of 2 hold NaN or infinite values \(e.g. layers\[1\] of shape \(1, 2, 16, 4\)\)"):
+        grouped_headwise_features([ok, bad], 8)
+    with pytest.raises(ValueError, match="`layers\\[1\\]` has to hold a square number of pixels .* but holds 10"):
+        grouped_headwise_features([ok, torch.zeros(1, 2, 10, 4)], 8)
+    with pytest.raises(ValueError, match="`layers\\[0\\]` has to have 4 dimensions"):
+        grouped_headwise_features([torch.zeros(2, 16, 4)], 8)
+    with pytest.raises(ValueError, match="`grid` has to be at least 1 but is 0"):
+        grouped_headwise_features([ok], 0)
+    with pytest.raises(ValueError, match=r"`n_components` has to lie in \[1, min\(N, d\)\] = \[1, 2\] but is 3"):
+        grouped_headwise_features([torch.zeros(1, 2, 16, 2)], 8)
+    assert grouped_headwise_features([], 8) == []

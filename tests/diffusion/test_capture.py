@@ -280,3 +280,21 @@ def test_generate_with_capture_exceptions(pipe):
         generate_with_capture(pipe, PROMPTS[:1], CLASSES[:1], VOC, SEEDS[:2], steps=1, height=64, width=64)
     with pytest.raises(ValueError, match="'unicorn' is not in label set"):
         generate_with_capture(pipe, PROMPTS[:1], [["unicorn"]], VOC, SEEDS[:1], steps=1, height=64, width=64)
+
+
+def test_recording_processors_installed_for_the_last_step_only(pipe):
+    """The step counter stays outside the UNet (a compiled UNet would recompile on it): the
+    callback swaps in recording attn1 processors before the last call; the attn2 ones stay."""
+    emb = torch.zeros(3, 4, 32)
+    cap = AttentionCapture(pipe.unet, emb, torch.ones(3, 4, dtype=torch.bool), 3, (8, 8))
+    with cap:
+        first = pipe.unet.attn_processors
+        cap.on_step_end(pipe, 0, None, {})
+        assert pipe.unet.attn_processors == first
+        cap.on_step_end(pipe, 1, None, {})  # the next call is the last
+        last = pipe.unet.attn_processors
+        assert all(not first[n].record and last[n].record for n in cap.self_layers)
+        assert all(last[n] is first[n] for n in cap.cross_layers)
+    one = AttentionCapture(pipe.unet, emb, torch.ones(3, 4, dtype=torch.bool), 1, (8, 8))
+    with one:
+        assert all(pipe.unet.attn_processors[n].record for n in one.self_layers)

@@ -64,24 +64,31 @@ def test_class_processor_masks_padding_and_accumulates():
 
 
 def test_head_processor_last_step_only():
+    """A non-recording attn1 processor only attends; a recording one (installed for the last
+    step) hands the per-head outputs over, reduced after the last step's callback."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         attn = Attention(query_dim=16, heads=2, dim_head=8)
         hidden = torch.randn(4, 64, 16, generator=generator)  # 2B = 4, 8x8 pixels
         cap = AttentionCapture(_NoLayers(), torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.bool),
                                num_steps=2, latent_hw=(16, 16))
-        proc = HeadFeatureProcessor(cap, "layer")
-        out = proc(attn, hidden)
+        out = HeadFeatureProcessor(cap, "layer")(attn, hidden)
         assert torch.equal(out, AttnProcessor2_0()(attn, hidden))
-        assert cap.head_features == {}
+        assert cap.head_inputs == {} and cap.head_features == {}
         cap.on_step_end(None, 0, None, {})
-        proc(attn, hidden)
+        out = HeadFeatureProcessor(cap, "layer", record=True)(attn, hidden)
+        assert torch.equal(out, AttnProcessor2_0()(attn, hidden))
+        assert cap.head_features == {} and cap.head_inputs["layer"].shape == (4, 2, 64, 8)
+        cap.on_step_end(None, 1, None, {})  # after the last step: reduced
         got = cap.head_features["layer"]
+        assert cap.head_inputs == {}
         q, k, v = (m(hidden).view(4, 64, 2, 8).transpose(1, 2) for m in (attn.to_q, attn.to_k, attn.to_v))
         per_head = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1) @ v  # (2B, heads, N, d)
         x = torch.stack([torch.cat([per_head[i], per_head[2 + i]]) for i in range(2)])  # (B, 2*heads, N, d)
         torch.testing.assert_close(got, headwise_features(x, 16), rtol=1e-4, atol=1e-4)
         assert got.shape == (2, 12, 16, 16)
+        with pytest.raises(RuntimeError, match="UNet batch of 2 \\* 2"):
+            HeadFeatureProcessor(cap, "layer", record=True)(attn, hidden[:2])
 
 
 def test_cfg_heads_value():
