@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     m.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="model precision (default: float16 on CUDA, float32 on the CPU)")
+    m.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the UNet (default backend: inductor; 'eager' checks the graphs without "
+                   "code generation); the capture compiles three graphs once, not one per step")
     add_run_arguments(p, "prompts")
     return p
 
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_and_report(lambda: run_generation(
         entries, settings, cfg, label_set, args.out, batch=args.batch, shard=shard, save_blocky=args.save_blocky,
         save_captures=args.save_captures, jpeg_quality=args.jpeg_quality, ray=args.ray, workers=args.workers,
-        progress=not args.no_progress, prompts=source, overwrite=args.overwrite), "images", args.out)
+        progress=not args.no_progress, prompts=source, overwrite=args.overwrite, compile=args.compile or False),
+        "images", args.out)
 
 
 if __name__ == "__main__":

@@ -47,20 +47,22 @@ class GenerateStep:
     name = "generate"
 
     def __init__(self, settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer: SampleWriter,
-                 pipe=None):
+                 pipe=None, compile: "bool | str" = False):
         from pccfast.diffusion.pipeline import load_pipeline
 
         from pccfast.core.seeding import SeedingCache
 
         self.settings, self.cfg, self.label_set, self.writer = settings, cfg, label_set, writer
+        self.compile = compile  # torch.compile the UNet (a backend name, True for inductor, False)
         self.cache = SeedingCache()  # k-means++ draws kept across the run's batches (same results, less work)
         self.pipe = pipe if pipe is not None else load_pipeline(settings.model, device=settings.device,
                                                                 dtype=settings.torch_dtype, label_set=label_set)
 
     @classmethod
-    def factory(cls, settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer: SampleWriter):
+    def factory(cls, settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer: SampleWriter,
+                compile: "bool | str" = False):
         """``make_step(device)`` for the run engine (picklable, for Ray)."""
-        return functools.partial(_build, cls, settings, cfg, label_set, writer)
+        return functools.partial(_build, cls, settings, cfg, label_set, writer, compile)
 
     def prepare(self, entries: list) -> Prepared:
         return Prepared(list(entries))  # prompts need no reading
@@ -75,7 +77,7 @@ class GenerateStep:
         seeds = [s.seed + e.index for e in entries]
         cap = generate_with_capture(
             self.pipe, [e.prompt for e in entries], [list(e.classes) for e in entries], self.label_set, seeds,
-            steps=s.steps, guidance=s.guidance, height=s.height, width=s.width, cfg=self.cfg,
+            steps=s.steps, guidance=s.guidance, height=s.height, width=s.width, cfg=self.cfg, compile=self.compile,
         )
         res = label_images(cap.features.float(), cap.class_attention.float(), cap.images, self.cfg, cache=self.cache)
         images = cap.images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (B, H, W, 3)
@@ -122,10 +124,10 @@ def defining_settings(settings: GenerationConfig, cfg: PCCConfig, label_set: Lab
                 jpeg_quality=jpeg_quality, prompts=prompts)
 
 
-def _build(cls, settings, cfg, label_set, writer, device):
+def _build(cls, settings, cfg, label_set, writer, compile, device):
     from dataclasses import replace
 
-    return cls(replace(settings, device=str(device)), cfg, label_set, writer)
+    return cls(replace(settings, device=str(device)), cfg, label_set, writer, compile=compile)
 
 
 def run_generation(
@@ -146,6 +148,7 @@ def run_generation(
     progress: bool = True,
     prompts: str = "given in memory",
     overwrite: bool = False,
+    compile: "bool | str" = False,
     pipe=None,
     make_step=None,
 ) -> RunReport:
@@ -162,6 +165,8 @@ def run_generation(
         prompts: where the prompts come from, for ``run.json`` (a prompt file's digest).
         overwrite: redo the samples whose records differ from this run's (settings or prompts
             changed) instead of refusing the run.
+        compile: run a ``torch.compile``-d UNet (True: inductor; or a backend name); the
+            capture compiles three graphs once, not one per step.
         pipe: an already loaded pipeline to use in this process (instead of loading ``settings.model``).
         make_step: replaces :meth:`GenerateStep.factory` (tests).
     """
@@ -172,8 +177,8 @@ def run_generation(
     writer = SampleWriter(out, label_set, save_blocky=save_blocky, save_captures=save_captures,
                           jpeg_quality=jpeg_quality)
     if make_step is None and pipe is not None:
-        make_step = lambda device: GenerateStep(settings, cfg, label_set, writer, pipe=pipe)  # noqa: E731
-    make_step = make_step or GenerateStep.factory(settings, cfg, label_set, writer)
+        make_step = lambda device: GenerateStep(settings, cfg, label_set, writer, pipe=pipe, compile=compile)  # noqa: E731
+    make_step = make_step or GenerateStep.factory(settings, cfg, label_set, writer, compile)
     if ray is None:
         return run_local(make_step, entries, store, batch=batch, device=settings.device, io_threads=io_threads,
                          progress=progress, desc="generate")
