@@ -58,6 +58,7 @@ CONFIG_HELP = {
     "kmeans_tol": "k-means tolerance, relative to the mean feature variance",
     "kmeans_seed": "seed of the k-means++ initialisation",
     "kmeans_n_init": "k-means++ restarts (the lowest inertia is kept)",
+    "kmeans_check_every": "the torch k-means reads its convergence on the host once every this many iterations",
     "kmeans_backend": "k-means implementation: 'auto' (the C kernel for CPU work when a C compiler is there, "
     "else torch), 'torch', 'native' (C kernel, CPU only) or 'cuml' (RAPIDS)",
     "connectivity": "pixel connectivity when clusters are split into pieces: 4 or 8",

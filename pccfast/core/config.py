@@ -28,6 +28,7 @@ class PCCConfig:
     kmeans_tol: float = 1e-4  # relative tolerance, scaled by the mean feature variance (scikit-learn)
     kmeans_seed: int = 0  # seed of k-means++ (the reference uses random_state=0)
     kmeans_n_init: int = 1  # k-means++ restarts, best inertia kept (the reference: 1)
+    kmeans_check_every: int = 8  # the torch Lloyd loop reads convergence on the host every this many iterations
     kmeans_backend: str = "auto"  # "auto" (C kernel on the CPU if it builds, else torch), "torch", "native", "cuml"
     connectivity: int = 8  # 8 as the reference code (3x3 structure); the paper says 4
     components_backend: str = "auto"  # "auto" (C kernel on the CPU if it builds, else torch), "torch", "native", "cupy"
@@ -68,6 +69,8 @@ class PCCConfig:
                              f"{','.join(f'{t:g}' for t in self.thresholds)}")
         if not 0.0 <= self.vote_min_share <= 1.0:
             raise ValueError(f"`vote_min_share` has to lie in [0, 1] but is {self.vote_min_share}")
+        if self.kmeans_check_every < 1:
+            raise ValueError(f"`kmeans_check_every` has to be at least 1 but is {self.kmeans_check_every}")
         if self.refine_k < 1:
             raise ValueError(f"`refine_k` has to be at least 1 but is {self.refine_k}")
         for name, allowed in (("kmeans_backend", ("auto", "torch", "native", "cuml")),

@@ -7,7 +7,8 @@ per-feature variance, at most 300 iterations, one initialisation, fixed seed. Di
 in a caller's ``SeedingCache``).
 
 Backends (``pccfast.backends.OPERATIONS["kmeans"]``): ``"torch"`` (any device, this
-module's Lloyd loop), ``"native"`` (the C kernel ``kernels/kmeans.c``, CPU), ``"cuml"``
+module's Lloyd loop: no host synchronisation between its convergence checks, one every
+``check_every`` iterations, so a GPU never waits on the host), ``"native"`` (the C kernel ``kernels/kmeans.c``, CPU), ``"cuml"``
 (RAPIDS cuML, optional, one call per item) and ``"auto"``.
 """
 from __future__ import annotations
@@ -29,33 +30,47 @@ __all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_poi
 _SLOTS = 8  # partial sums per cluster and feature in the M-step for narrow points
 
 
-def _argmin_rows(scores: Tensor) -> tuple[Tensor, Tensor]:
+def _argmin_weight(k: int, device: torch.device) -> Tensor:
+    """(1, k, 1) weights k - j of ``_argmin_rows`` (uint8 for k < 256), computed once per k-means."""
+    wdtype = torch.uint8 if k < 256 else torch.int32
+    return (k - torch.arange(k, device=device)).to(wdtype)[None, :, None]  # (1, k, 1)
+
+
+def _argmin_rows(scores: Tensor, weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Minimum over dim 1 and its first index. scores: (B, k, n) -> (B, n), (B, n) long.
 
-    Same result as ``scores.min(1)`` (first index on ties) but vectorised along the contiguous
-    point axis: ``amin`` then the largest of (k - j) over the minimal rows j.
+    Same result as ``scores.min(1)`` (first index on ties), which off the CPU is what it
+    uses; on the CPU it is vectorised along the contiguous point axis: ``amin`` then the
+    largest of (k - j) over the minimal rows j. weight: optional ``_argmin_weight(k)``.
     """
+    if scores.device.type != "cpu":
+        best, first = scores.min(dim=1)  # first index of the minimum, as documented
+        return best, first
     k = scores.shape[1]
+    if weight is None:
+        weight = _argmin_weight(k, scores.device)  # (1, k, 1)
     best = scores.amin(dim=1, keepdim=True)  # (B, 1, n)
-    wdtype = torch.uint8 if k < 256 else torch.int32
-    weight = (k - torch.arange(k, device=scores.device)).to(wdtype)[None, :, None]  # (1, k, 1)
     first = k - ((scores == best) * weight).amax(dim=1).long()  # (B, n)
     return best[:, 0], first
 
 
-def _assign_t(xt: Tensor, centers: Tensor, x_sq: Tensor) -> tuple[Tensor, Tensor]:
+def _assign_t(xt: Tensor, centers: Tensor, x_sq: Tensor, weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Nearest centres with points in columns.
 
-    xt: (B, D, N) contiguous, centers: (B, k, D), x_sq: (B, N) -> labels (B, N), sq. distance (B, N)
+    xt: (B, D, N) contiguous, centers: (B, k, D), x_sq: (B, N), weight: optional
+    ``_argmin_weight(k)`` -> labels (B, N), sq. distance (B, N)
     """
     b, _, n = xt.shape
     k = centers.shape[1]
+    if weight is None and xt.device.type == "cpu":
+        weight = _argmin_weight(k, xt.device)  # (1, k, 1), shared by the chunks
     c_sq = (centers * centers).sum(-1)[..., None]  # (B, k, 1)
     step = _chunk(n, k, b, xt.device)
     labels, dist = [], []
     for start in range(0, n, step):  # chunks along the points keep the scores small
-        scores = torch.baddbmm(c_sq, centers, xt[:, :, start:start + step], alpha=-2.0)  # (B, k, n')
-        best, idx = _argmin_rows(scores)
+        part = xt if step >= n else xt[:, :, start:start + step]  # (B, D, n')
+        scores = torch.baddbmm(c_sq, centers, part, alpha=-2.0)  # (B, k, n')
+        best, idx = _argmin_rows(scores, weight)
         labels.append(idx)
         dist.append(best)
     labels_t = torch.cat(labels, dim=1) if len(labels) > 1 else labels[0]  # (B, N)
@@ -83,44 +98,89 @@ def kmeans_inertia(x: Tensor, labels: Tensor, centers: Tensor) -> Tensor:
     return ((x - picked) ** 2).sum(dim=(1, 2))
 
 
-def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt: Optional[Tensor] = None) -> Tensor:
-    """Lloyd M-step with scikit-learn's empty-cluster relocation.
+class _Sums(NamedTuple):
+    """What every M-step of one k-means shares (``_sums_setup``)."""
 
-    An empty cluster takes one of the points farthest from their centres (the j-th empty
-    cluster of an item takes its j-th farthest point), which leaves its old cluster.
+    offset: Tensor  # (B, 1) long, b * k: item-major cluster ids
+    slot: Optional[Tensor]  # (N,) long, (j % S) * k, narrow points only
+    pts: Tensor  # narrow: (B, D', N) x^T; wide: (B*N, D') x; D' = D + 1 with a ones feature
+    ones: bool  # the last feature is ones, whose sums are the counts (exact below 2^24 points)
 
-    x: (B, N, D), labels: (B, N), min_dist: (B, N), old: (B, k, D), xt: optional (B, D, N)
-    contiguous transpose of x -> (B, k, D)
+
+def _sums_setup(x: Tensor, k: int, xt: Optional[Tensor] = None) -> _Sums:
+    """Index offsets and the points of the M-step's sums, with a ones feature whose sum per
+    cluster is its count when N < 2^24 (float32 counts up to there are exact).
+
+    x: (B, N, D), xt: optional (B, D, N) -> ``_Sums``
     """
     b, n, d = x.shape
-    flat = (labels + torch.arange(b, device=x.device)[:, None] * k).reshape(-1)  # (B*N,) item-major ids
-    if d <= 16:  # few long rows: sum along the contiguous point axis of x^T
-        if xt is None:
-            xt = x.transpose(1, 2).contiguous()  # (B, D, N)
+    ones = n < 1 << 24
+    offset = torch.arange(b, device=x.device)[:, None] * k  # (B, 1)
+    if d <= 16:
+        xt = x.transpose(1, 2) if xt is None else xt  # (B, D, N)
+        pts = torch.cat([xt, xt.new_ones(b, 1, n)], dim=1) if ones else xt.contiguous()  # (B, D', N)
+        slot = (torch.arange(n, device=x.device) % _SLOTS) * k  # (N,)
+        return _Sums(offset, slot, pts, ones)
+    pts = torch.cat([x, x.new_ones(b, n, 1)], dim=2) if ones else x  # (B, N, D')
+    return _Sums(offset, None, pts.reshape(b * n, -1), ones)  # (B*N, D')
+
+
+def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt: Optional[Tensor] = None,
+            keep: Optional[Tensor] = None, shared: Optional[_Sums] = None) -> Tensor:
+    """Lloyd M-step with scikit-learn's empty-cluster relocation, without a host synchronisation.
+
+    An empty cluster takes one of the points farthest from their centres (the j-th empty
+    cluster of an item takes its j-th farthest point), which leaves its old cluster. The
+    relocation is computed for every item and applied with ``torch.where`` (an item with no
+    empty cluster adds zero rows: a no-op), so nothing is read back on the host. Counts are
+    the sums of a ones feature, or a scatter of ones (no ``bincount``).
+
+    x: (B, N, D), labels: (B, N), min_dist: (B, N), old: (B, k, D), xt: optional (B, D, N)
+    contiguous transpose of x, keep: optional (B,) bool, False keeps an item's ``old``
+    centres, shared: optional ``_sums_setup(x, k, xt)`` -> (B, k, D)
+    """
+    b, n, d = x.shape
+    shared = _sums_setup(x, k, xt) if shared is None else shared
+    dd = shared.pts.shape[1] if shared.slot is not None else shared.pts.shape[-1]  # D or D + 1
+    flat = (labels + shared.offset).reshape(-1)  # (B*N,) item-major ids
+    if shared.slot is not None:  # few long rows: sum along the contiguous point axis of x^T
         # point j adds into slot j % S of its cluster: consecutive points never wait on one
         # accumulator (3x faster on the CPU), and S partial sums lose less to float32 rounding
         # than one running sum
-        slot = (torch.arange(n, device=x.device) % _SLOTS) * k  # (N,)
-        idx = (labels + slot)[:, None, :].expand(b, d, n)  # (B, D, N) in [0, S*k)
-        sums = torch.zeros(b, d, _SLOTS * k, device=x.device, dtype=x.dtype).scatter_add_(2, idx, xt)
-        sums = sums.view(b, d, _SLOTS, k).sum(2).transpose(1, 2)  # (B, k, D)
+        idx = (labels + shared.slot)[:, None, :].expand(b, dd, n)  # (B, D', N) in [0, S*k)
+        sums = torch.zeros(b, dd, _SLOTS * k, device=x.device, dtype=x.dtype).scatter_add_(2, idx, shared.pts)
+        sums = sums.view(b, dd, _SLOTS, k).sum(2).transpose(1, 2)  # (B, k, D')
     else:  # wide points: whole rows at once
-        sums = torch.zeros(b * k, d, device=x.device, dtype=x.dtype).index_add_(0, flat, x.reshape(-1, d))
-        sums = sums.view(b, k, d)  # (B, k, D)
-    counts = torch.bincount(flat, minlength=b * k).view(b, k).to(x.dtype)  # (B, k)
+        sums = torch.zeros(b * k, dd, device=x.device, dtype=x.dtype).index_add_(0, flat, shared.pts)
+        sums = sums.view(b, k, dd)  # (B, k, D')
+    if shared.ones:
+        sums, counts = sums[..., :d], sums[..., d]  # (B, k, D), (B, k)
+    else:  # exact integer counts by a scatter (bincount reads its maximum back on the host)
+        counts = torch.zeros(b * k, device=x.device, dtype=torch.long).scatter_add_(
+            0, flat, flat.new_ones(()).expand(b * n)).view(b, k).to(x.dtype)  # (B, k)
+    return _relocate(x, labels, min_dist, old, k, sums, counts, keep)
+
+
+def _relocate(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, sums: Tensor, counts: Tensor,
+              keep: Optional[Tensor]) -> Tensor:
+    """Empty clusters take the farthest points, then the means. sums: (B, k, D), counts: (B, k)
+    float; the rest as ``_update`` -> (B, k, D)"""
+    d = x.shape[-1]
     empty = counts == 0  # (B, k)
-    if bool(empty.any()):
-        far = min_dist.topk(k, dim=-1).indices  # (B, k) farthest points first
-        rank = (torch.cumsum(empty.long(), dim=-1) - 1).clamp_min(0)  # (B, k)
-        point = torch.gather(far, 1, rank)  # (B, k): the point an empty cluster takes
-        px = _rows(x, point) * empty[..., None]  # (B, k, D), zero rows for non-empty clusters
-        src = torch.gather(labels, 1, point)  # (B, k) the cluster that point leaves
-        sums = sums.scatter_add(1, src[..., None].expand(-1, -1, d), -px)
-        counts = counts.scatter_add(1, src, -empty.to(counts.dtype))
-        sums = torch.where(empty[..., None], px, sums)
-        counts = torch.where(empty, torch.ones_like(counts), counts)
-    new = sums / counts.clamp_min(1)[..., None]  # (B, k, D)
-    return torch.where((counts > 0)[..., None], new, old)
+    empty3 = empty[..., None]  # (B, k, 1)
+    emptyf = empty.to(counts.dtype)  # (B, k)
+    far = min_dist.topk(k, dim=-1).indices  # (B, k) farthest points first
+    rank = (torch.cumsum(emptyf, dim=-1) - 1).clamp_min(0).long()  # (B, k), exact small integers
+    point = torch.gather(far, 1, rank)  # (B, k): the point an empty cluster takes
+    px = _rows(x, point) * empty3  # (B, k, D), zero rows for non-empty clusters
+    src = torch.gather(labels, 1, point)  # (B, k) the cluster that point leaves
+    sums = sums.scatter_add(1, src[..., None].expand(-1, -1, d), -px)  # adding -0.0 changes nothing
+    sums = torch.where(empty3, px, sums)
+    # an empty cluster is never a point's cluster, so it is never a `src`: its count becomes 1
+    counts = counts.scatter_add(1, src, -emptyf) + emptyf  # (B, k)
+    new = sums / counts[..., None]  # (B, k, D); a count of 0 keeps the old centre below
+    use = counts > 0 if keep is None else (counts > 0) & keep[:, None]  # (B, k)
+    return torch.where(use[..., None], new, old)
 
 
 class PreparedPoints(NamedTuple):
@@ -163,8 +223,13 @@ def prepare_points(x: Tensor, transpose: bool = True, norms: bool = True) -> Pre
 def _kmeans_torch(
     x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
     init: Optional[Tensor] = None, prepared: Optional[PreparedPoints] = None, cache: Optional[SeedingCache] = None,
+    check_every: int = 8,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The torch path: k-means++ then Lloyd, converged items leaving the batch.
+    """The torch path: k-means++ then Lloyd without host synchronisations between checks.
+
+    Converged items stay in the batch, masked: their centres are frozen (further iterations
+    are no-ops for them), so no iteration reads a mask back to compact the batch. Whether every
+    item has converged is read on the host once every ``check_every`` iterations.
 
     x: (B, N, D) float, init: optional (B, k, D), prepared: optional ``prepare_points(x)``
     with the transpose and norms -> labels (B, N), centers (B, k, D), inertia (B,)
@@ -175,31 +240,25 @@ def _kmeans_torch(
         centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt, cache)  # (B, k, D)
     else:
         centers = init.to(x.dtype) - mean
-    # Lloyd; items that converged leave the batch, so a batch costs the sum of its items'
-    # iterations, not B times the slowest one
-    final = centers.clone()  # (B, k, D) converged centres land here
-    act = torch.arange(x.shape[0], device=x.device)  # (A,) items still running
-    xa, xta, sqa, tola, ca, prev = x, xt, x_sq, tol_abs, centers, None
+    weight = _argmin_weight(k, x.device) if x.device.type == "cpu" else None  # (1, k, 1)
+    shared = _sums_setup(x, k, xt)
+    running = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (B,) items not yet converged
+    prev = None
     for it in range(max_iter):
-        labels, min_dist = _assign_t(xta, ca, sqa)  # (A, N), (A, N)
-        new = _update(xa, labels, min_dist, ca, k, xta)  # (A, k, D)
-        shift = ((new - ca) ** 2).sum(dim=(1, 2))  # (A,)
-        # strict convergence (labels unchanged) leaves `new` equal to `ca`
-        done = shift <= tola
+        labels, min_dist = _assign_t(xt, centers, x_sq, weight)  # (B, N), (B, N)
+        # converged items keep their centres (and then their shift is 0)
+        new = _update(x, labels, min_dist, centers, k, xt, running, shared)  # (B, k, D)
+        shift = ((new - centers) ** 2).sum(dim=(1, 2))  # (B,)
+        # strict convergence (labels unchanged) leaves `new` equal to `centers`
+        done = shift <= tol_abs  # (B,)
         if prev is not None:
             done |= (labels == prev).all(-1)
-        ca, prev = new, labels
-        if it == max_iter - 1:
-            done = torch.ones_like(done)
-        if bool(done.any()):
-            final[act[done]] = ca[done]
-            keep = ~done
-            if not bool(keep.any()):
-                break
-            act, xa, xta, sqa, tola = act[keep], xa[keep], xta[keep], sqa[keep], tola[keep]
-            ca, prev = ca[keep], prev[keep]
-    centers = final
-    labels, min_dist = _assign_t(xt, centers, x_sq)  # final E-step, as scikit-learn
+        centers = new
+        running = running & ~done
+        prev = labels
+        if (it + 1) % check_every == 0 and it + 1 < max_iter and not bool(running.any()):
+            break  # the one host read, every `check_every` iterations
+    labels, min_dist = _assign_t(xt, centers, x_sq, weight)  # final E-step, as scikit-learn
     return labels, centers + mean, min_dist.sum(-1)
 
 
@@ -242,11 +301,13 @@ def kmeans(
     init: Optional[Tensor] = None,
     prepared: Optional[PreparedPoints] = None,
     cache: Optional[SeedingCache] = None,
+    check_every: int = 8,
 ) -> tuple[Tensor, Tensor]:
     """k-means of every batch item: greedy k-means++ then Lloyd (scikit-learn 1.4 semantics).
 
     Convergence per item: labels unchanged, or the squared centre shift summed over centres
-    at most ``tol * mean(var(x, dim=N))``; items that converged leave the batch.
+    at most ``tol * mean(var(x, dim=N))``; items that converged keep their centres (the torch
+    backend masks them instead of reading anything back on the host).
 
     Args:
         x: (B, N, D) points (computed in float32 unless float64).
@@ -269,6 +330,9 @@ def kmeans(
             ``n_init=1`` and ignored otherwise.
         cache: optional ``SeedingCache`` that keeps k-means++'s random numbers for later
             calls with the same seed (same result, less drawing); None draws them.
+        check_every: the torch backend reads "has every item converged?" on the host once every
+            this many Lloyd iterations (the loop's only host synchronisation); the results do not
+            depend on it, only the number of idle iterations (at most ``check_every - 1``) does.
 
     Returns:
         labels (B, N) long in [0, k), centers (B, k, D) float.
@@ -283,6 +347,8 @@ def kmeans(
         raise ValueError(f"`n_init` has to be at least 1 but is {n_init}")
     if tol < 0:
         raise ValueError(f"`tol` has to be >= 0 but is {tol}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"`check_every` has to be an integer of at least 1 but is {check_every!r}")
     if init is not None:
         check_tensor(init, "init", 3, floating=True, batch=b)
         if tuple(init.shape[1:]) != (k, d) or n_init != 1 or backend == "cuml":
@@ -307,7 +373,8 @@ def kmeans(
     else:
         if prepared is not None and (prepared.xt is None or prepared.x_sq is None):
             prepared = None  # the torch E-step needs the transpose and the norms
-        labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, generator, n_init, init, prepared, cache)
+        labels, centers, inertia = _kmeans_torch(work, k, max_iter, tol, generator, n_init, init, prepared, cache,
+                                                 check_every)
     if n_init > 1:
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]

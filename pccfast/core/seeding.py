@@ -176,10 +176,15 @@ def _d2_sample(weights: Tensor, race: Tensor) -> Tensor:
 def _race(streams: list[_RaceStream], step: int, weights: Tensor) -> Tensor:
     """D^2 candidates of one k-means++ step, item b taking stream ``b % streams``.
 
+    The kept numbers of a cache decide a race only after a host read (are all races decided by
+    them?); that read is taken on the CPU, where drawing costs more than the rest of the
+    seeding, and not on an accelerator, where it would stall the queue and the full draw is
+    cheap. Either way the indices are the same.
+
     weights: (B, N) -> (B, T) long, the indices ``_d2_sample`` gives with the step's numbers
     """
     b = weights.shape[0]
-    kept = [s.kept(step) for s in streams]
+    kept = [s.kept(step) for s in streams] if weights.device.type == "cpu" else [None]
     if all(k is not None for k in kept):
         pick = torch.arange(b, device=weights.device) % len(streams)  # (B,) stream of each item
         if len(streams) == 1:  # every item the same numbers: a view, no copy

@@ -6,11 +6,12 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pccfast.backends import kernels, native
 from pccfast.core import seeding
 from pccfast.core.kmeans import PreparedPoints, assign, kmeans, kmeans_inertia, kmeans_plusplus, prepare_points
-from pccfast.core.seeding import SeedingCache
+from pccfast.core.seeding import SeedingCache, _chunk
 
 NATIVE = native.available("kmeans", warn=False)
 needs_native = pytest.mark.skipif(not NATIVE, reason="the C k-means kernel does not build here (no C compiler?)")
@@ -347,3 +348,174 @@ def test_prepare_points_fields():
     assert torch.allclose(p.var, (p.x ** 2).mean(dim=(1, 2)), atol=1e-6)
     lean = prepare_points(x.contiguous(), transpose=False, norms=False)
     assert lean.xt is None and lean.x_sq is None and torch.allclose(lean.var, p.var, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the sync-free Lloyd loop (torch backend)
+
+_SYNC_OPS = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "equal", "is_nonzero", "_unique",
+             "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts the ATen ops that read tensor data on the host (a stall on a GPU), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
+        if name in _SYNC_OPS or bool_index or (name == "repeat_interleave" and func._overloadname == "Tensor"):
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _reference_lloyd(x, k, max_iter, tol, init):
+    """The torch Lloyd loop before it went sync-free (bincount, a host branch for empty clusters,
+    converged items compacted out of the batch every iteration), kept as the reference.
+
+    x: (B, N, D) float, init: (B, k, D) -> labels (B, N), centres (B, k, D)
+    """
+    def argmin(scores):  # (B, k, n) -> (B, n), (B, n): first index of the minimum
+        kk = scores.shape[1]
+        best = scores.amin(dim=1, keepdim=True)
+        weight = (kk - torch.arange(kk)).to(torch.uint8 if kk < 256 else torch.int32)[None, :, None]
+        return best[:, 0], kk - ((scores == best) * weight).amax(dim=1).long()
+
+    def estep(xt, c, x_sq):
+        b, _, n = xt.shape
+        step = _chunk(n, c.shape[1], b, xt.device)
+        c_sq = (c * c).sum(-1)[..., None]
+        parts = [argmin(torch.baddbmm(c_sq, c, xt[:, :, s:s + step], alpha=-2.0)) for s in range(0, n, step)]
+        best, idx = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        return idx, (best + x_sq).clamp_min_(0)
+
+    def mstep(x, labels, min_dist, old, xt):
+        b, n, d = x.shape
+        flat = (labels + torch.arange(b)[:, None] * k).reshape(-1)
+        if d <= 16:
+            idx = (labels + (torch.arange(n) % 8) * k)[:, None, :].expand(b, d, n)
+            sums = torch.zeros(b, d, 8 * k, dtype=x.dtype).scatter_add_(2, idx, xt)
+            sums = sums.view(b, d, 8, k).sum(2).transpose(1, 2)
+        else:
+            sums = torch.zeros(b * k, d, dtype=x.dtype).index_add_(0, flat, x.reshape(-1, d)).view(b, k, d)
+        counts = torch.bincount(flat, minlength=b * k).view(b, k).to(x.dtype)
+        empty = counts == 0
+        if bool(empty.any()):
+            far = min_dist.topk(k, dim=-1).indices
+            point = torch.gather(far, 1, (torch.cumsum(empty.long(), dim=-1) - 1).clamp_min(0))
+            px = torch.gather(x, 1, point[..., None].expand(-1, -1, d)) * empty[..., None]
+            src = torch.gather(labels, 1, point)
+            sums = sums.scatter_add(1, src[..., None].expand(-1, -1, d), -px)
+            counts = counts.scatter_add(1, src, -empty.to(counts.dtype))
+            sums = torch.where(empty[..., None], px, sums)
+            counts = torch.where(empty, torch.ones_like(counts), counts)
+        new = sums / counts.clamp_min(1)[..., None]
+        return torch.where((counts > 0)[..., None], new, old)
+
+    p = prepare_points(x)
+    tol_abs = tol * p.var
+    final = (init.to(x.dtype) - p.mean).clone()
+    act = torch.arange(x.shape[0])
+    xa, xta, sqa, tola, ca, prev = p.x, p.xt, p.x_sq, tol_abs, final.clone(), None
+    for it in range(max_iter):
+        labels, min_dist = estep(xta, ca, sqa)
+        new = mstep(xa, labels, min_dist, ca, xta)
+        done = ((new - ca) ** 2).sum(dim=(1, 2)) <= tola
+        if prev is not None:
+            done |= (labels == prev).all(-1)
+        ca, prev = new, labels
+        if it == max_iter - 1:
+            done = torch.ones_like(done)
+        if bool(done.any()):
+            final[act[done]] = ca[done]
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            act, xa, xta, sqa, tola = act[keep], xa[keep], xta[keep], sqa[keep], tola[keep]
+            ca, prev = ca[keep], prev[keep]
+    labels, _ = estep(p.xt, final, p.x_sq)
+    return labels, final + p.mean
+
+
+def _sync_free_cases():
+    """(name, points (B, N, D), k): narrow and wide points, one item with a cluster that starts empty."""
+    pix = torch.stack([_noisy_pixels(s, side=40) for s in range(3)])  # (3, 1600, 5)
+    pcc = torch.from_numpy(np.stack([_pcc_like(s, side=24) for s in range(3)]))  # (3, 576, 32)
+    return [("pixels", pix, 10), ("pixels", pix, 20), ("pcc", pcc, 4), ("pcc", pcc, 10)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("max_iter", [1, 3, 300])
+def test_sync_free_lloyd_equals_the_compacting_loop(dtype, max_iter):
+    """Regression: masking converged items (instead of compacting them out), counts by a
+    scatter (instead of bincount), empty clusters handled without a host branch and the
+    convergence read every ``check_every`` iterations leave labels and centres bit-identical to
+    the former loop, whatever ``check_every``; one item starts with an empty cluster."""
+    for name, x, k in _sync_free_cases():
+        x = x.to(dtype)
+        mean = x.mean(1, keepdim=True)  # (B, 1, D)
+        init = kmeans_plusplus(x - mean, k, torch.Generator().manual_seed(0)) + mean  # (B, k, D)
+        init[1, 0] = 1e4  # nobody's nearest: relocated to the farthest point in the first M-step
+        want = _reference_lloyd(x, k, max_iter, 1e-4, init)
+        for check_every in (1, 8, 1000):
+            got = kmeans(x, k, init=init, max_iter=max_iter, backend="torch", check_every=check_every)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (name, k, check_every)
+            assert got[1].dtype == dtype
+
+
+@pytest.mark.parametrize("k", [4, 10])
+def test_check_every_matches_sklearn_from_same_init(k):
+    """check_every 1, 8 and 1000 give one result, scikit-learn's partition and centres."""
+    x = np.stack([_pcc_like(s) for s in range(2)]).astype(np.float64)
+    init = np.stack([xi[np.random.default_rng(i).choice(len(xi), k, replace=False)] for i, xi in enumerate(x)])
+    runs = [kmeans(torch.from_numpy(x), k, init=torch.from_numpy(init), backend="torch", check_every=c)
+            for c in (1, 8, 1000)]
+    for got in runs[1:]:
+        assert torch.equal(got[0], runs[0][0]) and torch.equal(got[1], runs[0][1])
+    for i in range(2):
+        sk = KMeans(k, init=init[i], n_init=1).fit(x[i])
+        assert adjusted_rand_score(sk.labels_, runs[0][0][i].numpy()) == 1.0
+        assert np.allclose(sk.cluster_centers_, runs[0][1][i].numpy(), atol=1e-6)
+
+
+def test_lloyd_loop_has_no_host_sync_between_checks():
+    """The torch Lloyd loop reads device data on the host only at its convergence checks: for
+    max_iter=40 and check_every=8 at most 40/8 reads (plus one for the k-means++ stream seed),
+    all of them ``_local_scalar_dense``; no bincount, nonzero or boolean-mask index."""
+    x = torch.stack([_noisy_pixels(s, side=40) for s in range(3)])  # (3, 1600, 5)
+    for init in (None, x[:, :20].clone()):
+        counter = _SyncCounter()
+        with counter:
+            kmeans(x, 20, max_iter=40, tol=0.0, init=init, backend="torch", check_every=8)
+        assert len(counter.syncs) <= 40 // 8 + 1, counter.syncs
+        assert set(counter.syncs) <= {"_local_scalar_dense"}, counter.syncs
+    with _SyncCounter() as every:  # check_every=1 reads after every iteration: the counter sees them
+        kmeans(x, 20, max_iter=40, tol=0.0, init=x[:, :20].clone(), backend="torch", check_every=1)
+    assert len(every.syncs) > len(counter.syncs)
+
+
+def test_update_keep_freezes_items_and_relocates_without_a_branch():
+    """Regression: ``_update`` relocates an empty cluster in one item while another item,
+    without empty clusters, gets plain means; ``keep=False`` leaves an item's centres as they were."""
+    from pccfast.core.kmeans import _update
+
+    x = torch.tensor([[[0.0], [1.0], [2.0], [10.0]], [[0.0], [1.0], [5.0], [6.0]]])  # (2, 4, 1)
+    labels = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1]])
+    min_dist = torch.tensor([[9.0, 4.0, 1.0, 49.0], [0.25, 0.25, 0.25, 0.25]])
+    old = torch.tensor([[[3.0], [100.0]], [[0.0], [9.0]]])
+    new = _update(x, labels, min_dist, old, 2)
+    assert torch.equal(new[:, :, 0], torch.tensor([[1.0, 10.0], [0.5, 5.5]]))
+    frozen = _update(x, labels, min_dist, old, 2, keep=torch.tensor([True, False]))
+    assert torch.equal(frozen[0], new[0]) and torch.equal(frozen[1], old[1])
+
+
+def test_check_every_exception():
+    with pytest.raises(ValueError, match="`check_every` has to be an integer of at least 1 but is 0"):
+        kmeans(torch.zeros(1, 4, 2), 2, check_every=0)
+    from pccfast.core.config import PCCConfig
+
+    with pytest.raises(ValueError, match="`kmeans_check_every` has to be at least 1 but is 0"):
+        PCCConfig(kmeans_check_every=0)

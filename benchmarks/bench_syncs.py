@@ -1,0 +1,238 @@
+"""Benchmark: ATen ops and host synchronisations per stage of labelling one batch (torch path).
+
+On a GPU every op that reads device data on the host (``.item()``, ``bool(t)``, a boolean-mask
+index, ``nonzero``, ``bincount``, ``unique``, ...) stalls the queue until the device has caught
+up. This counts them on the CPU, where the same ops run, with a ``TorchDispatchMode`` that sees
+every ATen op, for a labelled batch of SD-sized synthetic scenes
+(``pccfast.testing.synthetic.make_scene(seed, grid=64, image_size=512)``) on the torch path
+(``PCCFAST_NATIVE=0``, every backend "torch"), per stage:
+
+1. PCA: ``scene_features`` (head-wise PCA of the attention layers);
+2. section-2 k-means: ``kmeans`` (and its shared ``clustering_points``) inside ``blocky_mask``;
+3. components: every ``connected_components`` (blocky pieces and refinement pieces);
+4. blocky vote: the rest of ``blocky_mask`` (class maps, IoU labels, the vote);
+5. refinement k-means: ``kmeans`` inside ``refine_mask``;
+6. refinement rest: the rest of ``refine_mask`` and the upsampling of the blocky mask.
+
+Counted as syncs: ``aten._local_scalar_dense`` (item, bool, int), ``aten.nonzero``,
+``aten.bincount``, every ``unique``, ``aten.masked_select``, ``aten.index``/``aten.index_put``
+with a boolean index, ``aten.repeat_interleave`` with tensor repeats, ``aten.equal``,
+``aten.is_nonzero``, and on a GPU run (``--device cuda``) copies from the device to the host.
+On a CPU run such copies (``.cpu()``, ``.tolist()``) are invisible, and the CPU code paths run
+(the k-means E-step in chunks, so more ops than on a GPU). Issue targets for the whole batch
+of 8: at most 50 syncs and 5,000 ops (reported, not asserted).
+
+    PCCFAST_NATIVE=0 python benchmarks/bench_syncs.py                # this checkout
+    PCCFAST_NATIVE=0 python benchmarks/bench_syncs.py --compare HEAD~1  # before/after
+
+``--compare REV`` runs the same counting in a subprocess on a temporary ``git worktree`` of
+REV (removed afterwards) and prints both with the ratio after / before.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+STAGES = ("pca", "section-2 k-means", "components", "blocky vote", "refinement k-means", "refinement rest")
+TARGET_SYNCS, TARGET_OPS = 50, 5000
+
+_ALWAYS_SYNC = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "equal", "is_nonzero",
+                "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
+
+
+def _has_bool_index(indices) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
+
+
+def is_sync(func, args, kwargs) -> bool:
+    """Whether an ATen op reads device data on the host (see the module docstring)."""
+    name = func._schema.name.split("::")[-1]
+    if name in _ALWAYS_SYNC:
+        return True
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        return _has_bool_index(args[1] if len(args) > 1 else kwargs.get("indices"))
+    if name == "_to_copy":  # device -> host copy (.cpu(), .tolist() go through it on a GPU)
+        dev = kwargs.get("device")
+        return args[0].device.type != "cpu" and dev is not None and torch.device(dev).type == "cpu"
+    if name == "copy_":
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    if name == "repeat_interleave":
+        reps = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(args[0], torch.Tensor) and (func._overloadname == "Tensor" or isinstance(reps, torch.Tensor))
+    return False
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen op and the syncs among them under the current stage (``stage(name)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.syncs: Counter = Counter()
+        self.sync_ops: Counter = Counter()  # (stage, op name)
+        self._stack = ["other"]
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        where = self._stack[-1]
+        self.ops[where] += 1
+        if is_sync(func, args, kwargs):
+            self.syncs[where] += 1
+            self.sync_ops[(where, func._schema.name.split("::")[-1])] += 1
+        return func(*args, **kwargs)
+
+
+def _wrap(counter: OpCounter, module, attr: str, name: str, patched: list) -> None:
+    """Replace module.attr by a wrapper that runs it under stage ``name`` (if it exists)."""
+    fn = getattr(module, attr, None)
+    if fn is None:
+        return
+
+    @functools.wraps(fn)
+    def staged(*a, **kw):
+        with counter.stage(name):
+            return fn(*a, **kw)
+
+    setattr(module, attr, staged)
+    patched.append((module, attr, fn))
+
+
+def count(scenes: int, image_size: int, grid: int, check_every: int | None, device: str = "cpu") -> dict:
+    """Label ``scenes`` synthetic scenes in one batch on ``device`` under the counter -> counts per stage."""
+    os.environ["PCCFAST_NATIVE"] = "0"
+    import pccfast
+    from pccfast.core import blocky, labeller, refine
+    from pccfast.core.config import PCCConfig
+    from pccfast.testing.synthetic import make_scene, scene_features
+
+    sc = [make_scene(seed, grid=grid, image_size=image_size) for seed in range(scenes)]
+    layers = [torch.stack([s.layers[i] for s in sc]).to(device)
+              for i in range(len(sc[0].layers))]  # each (B, heads, S*S, d)
+    cls = torch.stack([s.class_attention for s in sc]).to(device)  # (B, K, h, w)
+    images = torch.stack([s.image for s in sc]).to(device)  # (B, 3, H, W)
+    cfg = PCCConfig().replace(kmeans_backend="torch", components_backend="torch", cleanup_backend="torch")
+    if check_every is not None and "kmeans_check_every" in PCCConfig.field_names():
+        cfg = cfg.replace(kmeans_check_every=check_every)
+    counter, patched = OpCounter(), []
+    for module, attr, name in ((blocky, "kmeans", STAGES[1]), (blocky, "clustering_points", STAGES[1]),
+                               (blocky, "connected_components", STAGES[2]), (refine, "kmeans", STAGES[4]),
+                               (refine, "connected_components", STAGES[2]), (labeller, "blocky_mask", STAGES[3]),
+                               (labeller, "refine_mask", STAGES[5]), (labeller, "resize", STAGES[5])):
+        _wrap(counter, module, attr, name, patched)
+    start = time.perf_counter()
+    try:
+        with counter:
+            with counter.stage(STAGES[0]):
+                feats = scene_features(layers, grid, cfg)  # (B, D, h, w)
+            result = pccfast.label_images(feats, cls, images, cfg)
+        if device != "cpu":
+            torch.cuda.synchronize()
+    finally:
+        for module, attr, fn in reversed(patched):
+            setattr(module, attr, fn)
+    seconds = time.perf_counter() - start
+    return {"pccfast": os.path.dirname(pccfast.__file__), "scenes": scenes, "image_size": image_size,
+            "device": device,
+            "seconds": seconds, "ops": dict(counter.ops), "syncs": dict(counter.syncs),
+            "sync_ops": {f"{s}: {o}": n for (s, o), n in sorted(counter.sync_ops.items())},
+            "mask_sum": int(result.mask.long().sum())}
+
+
+def _rows(res: dict) -> list[str]:
+    return [s for s in STAGES + ("other",) if s in res["ops"] or s in res["syncs"]]
+
+
+def print_table(res: dict, before: dict | None = None) -> None:
+    seen = set(_rows(res)) | (set(_rows(before)) if before is not None else set())
+    stages = [s for s in STAGES + ("other",) if s in seen]
+    tot = lambda r, key: sum(r[key].values())  # noqa: E731
+    if before is None:
+        print(f"{'stage':<22}{'ops':>10}{'syncs':>8}")
+        for s in stages:
+            print(f"{s:<22}{res['ops'].get(s, 0):>10}{res['syncs'].get(s, 0):>8}")
+        print(f"{'total':<22}{tot(res, 'ops'):>10}{tot(res, 'syncs'):>8}")
+    else:
+        ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
+        print(f"{'stage':<22}{'ops before':>11}{'after':>9}{'ratio':>7}{'syncs before':>14}{'after':>7}{'ratio':>7}")
+        for s in stages + ["total"]:
+            if s == "total":
+                ob, oa, sb, sa = tot(before, "ops"), tot(res, "ops"), tot(before, "syncs"), tot(res, "syncs")
+            else:
+                ob, oa = before["ops"].get(s, 0), res["ops"].get(s, 0)
+                sb, sa = before["syncs"].get(s, 0), res["syncs"].get(s, 0)
+            print(f"{s:<22}{ob:>11}{oa:>9}{ratio(oa, ob):>7}{sb:>14}{sa:>7}{ratio(sa, sb):>7}")
+        if before["mask_sum"] != res["mask_sum"]:
+            print(f"note: the masks differ (sum {before['mask_sum']} before, {res['mask_sum']} after)")
+    print(f"targets for the batch: <= {TARGET_SYNCS} syncs, <= {TARGET_OPS} ops: "
+          f"syncs {'met' if tot(res, 'syncs') <= TARGET_SYNCS else 'not met'}, "
+          f"ops {'met' if tot(res, 'ops') <= TARGET_OPS else 'not met'} ({res['seconds']:.1f} s counted run)")
+
+
+def _compare(rev: str, args) -> dict:
+    """The same counting on a temporary worktree of ``rev``, in a subprocess."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    tmp = tempfile.mkdtemp(prefix="bench-syncs-")
+    tree = os.path.join(tmp, "tree")
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", tree, rev], check=True, cwd=root)
+    try:
+        out = os.path.join(tmp, "before.json")
+        env = dict(os.environ, PYTHONPATH=tree, PCCFAST_NATIVE="0")
+        cmd = [sys.executable, os.path.abspath(__file__), "--scenes", str(args.scenes), "--image-size",
+               str(args.image_size), "--grid", str(args.grid), "--device", args.device, "--json", out, "--quiet"]
+        subprocess.run(cmd, check=True, cwd=tree, env=env)
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], check=False, cwd=root)
+        subprocess.run(["git", "worktree", "prune"], check=False, cwd=root)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenes", type=int, default=8, help="batch size (synthetic scenes 0..n-1)")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--grid", type=int, default=64)
+    p.add_argument("--check-every", type=int, default=None, help="cfg.kmeans_check_every (default: the config's)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the tensors live (a GPU run counts the GPU code paths)")
+    p.add_argument("--compare", metavar="REV", help="also count on a worktree of REV and print before/after")
+    p.add_argument("--json", help="write the counts here")
+    p.add_argument("--quiet", action="store_true", help="no table (for --compare's subprocess)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res = count(args.scenes, args.image_size, args.grid, args.check_every, args.device)
+    before = _compare(args.compare, args) if args.compare else None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res if before is None else {"after": res, "before": before}, f, indent=1)
+    if not args.quiet:
+        print(f"labelled batch of {args.scenes} synthetic scenes ({args.image_size}px, grid {args.grid}), "
+              f"torch path on {args.device}")
+        print_table(res, before)
+        for key, n in res["sync_ops"].items():
+            print(f"  sync {key} x{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
