@@ -31,74 +31,32 @@ REV (removed afterwards) and prints both with the ratio after / before.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 STAGES = ("pca", "section-2 k-means", "components", "blocky vote", "refinement k-means", "refinement rest")
 TARGET_SYNCS, TARGET_OPS = 50, 5000
 
-_ALWAYS_SYNC = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "equal", "is_nonzero",
-                "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
+def _counting():
+    """The op counter, ``pccfast/testing/counting.py`` of THIS checkout, loaded by path: the same
+    counter then also measures an older revision (``--compare``), whose tree may not have it."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pccfast", "testing",
+                        "counting.py")
+    spec = importlib.util.spec_from_file_location("_pccfast_counting", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _has_bool_index(indices) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
-
-
-def is_sync(func, args, kwargs) -> bool:
-    """Whether an ATen op reads device data on the host (see the module docstring)."""
-    name = func._schema.name.split("::")[-1]
-    if name in _ALWAYS_SYNC:
-        return True
-    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
-        return _has_bool_index(args[1] if len(args) > 1 else kwargs.get("indices"))
-    if name == "_to_copy":  # device -> host copy (.cpu(), .tolist() go through it on a GPU)
-        dev = kwargs.get("device")
-        return args[0].device.type != "cpu" and dev is not None and torch.device(dev).type == "cpu"
-    if name == "copy_":
-        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
-    if name == "repeat_interleave":
-        reps = args[1] if len(args) > 1 else kwargs.get("repeats")
-        return isinstance(args[0], torch.Tensor) and (func._overloadname == "Tensor" or isinstance(reps, torch.Tensor))
-    return False
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every ATen op and the syncs among them under the current stage (``stage(name)``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-        self.syncs: Counter = Counter()
-        self.sync_ops: Counter = Counter()  # (stage, op name)
-        self._stack = ["other"]
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        self._stack.append(name)
-        try:
-            yield
-        finally:
-            self._stack.pop()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        where = self._stack[-1]
-        self.ops[where] += 1
-        if is_sync(func, args, kwargs):
-            self.syncs[where] += 1
-            self.sync_ops[(where, func._schema.name.split("::")[-1])] += 1
-        return func(*args, **kwargs)
+OpCounter = _counting().OpCounter
 
 
 def _wrap(counter: OpCounter, module, attr: str, name: str, patched: list) -> None:

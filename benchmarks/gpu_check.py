@@ -129,12 +129,12 @@ class Run:
                     torch.cuda.set_sync_debug_mode("default")
             return {"host syncs per labelled batch": sum("synchroniz" in str(w.message) for w in caught),
                     "batch": feats.shape[0]}
-        try:
-            from pccfast.testing.counting import count_ops
-        except ImportError:
-            return {"status": "no op counter in this tree"}
-        counts = count_ops(lambda: label_images(*args, cfg))
-        return {"host syncs per labelled batch (counted)": counts.syncs, "ops": counts.ops, "batch": feats.shape[0]}
+        from pccfast.testing.counting import OpCounter
+
+        with OpCounter() as counter:
+            label_images(*args, cfg)
+        return {"host syncs per labelled batch (counted)": counter.total_syncs, "ops": counter.total_ops,
+                "batch": feats.shape[0]}
 
     # --- 4./5./6. diffusion --------------------------------------------------------------
     def _pipe(self):

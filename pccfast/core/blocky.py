@@ -130,6 +130,7 @@ def cluster_pieces(
         gen_k = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
         labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen_k,
                            n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=backend,
+                           check_every=cfg.kmeans_check_every,
                            prepared=prepared, cache=cache)
         pieces = connected_components(labels.view(-1, h, w), cfg.connectivity,
                                       backend=cfg.components_backend)  # (B, h, w)

@@ -233,7 +233,8 @@ def refine_mask(
     generator = local_generator(generator, cfg.kmeans_seed, images.device)
     clusters, _ = kmeans(points, min(cfg.refine_k, h * w), max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol,
                          generator=generator, n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed,
-                         backend=cfg.kmeans_backend, cache=cache)  # (B, H*W)
+                         backend=cfg.kmeans_backend, cache=cache,
+                         check_every=cfg.kmeans_check_every)  # (B, H*W)
     pieces = connected_components(clusters.view(b, h, w), cfg.connectivity,
                                   backend=cfg.components_backend)  # (B, H, W)
     pieces = pool_small_pieces(pieces.view(b, h * w), cfg.min_piece_pixels, h * w + 1)  # (B, H*W)

@@ -107,6 +107,10 @@ class GenerateStep:
         return records, failures
 
 
+# labeller settings that choose how the work runs, not what it gives (same masks either way)
+EXECUTION_FIELDS = frozenset({"kmeans_backend", "components_backend", "cleanup_backend", "kmeans_check_every"})
+
+
 def sample_record(entry, settings: GenerationConfig) -> dict:
     """What defines one sample, as its manifest record carries it (and resume compares)."""
     return dict(prompt=entry.prompt, classes=list(entry.classes), seed=settings.seed + entry.index,
@@ -117,7 +121,7 @@ def defining_settings(settings: GenerationConfig, cfg: PCCConfig, label_set: Lab
                       jpeg_quality: int) -> dict:
     """What defines every sample of a run (``run.json``): not the batch size, workers, device
     or the labeller's backends, which choose how, not what."""
-    labeller = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.endswith("_backend")}
+    labeller = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_FIELDS}
     return dict(model=settings.model, dtype=settings.dtype, height=settings.height, width=settings.width,
                 steps=settings.steps, guidance=settings.guidance, scheduler="the model's own",
                 seed=f"{settings.seed} + prompt index", label_set=label_set.to_json(), labeller=labeller,

@@ -56,6 +56,9 @@ def is_sync(packet: str, args: tuple, kwargs: Optional[dict] = None) -> bool:
         device = kwargs.get("device") if kwargs else None
         src = args[0] if args and isinstance(args[0], torch.Tensor) else None
         return device is not None and torch.device(device).type == "cpu" and src is not None
+    if packet == "aten.copy_":  # into a host tensor from a device tensor
+        return (len(args) > 1 and isinstance(args[0], torch.Tensor) and isinstance(args[1], torch.Tensor)
+                and args[0].device.type == "cpu" and args[1].device.type != "cpu")
     if packet == "aten.repeat_interleave":
         return len(args) > 0 and isinstance(args[0], torch.Tensor) and (
             len(args) == 1 or isinstance(args[1], torch.Tensor))
@@ -86,6 +89,8 @@ class OpCounter(TorchDispatchMode):
             yield
         finally:
             self._stack.pop()
+
+    stage = section  # the benchmarks' name for it
 
     @property
     def total_syncs(self) -> int:

@@ -143,7 +143,7 @@ def test_exact_given_the_reference_kmeans(monkeypatch):
 
     def fake(stage):
         def kmeans(x, k, *, max_iter, tol, generator=None, n_init=1, seed=0, backend="torch", prepared=None,
-                   cache=None):
+                   cache=None, check_every=8):
             asked.append((stage, k, max_iter, tol, n_init))
             if prepared is not None:  # points handed over centred (k-means is translation invariant)
                 assert torch.equal(prepared.x, x)
