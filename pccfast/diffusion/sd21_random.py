@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pccfast.diffusion.tiny import SD21_BASE_SCHEDULER_CONFIG, build_tiny_tokenizer
+from pccfast.diffusion.tiny import build_tiny_tokenizer, random_sd_pipeline
 
 __all__ = ["SD21_UNET_CONFIG", "SD21_VAE_CONFIG", "SD21_TEXT_CONFIG", "build_sd21_random_pipeline"]
 
@@ -58,29 +58,7 @@ SD21_TEXT_CONFIG = dict(
 
 def build_sd21_random_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
     """A ``StableDiffusionPipeline`` with SD 2.1-base's full sizes and seeded random weights."""
-    from pccfast.diffusion.quiet import quiet_imports
-
-    with quiet_imports():
-        from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-        from diffusers.models.attention_processor import AttnProcessor2_0
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = build_tiny_tokenizer()
-    text_config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **SD21_TEXT_CONFIG)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
-        vae = AutoencoderKL(**SD21_VAE_CONFIG)
-        text_encoder = CLIPTextModel(text_config)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=PNDMScheduler(**SD21_BASE_SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    pipe.vae.set_attn_processor(AttnProcessor2_0())
-    pipe = pipe.to(device=device)
-    if dtype != torch.float32:  # each model cast on its own (the pipeline's .to(dtype) warns about the VAE)
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-            torch.nn.Module.to(model, dtype)  # (diffusers' own .to warns even with nothing to keep in float32)
+    pipe = random_sd_pipeline(SD21_UNET_CONFIG, SD21_VAE_CONFIG, SD21_TEXT_CONFIG, build_tiny_tokenizer(), seed=seed,
+                              device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "build_tiny_pipeline",
+    "random_sd_pipeline",
     "build_tiny_tokenizer",
     "tiny_vocab_and_merges",
     "TINY_UNET_CONFIG",
@@ -223,6 +224,20 @@ def build_tiny_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype = torch.
         ``StableDiffusionPipeline`` (no safety checker) with a 2-layer, 32-wide CLIP text
         encoder, the tiny UNet (``TINY_UNET_CONFIG``), a tiny VAE (factor 8) and PNDM.
     """
+    tokenizer = build_tiny_tokenizer(label_set)
+    text = dict(TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
+    return random_sd_pipeline(TINY_UNET_CONFIG, TINY_VAE_CONFIG, text, tokenizer, seed=seed, device=device, dtype=dtype)
+
+
+def random_sd_pipeline(unet_config: dict, vae_config: dict, text_config: dict, tokenizer, *, seed: int = 0,
+                       device="cpu", dtype: torch.dtype = torch.float32):
+    """A ``StableDiffusionPipeline`` from configs with seeded random weights (no safety checker,
+    SD 2.1-base's PNDM scheduler, diffusers' default attention processors).
+
+    The global RNG is forked, seeded for the construction and restored afterwards, so callers'
+    random state is untouched. Built in float32, then each model is cast on its own (the
+    pipeline's and diffusers' own ``.to(dtype)`` warn about keeping modules in float32 even
+    when there is none)."""
     from pccfast.diffusion.quiet import quiet_imports
 
     with quiet_imports():
@@ -230,34 +245,20 @@ def build_tiny_pipeline(seed: int = 0, device="cpu", dtype: torch.dtype = torch.
         from diffusers.models.attention_processor import AttnProcessor2_0
         from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_tiny_tokenizer(label_set)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_TEXT_CONFIG,
-    )
+    text = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **text_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-        text_encoder = CLIPTextModel(text_config)
-    scheduler = PNDMScheduler(**SD21_BASE_SCHEDULER_CONFIG)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(text)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=PNDMScheduler(**SD21_BASE_SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device=device)
-    if dtype != torch.float32:  # built in float32; each model cast on its own (the pipeline's .to(dtype)
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):  # warns about keeping VAE modules in float32)
-            torch.nn.Module.to(model, dtype)  # (diffusers' own .to warns even with nothing to keep in float32)
+    if dtype != torch.float32:
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            torch.nn.Module.to(model, dtype)
     return pipe
