@@ -75,16 +75,19 @@ def check_tensor(
 def local_generator(
     generator: Optional[torch.Generator], seed: int, device: torch.device
 ) -> torch.Generator:
-    """The caller's generator, or a fresh one on ``device`` seeded with ``seed``.
+    """The caller's generator, or a fresh CPU generator seeded with ``seed``, whatever ``device``.
 
-    Random tensors are drawn on the generator's own device and then moved (see
-    ``randn``/``rand`` usage in the core), so a CPU generator also drives CUDA work.
+    Random tensors are drawn on the generator's own device and then moved to the data's
+    (see ``randn``/``rand`` usage in the core). The default is a CPU generator on every device:
+    the k-means++ and PCA draws are then the same numbers on a GPU as on the CPU, so the same
+    seed gives the same masks on any device, up to float rounding (CUDA generators draw other
+    numbers from the same seed). ``device`` is kept for the callers' signature.
     """
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` has to be a torch.Generator but is {type(generator).__name__}")
         return generator
-    dev = torch.device(device)
-    g = torch.Generator(device=dev.type if dev.type != "cpu" else "cpu")
+    torch.device(device)  # still checked: a bad device is the caller's error, here as before
+    g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g

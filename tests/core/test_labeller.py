@@ -135,3 +135,16 @@ def test_input_checks_one_sync():
     bad[0, 0, 0, 0] = -1.0
     with pytest.raises(ValueError, match=r"`images` has to lie in \[0, 255\] but spans \[-1, "):
         _check_inputs(feats, cams, bad, PCCConfig())
+
+
+def test_default_generators_are_cpu_on_every_device():
+    """Same seed, same masks on any device: the labeller's own generators (k-means++ and PCA
+    draws) are CPU generators even for CUDA data, so the numbers drawn do not depend on the
+    device (CUDA generators would draw others from the same seed)."""
+    from pccfast.core.checks import local_generator
+
+    for device in ("cpu", "cuda", "cuda:1", torch.device("meta")):
+        g = local_generator(None, 7, device)
+        assert g.device.type == "cpu" and g.initial_seed() == 7
+    mine = torch.Generator().manual_seed(1)
+    assert local_generator(mine, 7, "cuda") is mine
