@@ -6,8 +6,7 @@ import json
 import sys
 
 from pccfast.cli.common import one_line_errors, report_error
-from pccfast.cli.inspect import check_output_file, write_output
-from pccfast.data.fileio import atomic_write_bytes
+from pccfast.data.fileio import atomic_write_bytes, check_output_file, write_output
 from pccfast.data.labelsets import get_label_set
 from pccfast.tools.evaluate import default_label_set, evaluate_dirs, mask_dir
 

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
-import tempfile
 
 from pccfast.cli.common import one_line_errors, report_error
-from pccfast.data.fileio import atomic_write_bytes
+from pccfast.data.fileio import atomic_write_bytes, check_output_file, write_output
 from pccfast.tools.inspection import contact_sheet, dataset_label_set, dataset_stats, find_samples, save_sheet, write_html
 
-__all__ = ["build_parser", "check_output_file", "write_output", "main"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,37 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label set (default: the dataset's labelset.json, else voc)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the stats (per class, per image) as JSON")
     return p
-
-
-def check_output_file(path: str, option: str) -> None:
-    """Before any work: OSError (``FILE: reason``) unless ``path`` can be written as a new or
-    replaced file in a folder that exists. Proven with a temporary file that is removed at
-    once, so a read-only or unwritable folder fails here and nothing is left behind; the
-    folder is not created (a mistyped path should not make folders)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, f"`{option}` has to be a file name but is a folder", path)
-    if not os.path.exists(folder):
-        raise FileNotFoundError(errno.ENOENT, f"no such folder for `{option}` (create it first)", folder)
-    if not os.path.isdir(folder):
-        raise NotADirectoryError(errno.ENOTDIR, f"not a folder, so `{option}` cannot be written inside it", folder)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write `{option}` here: {e.strerror or e}", folder) from None
-
-
-def write_output(path: str, write) -> None:
-    """Run ``write()`` (an atomic write of ``path``: all or nothing); an OSError without a file
-    name (a full disk) gets ``path``, so its line says which file failed."""
-    try:
-        write()
-    except OSError as e:
-        if e.filename is None:
-            raise OSError(e.errno, e.strerror or str(e), path) from None
-        raise
 
 
 @one_line_errors

@@ -7,6 +7,7 @@ at any moment leaves either the old file, the whole new file, or nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -33,6 +34,8 @@ __all__ = [
     "clean_stale_temps",
     "atomic_link_or_copy",
     "check_writable",
+    "check_output_file",
+    "write_output",
     "FILE_MODE",
     "remove_temps_of",
 ]
@@ -196,17 +199,51 @@ def check_id(value) -> str:
     return s
 
 
+def _probe(directory: str) -> None:
+    """Prove that files can be written in ``directory``: a temporary file, removed at once."""
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix="-probe", dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def check_writable(directory: str) -> None:
-    """Create ``directory`` (and parents) if needed and prove that files can be written in it,
-    with a temporary file that is removed at once; OSError (``DIR: reason``) otherwise. Used
-    before a run starts its work, so a read-only or full output fails at once, in one line."""
+    """Create ``directory`` (and parents) if needed and prove that files can be written in it
+    (:func:`_probe`); OSError (``DIR: reason``) otherwise. Used before a run starts its work,
+    so a read-only or full output fails at once, in one line."""
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix="-probe", dir=directory)
-        os.close(fd)
-        os.unlink(tmp)
+        _probe(directory)
     except OSError as e:
         raise OSError(e.errno, f"cannot write files here: {e.strerror or e}", directory) from None
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Before any work: OSError (``FILE: reason``) unless ``path`` can be written as a new or
+    replaced file in a folder that exists (:func:`_probe`), so a read-only or unwritable folder
+    fails here and nothing is left behind; the folder is not created (a mistyped path should
+    not make folders). ``option`` names the command-line option in the messages."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"`{option}` has to be a file name but is a folder", path)
+    if not os.path.exists(folder):
+        raise FileNotFoundError(errno.ENOENT, f"no such folder for `{option}` (create it first)", folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, f"not a folder, so `{option}` cannot be written inside it", folder)
+    try:
+        _probe(folder)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write `{option}` here: {e.strerror or e}", folder) from None
+
+
+def write_output(path: str, write) -> None:
+    """Run ``write()`` (an atomic write of ``path``: all or nothing); an OSError without a file
+    name (a full disk) gets ``path``, so its line says which file failed."""
+    try:
+        write()
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise
 
 
 def atomic_link_or_copy(src: str, dst: str) -> None:
