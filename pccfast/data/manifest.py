@@ -20,7 +20,7 @@ from pccfast.data.labelsets import check_label_set_file, ensure_label_set_file
 from pccfast.data.provenance import OVERWRITE_HINT, check_run_file, first_difference, write_run_file
 from pccfast.data.layout import IMAGES, MANIFEST, MASKS, SHARDS, SPLIT, output_dirs, sample_paths, shard_manifest, shard_plan
 
-__all__ = ["Manifest", "dedup_records", "record_order", "write_split", "all_records"]
+__all__ = ["Manifest", "check_output_folder", "make_output_folder", "dedup_records", "record_order", "write_split", "all_records"]
 
 
 def dedup_records(records: list[dict]) -> list[dict]:
@@ -54,6 +54,25 @@ def all_records(out: str) -> list[dict]:
     return records
 
 
+def check_output_folder(out: str, label_set: LabelSet) -> None:
+    """Read-only checks of an output dataset folder before a run: not a file, and its
+    ``labelset.json`` (if any) names ``label_set``; OSError or ValueError in one line."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a dataset folder", out)
+    check_label_set_file(out, label_set)
+
+
+def make_output_folder(out: str, label_set: LabelSet, folders, temp_dirs) -> None:
+    """After the checks: prove ``out`` writable (one line if not), make ``folders`` in it,
+    write ``labelset.json`` and remove what killed writers of this host left in ``temp_dirs``."""
+    check_writable(out)
+    for name in folders:
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+    ensure_label_set_file(out, label_set)
+    for d in temp_dirs:
+        clean_stale_temps(d)
+
+
 class Manifest:
     """Resume, plan and commit for a generated dataset ``out``; ``shard`` = (I, N) or None.
 
@@ -74,20 +93,13 @@ class Manifest:
                  defining: dict | None = None, expected: dict | None = None, overwrite: bool = False):
         self.out, self.label_set, self.shard = out, label_set, shard
         self.overwrite = overwrite
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a dataset folder", out)
-        check_label_set_file(out, label_set)
+        check_output_folder(out, label_set)
         if defining is not None:
             check_run_file(out, defining, overwrite=overwrite)
         self.stale = self._differing(expected or {})  # finished ids that this run makes otherwise
-        check_writable(out)
-        os.makedirs(os.path.join(out, IMAGES), exist_ok=True)
-        os.makedirs(os.path.join(out, MASKS), exist_ok=True)
-        ensure_label_set_file(out, label_set)
+        make_output_folder(out, label_set, (IMAGES, MASKS), output_dirs(out))
         if defining is not None:
             write_run_file(out, defining)
-        for d in output_dirs(out):
-            clean_stale_temps(d)
 
     def _differing(self, expected: dict) -> set[str]:
         """Finished ids whose record differs from ``expected``: refused (ValueError naming the

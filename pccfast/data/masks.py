@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, field
 
@@ -22,12 +21,10 @@ import numpy as np
 
 from pccfast.core.labelset import BUILTIN, LabelSet
 from pccfast.data.captures import CaptureError, CaptureInfo, read_capture, read_capture_info
-from pccfast.data.fileio import (
-    atomic_link_or_copy, check_id, check_writable, clean_stale_temps, load_image, save_image, save_mask_png,
-)
-from pccfast.data.labelsets import check_label_set_file, ensure_label_set_file, get_label_set
+from pccfast.data.fileio import atomic_link_or_copy, check_id, load_image, save_image, save_mask_png
+from pccfast.data.labelsets import get_label_set
 from pccfast.data.layout import BLOCKY, CAPTURE_EXT, IMAGE_EXTS, IMAGES, LABELSET, MASKS, sample_paths
-from pccfast.data.manifest import Manifest
+from pccfast.data.manifest import Manifest, check_output_folder, make_output_folder
 
 __all__ = ["InputPair", "Pair", "images_folder", "find_inputs", "read_pair", "read_infos", "captures_label_set",
            "first_without_image", "MaskStore", "DatasetStore", "MaskWriter"]
@@ -199,14 +196,9 @@ class MaskStore:
 
     def __init__(self, out: str, label_set: LabelSet, *, save_blocky: bool = False, overwrite: bool = False):
         self.out, self.save_blocky, self.overwrite = out, save_blocky, overwrite
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a dataset folder", out)
-        check_label_set_file(out, label_set)
-        check_writable(out)  # a read-only or full output fails now, in one line, not after the work
-        for d in (MASKS, BLOCKY):
-            clean_stale_temps(os.path.join(out, d))
-        os.makedirs(os.path.join(out, MASKS), exist_ok=True)
-        ensure_label_set_file(out, label_set)
+        check_output_folder(out, label_set)
+        # a read-only or full output fails now, in one line, not after the work
+        make_output_folder(out, label_set, (MASKS,), [os.path.join(out, d) for d in (MASKS, BLOCKY)])
         self._planned: list[str] = []
 
     def paths(self, sample_id: str) -> list[str]:
