@@ -269,15 +269,14 @@ def check_scaleout_arguments(args: argparse.Namespace) -> None:
 def run_and_report(run: "typing.Callable[[], object]", what: str, out: str) -> int:
     """Run a command's work (``run() -> RunReport``) and report it: the exit status.
 
-    Ctrl-C: one line, 130. A run that cannot start or go on (no model, no Ray, no cluster, no
-    worker, a bad setting found late): one ``error:`` line and SystemExit(2), as :func:`fail`. Otherwise the summary, one line
-    per failed item and 1 if any failed, else 0."""
+    A run that cannot start or go on (no model, no Ray, no cluster, no worker, a bad setting
+    found late): one ``error:`` line and SystemExit(2), as :func:`fail`. Otherwise the summary,
+    one line per failed item and 1 if any failed, else 0. Ctrl-C is the command's
+    :func:`one_line_errors` (``resumable``): :func:`interrupted` with its ``--out``, 130."""
     from pccfast.runs.engine import RunError
 
     try:
         report = run()
-    except KeyboardInterrupt:
-        return interrupted(out)
     except (RunError, ImportError, ConnectionError, ValueError, OSError) as exc:
         fail(exc)
     return report_run(report, what, out)
