@@ -18,7 +18,7 @@ import os
 
 __all__ = [
     "IMAGES", "MASKS", "BLOCKY", "CAPTURES", "SPLIT", "MANIFEST", "LABELSET", "RUN_FILE", "SHARDS", "IMAGE_EXTS",
-    "CAPTURE_EXT", "sample_paths", "dataset_paths", "shard_manifest", "shard_plan", "parse_shard_file",
+    "CAPTURE_EXT", "sample_paths", "shard_manifest", "shard_plan", "parse_shard_file",
     "output_dirs",
 ]
 
@@ -44,9 +44,6 @@ def sample_paths(out: str, sample_id: str) -> dict[str, str]:
         "blocky": os.path.join(out, BLOCKY, f"{sample_id}.png"),
         "capture": os.path.join(out, CAPTURES, f"{sample_id}{CAPTURE_EXT}"),
     }
-
-
-dataset_paths = sample_paths  # the name used before the layout had its own module
 
 
 def shard_manifest(out: str, shard: tuple[int, int]) -> str:

@@ -44,13 +44,10 @@ from pccfast.runs.plan import batches, pending
 from pccfast.runs.progress import Progress
 from pccfast.runs.report import BatchStat, RunReport
 
-__all__ = ["RayRunError", "ray_available", "run_ray", "resolve_workers"]
+__all__ = ["ray_available", "run_ray", "resolve_workers"]
 
 MAX_ATTEMPTS = 3  # a batch that fails this often is reported and skipped
 INSTALL_HINT = 'the Ray backend (--ray) needs Ray: pip install "pccfast[ray]" (or pip install "ray>=2.9")'
-
-
-RayRunError = RunError  # the Ray run could not go on (e.g. no worker could start)
 
 
 def ray_available() -> bool:
@@ -306,7 +303,7 @@ def _drive(ray, actors, todo, batch_size, store, report, inflight, max_attempts,
                     report.failures += [(e.id, f"{e.id}: {batch.error or msg}") for e in batch.entries]
                     bar.advance(len(batch.entries), finished=0)
                 if report.done == 0:
-                    raise RayRunError(msg)
+                    raise RunError(msg)
                 break
             now = time.perf_counter()
             for when, i in [r for r in reping if r[0] <= now]:

@@ -36,9 +36,7 @@ from pccfast.runs.engine import Prepared, run_local
 from pccfast.runs.plan import select_shard
 from pccfast.runs.report import RunReport
 
-__all__ = ["RelabelStep", "relabel_dir", "RelabelReport"]
-
-RelabelReport = RunReport  # the one report type (the name relabel used before)
+__all__ = ["RelabelStep", "relabel_dir"]
 
 
 @dataclass
