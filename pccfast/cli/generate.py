@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from pccfast.cli.common import (
     add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, one_line_errors, run_and_report,
     run_settings,
@@ -76,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance, height=args.height,
                                     width=args.width, seed=args.seed, device=str(device), dtype=dtype)
         settings.check_labeller(cfg.pca_components)
+        if args.compile is not None:
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if args.compile not in known:
+                raise ValueError(f"`--compile` has to be a torch.compile backend ({', '.join(known)}) "
+                                 f"but is {args.compile!r}")
         if args.batch < 1:
             raise ValueError(f"`--batch` has to be at least 1 but is {args.batch}")
         if not 1 <= args.jpeg_quality <= 100:

@@ -151,6 +151,7 @@ def test_builtin_prompts_and_text_prompts(tmp_path):
         (["--workers", "2"], "`--workers` 2 needs --ray"),
         (["--batch", "0"], "`--batch` has to be at least 1 but is 0"),
         (["--device", "foo"], "`--device` has to be a torch device such as cpu, cuda or cuda:1 but is 'foo'"),
+        (["--compile", "foo"], "`--compile` has to be a torch.compile backend ("),
         (["--dtype", "float16", "--device", "cpu"], "float16 needs a CUDA device"),
         (["--model", "/nonexistent/model"], "--model tiny"),
     ],
