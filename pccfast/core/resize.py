@@ -2,7 +2,7 @@
 
 ``resize`` is ``kornia.geometry.transform.resize`` with its options pinned to what the
 reference computes: ``"bilinear"`` is ``F.interpolate(mode="bilinear", align_corners=False)``
-without antialiasing, ``"nearest"`` is ``F.interpolate(mode="nearest")`` (source index
+without antialiasing (``"bicubic"`` likewise, for the Dataset Diffusion labeller), ``"nearest"`` is ``F.interpolate(mode="nearest")`` (source index
 ``floor(i * H / h)``; upscaling by a whole factor ``f`` repeats every pixel ``f`` times, like
 ``repeat_interleave``). Results are bit-identical to ``F.interpolate`` on the same tensor.
 
@@ -33,7 +33,7 @@ from pccfast.core.checks import check_tensor
 
 __all__ = ["resize", "MODES"]
 
-MODES = ("bilinear", "nearest")
+MODES = ("bilinear", "bicubic", "nearest")
 
 
 def _check(x: object, size: object, mode: object) -> tuple[int, int]:
@@ -57,6 +57,8 @@ def _check(x: object, size: object, mode: object) -> tuple[int, int]:
         raise TypeError(f"`x` has to be a real tensor but has dtype {x.dtype}")
     if mode == "bilinear" and not (x.is_floating_point() or x.dtype == torch.uint8):
         raise TypeError(f"`x` has to be floating point or uint8 for mode 'bilinear' but has dtype {x.dtype}")
+    if mode == "bicubic" and not x.is_floating_point():
+        raise TypeError(f"`x` has to be floating point for mode 'bicubic' but has dtype {x.dtype}")
     return h, w
 
 
@@ -72,7 +74,7 @@ def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear", *, out: Ten
     Args:
         x: (*, H, W) floating point or uint8 for "bilinear"; any real dtype for "nearest".
         size: (h, w), positive ints.
-        mode: "bilinear" (align_corners=False, no antialiasing) or "nearest" (torch's
+        mode: "bilinear" or "bicubic" (align_corners=False, no antialiasing) or "nearest" (torch's
             nearest: source index floor(i * H / h)).
         out: optional (*, h, w) tensor to write the result into (it may be a view, e.g. a
             channel slice of a larger tensor); it is returned.
@@ -99,8 +101,8 @@ def resize(x: Tensor, size: tuple[int, int], mode: str = "bilinear", *, out: Ten
         return out
     if out is not None:
         return out.copy_(resize(x, (h, w), mode))
-    if mode == "bilinear":
-        return _kornia_resize(x, (h, w), interpolation="bilinear", align_corners=False, antialias=False)
+    if mode in ("bilinear", "bicubic"):
+        return _kornia_resize(x, (h, w), interpolation=mode, align_corners=False, antialias=False)
     if x.is_floating_point() or x.dtype == torch.uint8:
         return _kornia_resize(x, (h, w), interpolation="nearest", antialias=False)
     rows = _nearest_index(x.shape[-2], h, x.device)  # (h,)

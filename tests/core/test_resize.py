@@ -17,12 +17,12 @@ SHAPES = [
 def _reference(x, size, mode):
     """F.interpolate on the same 4-D tensor kornia hands over."""
     y = x if x.ndim == 4 else x.reshape(-1, *x.shape[-3:]) if x.ndim > 4 else x.reshape(1, -1, *x.shape[-2:])
-    kw = {"align_corners": False} if mode == "bilinear" else {}
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(y, size=size, mode=mode, **kw).reshape(*x.shape[:-2], *size)
 
 
 @pytest.mark.parametrize("src,size", SHAPES)
-@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
 def test_value_float_matches_interpolate(device, src, size, mode):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, *src, generator=gen).to(device)  # (B, C, H, W): C = 7 like token maps
@@ -103,8 +103,10 @@ def test_smoke_shapes():
 
 def test_exception():
     x = torch.zeros(2, 4, 4)
-    with pytest.raises(ValueError, match=r"`mode` has to be one of \('bilinear', 'nearest'\) but is 'bicubic'"):
-        resize(x, (8, 8), "bicubic")
+    with pytest.raises(ValueError, match=r"`mode` has to be one of \('bilinear', 'bicubic', 'nearest'\) but is 'area'"):
+        resize(x, (8, 8), "area")
+    with pytest.raises(TypeError, match=r"`x` has to be floating point for mode 'bicubic' but has dtype torch.uint8"):
+        resize(x.to(torch.uint8), (8, 8), "bicubic")
     for bad in [(0, 8), (8,), (8, 8, 8), 8, (8.0, 8), (True, 8), None]:
         with pytest.raises(ValueError, match=r"`size` has to be a pair of positive ints \(h, w\) but is "):
             resize(x, bad)
