@@ -11,7 +11,10 @@ the same contract:
   run again item by item, so its good items are still written; the items that fail alone
   are reported as one line each. Bad inputs found by ``prepare`` are reported, not retried;
 * **overlap** -- with ``io_threads`` > 0 the next batch is prepared (its inputs read) on a
-  background thread while this one is processed, and written on a writer thread behind it;
+  background thread while this one is processed, and finished and written on a writer thread
+  behind it: a step with a ``finish`` stage (generate: the labeller and the copy to the host)
+  has batch i finished and written while batch i+1 is processed (diffused). At most two
+  processed batches wait for the writer, so memory stays flat;
 * **Ctrl-C** -- files being written are finished and committed, then KeyboardInterrupt
   propagates: running the same command again resumes.
 
@@ -61,6 +64,10 @@ class Step(Protocol):
 
     def process(self, prepared: Prepared) -> Any:
         """The device work on a prepared batch; may raise (then the batch is retried item by item)."""
+
+    # optional: ``finish(prepared, result) -> result``, more device work on a processed batch
+    # (generate's labeller) that the local loop runs on the writer thread, overlapped with the
+    # next batch's ``process``; if it raises, the batch is retried item by item like ``process``
 
     def write(self, prepared: Prepared, result: Any) -> tuple[list[dict], list[tuple[str, str]]]:
         """Write the batch's files; returns (records of the items written, each with ``id``;
@@ -147,29 +154,43 @@ def _written(step: Step, prepared: Prepared, result) -> tuple[list, list]:
         return [], [(e.id, f"{e.id}: cannot write: {one_line(exc)}") for e in prepared.items]
 
 
-def _process(step: Step, prepared: Prepared):
-    """``step.process``, or, when it raises, the batch once more item by item.
+def _finished(step: Step, prepared: Prepared, result):
+    """``step.finish(prepared, result)`` for a step that has that stage, else ``result``."""
+    finish = getattr(step, "finish", None)
+    return result if finish is None else finish(prepared, result)
+
+
+def _retried(step: Step, prepared: Prepared, exc: BaseException) -> tuple[list, list, float]:
+    """The batch whose ``process`` or ``finish`` raised ``exc``, once more item by item:
+    (records, failures, write seconds); an item that fails alone is one line. A fatal device
+    error is raised (retrying in this process cannot help)."""
+    if fatal_device_error(exc):
+        raise exc
+    if len(prepared.items) == 1:
+        return [], [(prepared.items[0].id, failure_line(step, prepared.items[0], exc))], 0.0
+    records, failures, t_write = [], [], 0.0
+    for item in prepared.items:
+        r, f, t = run_batch(step, [item])
+        records, failures, t_write = records + r, failures + f, t_write + t
+    return records, failures, t_write
+
+
+def _process(step: Step, prepared: Prepared, finish: bool = True):
+    """``step.process`` (and ``finish`` unless told not to), or, when it raises, the batch once more item by item.
 
     Returns ``(result, None)``, or ``(None, (records, failures, write seconds))`` of the retry:
     the good items of a failed batch are still written; an item that fails alone is one line.
     A fatal device error is raised (retrying in this process cannot help).
     """
     try:
-        return step.process(prepared), None
+        result = step.process(prepared)
+        return (_finished(step, prepared, result) if finish else result), None
     except Exception as exc:
-        if fatal_device_error(exc):
-            raise
-        if len(prepared.items) == 1:
-            return None, ([], [(prepared.items[0].id, failure_line(step, prepared.items[0], exc))], 0.0)
-        records, failures, t_write = [], [], 0.0
-        for item in prepared.items:
-            r, f, t = run_batch(step, [item])
-            records, failures, t_write = records + r, failures + f, t_write + t
-        return None, (records, failures, t_write)
+        return None, _retried(step, prepared, exc)
 
 
 def run_batch(step: Step, items: list) -> tuple[list, list, float]:
-    """Prepare, process and write one batch in line (with the item-by-item retry).
+    """Prepare, process, finish and write one batch in line (with the item-by-item retry).
 
     Returns (records, failures, seconds spent writing). Used by Ray workers; the local loop
     does the same with its stages overlapped.
@@ -268,10 +289,45 @@ def run_local(
     if io_threads > 0:
         stages = prefetched(stages, depth=1, name=f"pccfast-{desc}-prepare")
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pccfast-{desc}-write") if io_threads > 0 else None
-    writing: collections.deque = collections.deque()  # futures of _written, oldest first
+    writing: collections.deque = collections.deque()  # futures of finish_write_and_commit, oldest first
 
-    def write_and_commit(prepared: Prepared, result) -> None:  # on the writer thread, or in line
+    def finish_write_and_commit(prepared: Prepared, result):  # on the writer thread
+        """Finish and write a processed batch; returns the exception of a ``finish`` that
+        raised (the main thread retries that batch item by item), else None."""
+        try:
+            result = _finished(step, prepared, result)
+        except Exception as exc:
+            if fatal_device_error(exc):
+                raise
+            return prepared, exc
         sink.settle(*_written(step, prepared, result))
+        return None
+
+    def device_lost(exc: BaseException) -> RunError:
+        return RunError(f"{one_line(exc)}; the device cannot be used any more: finished work is kept, "
+                        "run the same command again to resume")
+
+    def collect(oldest_only: bool) -> None:
+        """Wait for the writer's oldest batch (or all of them); retry a batch whose finish failed."""
+        while writing:
+            try:
+                failed = writing.popleft().result()  # (raises what the writer could not handle)
+            except Exception as exc:
+                if fatal_device_error(exc):
+                    raise device_lost(exc) from exc
+                raise
+            if failed is not None:  # in line, once the writer has nothing else in hand
+                collect(oldest_only=False)
+                prepared, exc = failed
+                report.retried += len(prepared.items) > 1
+                try:
+                    sink.settle(*_retried(step, prepared, exc)[:2])
+                except Exception as again:
+                    if fatal_device_error(again):
+                        raise device_lost(again) from again
+                    raise
+            if oldest_only:
+                return
 
     try:
         for prepared in stages:
@@ -279,24 +335,22 @@ def run_local(
             if not prepared.items:
                 continue
             try:
-                result, retried = _process(step, prepared)
+                result, retried = _process(step, prepared, finish=writer is None)
             except Exception as exc:
                 if fatal_device_error(exc):
-                    raise RunError(f"{one_line(exc)}; the device cannot be used any more: finished work is kept, "
-                                   "run the same command again to resume") from exc
+                    raise device_lost(exc) from exc
                 raise
             if retried is not None:
                 report.retried += len(prepared.items) > 1
                 sink.settle(*retried[:2])
                 continue
             if writer is None:
-                write_and_commit(prepared, result)
+                sink.settle(*_written(step, prepared, result))
             else:
-                writing.append(writer.submit(write_and_commit, prepared, result))
+                writing.append(writer.submit(finish_write_and_commit, prepared, result))
                 while writing and (writing[0].done() or len(writing) > 2):  # at most 2 batches wait
-                    writing.popleft().result()  # (raises what the writer could not handle)
-        while writing:
-            writing.popleft().result()
+                    collect(oldest_only=True)
+        collect(oldest_only=False)
     finally:
         close = getattr(stages, "close", None)
         if close is not None:

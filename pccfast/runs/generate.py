@@ -1,13 +1,15 @@
 """The generate step: prompts -> diffusion with capture -> labeller -> written samples.
 
 Each batch of prompts goes through one diffusers call with pccfast's capture processors
-installed; the captured tensors go straight to the labeller on the same device; the image,
+installed (``process``); the captured tensors go straight to the labeller on the same device
+(``finish``, which the local loop runs on its writer thread while the next batch diffuses); the image,
 mask (and optionally blocky mask and capture file) are written atomically by a
 :class:`~pccfast.data.writer.SampleWriter`. :func:`run_generation` drives it through the run
 engine (this process or Ray); finished ids are skipped, so re-running resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -36,6 +38,46 @@ class _Made:
     blocky: object  # (B, H, W) uint8 numpy or None
     captures: list  # per item: dict for write_capture, or None
     seconds: float  # per item
+
+
+@dataclass
+class _Diffused:
+    """A diffused batch, still on the device: waiting for the labeller."""
+
+    seeds: list
+    capture: object  # CaptureOutput
+    ready: object  # torch.cuda.Event recorded after the diffusion (CUDA), else None
+    seconds: float  # for the batch
+
+
+def _ready_event(device: torch.device):
+    """An event on the current CUDA stream marking the end of this batch's work (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+_SIDE_STREAMS: dict = {}  # CUDA device -> the labeller's stream
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device, ready, tensors: tuple):
+    """On CUDA, run the body on the labeller's own stream after ``ready``; ``tensors`` (made on
+    the diffusion's stream) are marked as used there, so the allocator does not hand their
+    memory to the next batch too early. Elsewhere, nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    stream.wait_event(ready)
+    for t in tensors:
+        t.record_stream(stream)
+    with torch.cuda.stream(stream):
+        yield
 
 
 class GenerateStep:
@@ -68,8 +110,8 @@ class GenerateStep:
         return Prepared(list(entries))  # prompts need no reading
 
     @torch.no_grad()
-    def process(self, prepared: Prepared) -> _Made:
-        from pccfast.core.labeller import label_images
+    def process(self, prepared: Prepared) -> _Diffused:
+        """The diffusion with capture (on the device); the labeller runs in :meth:`finish`."""
         from pccfast.diffusion.generation import generate_with_capture
 
         t0 = time.perf_counter()
@@ -79,19 +121,32 @@ class GenerateStep:
             self.pipe, [e.prompt for e in entries], [list(e.classes) for e in entries], self.label_set, seeds,
             steps=s.steps, guidance=s.guidance, height=s.height, width=s.width, cfg=self.cfg, compile=self.compile,
         )
-        res = label_images(cap.features.float(), cap.class_attention.float(), cap.images, self.cfg, cache=self.cache)
-        images = cap.images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (B, H, W, 3)
-        masks = res.mask.cpu().numpy()  # (B, H, W)
-        blocky = res.blocky_full.cpu().numpy() if self.writer.save_blocky else None  # (B, H, W)
-        captures = [None] * len(entries)
-        if self.writer.save_captures:
-            captures = [
-                dict(features=cap.features[i].cpu(), class_attention=cap.class_attention[i].cpu(),
-                     label_set=self.label_set, prompt=e.prompt, classes=list(e.classes), seed=seeds[i],
-                     model=s.model, steps=s.steps, image=cap.images[i].cpu())
-                for i, e in enumerate(entries)
-            ]
-        return _Made(seeds, images, masks, blocky, captures, (time.perf_counter() - t0) / len(entries))
+        return _Diffused(seeds, cap, _ready_event(cap.images.device), time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def finish(self, prepared: Prepared, diffused: _Diffused) -> _Made:
+        """Label the batch and copy it to the host. The local loop runs this on its writer
+        thread while the next batch diffuses; on CUDA on a stream of its own, which waits for
+        this batch's diffusion only (an event), not for the next batch's kernels queued since."""
+        from pccfast.core.labeller import label_images
+
+        t0 = time.perf_counter()
+        entries, s, cap, seeds = prepared.items, self.settings, diffused.capture, diffused.seeds
+        with _side_stream(cap.images.device, diffused.ready, (cap.images, cap.features, cap.class_attention)):
+            res = label_images(cap.features.float(), cap.class_attention.float(), cap.images, self.cfg, cache=self.cache)
+            images = cap.images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (B, H, W, 3)
+            masks = res.mask.cpu().numpy()  # (B, H, W)
+            blocky = res.blocky_full.cpu().numpy() if self.writer.save_blocky else None  # (B, H, W)
+            captures = [None] * len(entries)
+            if self.writer.save_captures:
+                captures = [
+                    dict(features=cap.features[i].cpu(), class_attention=cap.class_attention[i].cpu(),
+                         label_set=self.label_set, prompt=e.prompt, classes=list(e.classes), seed=seeds[i],
+                         model=s.model, steps=s.steps, image=cap.images[i].cpu())
+                    for i, e in enumerate(entries)
+                ]
+        seconds = diffused.seconds + time.perf_counter() - t0
+        return _Made(seeds, images, masks, blocky, captures, seconds / len(entries))
 
     def write(self, prepared: Prepared, made: _Made) -> tuple[list[dict], list]:
         records, failures = [], []

@@ -162,3 +162,83 @@ def test_a_written_batch_is_committed_while_the_next_is_processed(tmp_path):
 
     report, _ = _run(out, _entries([f"p{i}" for i in range(6)]), step=Watching(str(out)), io_threads=1)
     assert seen == [3] and len(report.written) == 6
+
+
+class Finishing(Step):
+    """A step with a ``finish`` stage (as generate's labeller): ``process`` hands over the
+    rngs, ``finish`` fails like ``process`` does for 'fbig' (in a batch) and 'fpoison' and
+    'fcuda', and logs which thread ran it and when."""
+
+    def __init__(self, out, **kw):
+        super().__init__(out, **kw)
+        self.log, self.lock = [], threading.Lock()
+
+    def process(self, prepared):
+        with self.lock:
+            self.log.append(("process", prepared.items[0].id, time.perf_counter(), threading.current_thread().name))
+        return super().process(prepared)
+
+    def finish(self, prepared, rngs):
+        prompts = [e.prompt for e in prepared.items]
+        with self.lock:
+            self.log.append(("finish", prepared.items[0].id, time.perf_counter(), threading.current_thread().name))
+        if "fcuda" in prompts:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if "fpoison" in prompts:
+            raise RuntimeError("poisoned in finish")
+        if "fbig" in prompts and len(prompts) > 1:
+            raise MemoryError("out of memory in finish (pretend)")
+        time.sleep(0.05)  # long enough for the next batch's process to start meanwhile
+        with self.lock:
+            self.log.append(("finished", prepared.items[0].id, time.perf_counter(), threading.current_thread().name))
+        return rngs
+
+
+@pytest.mark.parametrize("io_threads", [0, 1])
+def test_finish_runs_for_every_batch_and_writes_the_same(tmp_path, io_threads):
+    out = tmp_path / f"o{io_threads}"
+    entries = _entries([f"p{i}" for i in range(7)])
+    report, step = _run(out, entries, step=Finishing(str(out)), io_threads=io_threads)
+    assert sorted(report.written) == [e.id for e in entries] and not report.failures
+    assert [x[1] for x in step.log if x[0] == "finish"] == ["000", "003", "006"]
+    ref = tmp_path / "plain"
+    _run(ref, entries, io_threads=0)
+    for e in entries:
+        for kind in ("image", "mask"):
+            with open(sample_paths(str(out), e.id)[kind], "rb") as a, open(sample_paths(str(ref), e.id)[kind], "rb") as b:
+                assert a.read() == b.read()
+
+
+def test_finish_overlaps_the_next_batch_process(tmp_path):
+    """With the writer thread, batch i's finish (the labeller) runs while batch i+1 is processed
+    (diffused), on another thread; in line, it ends before the next process starts."""
+    entries = _entries([f"p{i}" for i in range(6)])
+    _, threaded = _run(tmp_path / "t", entries, step=Finishing(str(tmp_path / "t")), io_threads=1)
+    ev = {(kind, sid): (t, name) for kind, sid, t, name in threaded.log}
+    assert ev[("finish", "000")][1] != ev[("process", "003")][1]
+    assert ev[("process", "003")][0] < ev[("finished", "000")][0]  # batch 2 began before batch 1 was labelled
+    _, inline = _run(tmp_path / "i", entries, step=Finishing(str(tmp_path / "i")), io_threads=0)
+    ev = {(kind, sid): t for kind, sid, t, _ in inline.log}
+    assert ev[("finished", "000")] < ev[("process", "003")]
+
+
+@pytest.mark.parametrize("io_threads", [0, 1])
+def test_a_batch_whose_finish_fails_is_retried_item_by_item(tmp_path, io_threads, capsys):
+    out = tmp_path / "o"
+    entries = _entries(["a", "fbig", "c", "d", "fpoison", "f", "g"])
+    report, step = _run(out, entries, step=Finishing(str(out)), io_threads=io_threads)
+    assert sorted(report.written) == ["000", "001", "002", "003", "005", "006"]
+    assert report.failures == [("004", "004: RuntimeError: poisoned in finish")]
+    assert report.retried == 2
+    assert sorted(r["id"] for r in read_jsonl(str(out / "manifest.jsonl"))) == sorted(report.written)
+
+
+@pytest.mark.parametrize("io_threads", [0, 1])
+def test_a_fatal_device_error_in_finish_stops_the_run(tmp_path, io_threads):
+    entries = _entries(["a", "b", "c", "fcuda", "e", "f", "g"])
+    with pytest.raises(RunError, match="CUDA error.*run the same command again to resume"):
+        _run(tmp_path / "o", entries, step=Finishing(str(tmp_path / "o")), io_threads=io_threads)
+    done = {r["id"] for r in read_jsonl(str(tmp_path / "o" / "manifest.jsonl"))}
+    # the batch before is kept, the failed one is not; with the writer thread a batch already
+    # processed behind it may still be finished and committed (what finishes is whole)
+    assert {"000", "001", "002"} <= done and not done & {"003", "004", "005"}
