@@ -1,11 +1,13 @@
-"""Stable Diffusion with attention capture: loading, capture, generation.
+"""Diffusion models with attention capture: loading, model adapters, capture, generation.
 
-Modules (imports go downward: generation -> capture -> processors, layers, tokens; all use
-``pccfast.core`` only):
+Modules (imports go downward: generation -> capture, adapters -> processors, layers, tokens;
+all use ``pccfast.core`` only):
 
 * ``pipeline``: ``load_pipeline`` and ``ModelLoadError``;
 * ``tiny``: the seeded offline test pipeline;
-* ``layers``: the SD-1/2 UNet specifics (which layers are captured);
+* ``adapters``: one ``ModelAdapter`` per model family (layers, class-text encoding, sizes,
+  guidance halves), chosen from the pipeline's class by ``adapter_for``;
+* ``layers``: the UNet layer names the UNet adapters capture;
 * ``processors``: the attention math and the diffusers-style processors;
 * ``tokens``: class texts, their tokens, and their encoding with the pipeline's text encoder;
 * ``capture``: ``AttentionCapture`` (buffers, steps) and the class-attention assembly;
@@ -22,6 +24,8 @@ _LAZY = {
     "generate_with_capture": "pccfast.diffusion.generation",
     "CaptureOutput": "pccfast.diffusion.generation",
     "AttentionCapture": "pccfast.diffusion.capture",
+    "ModelAdapter": "pccfast.diffusion.adapters",
+    "adapter_for": "pccfast.diffusion.adapters",
     "assemble_class_attention": "pccfast.diffusion.capture",
     "encode_class_texts": "pccfast.diffusion.tokens",
     "load_pipeline": "pccfast.diffusion.pipeline",

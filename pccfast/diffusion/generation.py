@@ -19,8 +19,8 @@ from torch import Tensor
 
 from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import as_label_set
+from pccfast.diffusion.adapters import adapter_for
 from pccfast.diffusion.capture import AttentionCapture, assemble_class_attention
-from pccfast.diffusion.tokens import encode_class_texts
 
 __all__ = ["CaptureOutput", "generate_with_capture", "compiled_unet"]
 
@@ -106,7 +106,8 @@ def generate_with_capture(
         )
     if not guidance > 1.0:
         raise ValueError(f"`guidance` has to be greater than 1 (the captures use the unconditional CFG half) but is {guidance}")
-    factor = getattr(pipe, "vae_scale_factor", 8)
+    adapter = adapter_for(pipe)
+    factor = adapter.size_factor
     if height != width or height % factor or height < factor:
         raise ValueError(
             f"`height` and `width` have to be equal positive multiples of {factor} (square features) but are {height} and {width}"
@@ -117,14 +118,16 @@ def generate_with_capture(
         raise TypeError(f"`compile` has to be a bool or a torch.compile backend name but is {type(compile).__name__}")
     ls = as_label_set(label_set)
     device = pipe._execution_device
-    latent_hw = (height // factor, width // factor)
-    embeds, mask, tok = encode_class_texts(pipe, class_names, ls)
+    unet = adapter.denoiser
+    adapter = type(adapter)(pipe, denoiser=unet)  # the eager UNet, also while a compiled one runs
+    latent_hw, grid_hw = adapter.latent_hw(height, width), adapter.grid_hw(height, width)
+    embeds, mask, tok = adapter.encode_class_texts(class_names, ls)
     seed_device = torch.device(generator_device) if generator_device is not None else device
     generators = [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
-    capture = AttentionCapture(pipe.unet, embeds, mask, _count_unet_calls(pipe.scheduler, steps, device), latent_hw, cfg)
+    capture = AttentionCapture(unet, embeds, mask, _count_unet_calls(pipe.scheduler, steps, device), latent_hw, cfg,
+                               adapter=adapter, halves=adapter.halves(guidance), grid_hw=grid_hw)
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
-    unet = pipe.unet
     try:
         if compile:
             pipe.unet = compiled_unet(unet, "inductor" if compile is True else compile)
@@ -138,6 +141,7 @@ def generate_with_capture(
                 generator=generators,
                 output_type="pt",
                 callback_on_step_end=capture.on_step_end,
+                **adapter.call_kwargs(height, width),
             )
     finally:
         pipe._progress_bar_config = saved_bar
@@ -147,5 +151,5 @@ def generate_with_capture(
         raise RuntimeError(f"the pipeline made {capture.step} denoising steps but {capture.num_steps} were expected")
     images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
     features = capture.features()
-    class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, latent_hw, (height, width))
+    class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, grid_hw, (height, width))
     return CaptureOutput(images=images, features=features, class_attention=class_attention)

@@ -24,7 +24,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from pccfast.diffusion.capture import AttentionCapture
 
-__all__ = ["attend", "class_token_probs", "ClassAttentionProcessor", "HeadFeatureProcessor"]
+__all__ = ["attend", "attend_parts", "class_token_probs", "ClassAttentionProcessor", "HeadFeatureProcessor"]
 
 
 def attend(attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -40,6 +40,13 @@ def attend(attn, hidden_states: Tensor, encoder_hidden_states=None, attention_ma
         query: (N_b, heads, L, d) queries after ``to_q`` (and ``norm_q``);
         per_head: (N_b, heads, L, d) ``softmax(Q K^T * scale) V`` before merging heads.
     """
+    out, query, _, per_head = attend_parts(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    return out, query, per_head
+
+
+def attend_parts(attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None):
+    """``attend`` that also returns the keys: (out, query, key, per_head), key (N_b, heads, L_k, d)
+    after ``to_k`` (and ``norm_k``)."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -80,7 +87,7 @@ def attend(attn, hidden_states: Tensor, encoder_hidden_states=None, attention_ma
     if attn.residual_connection:
         out = out + residual
     out = out / attn.rescale_output_factor
-    return out, query, per_head
+    return out, query, key, per_head
 
 
 def class_token_probs(attn, query: Tensor, class_embeds: Tensor, class_mask: Tensor) -> Tensor:
@@ -88,7 +95,7 @@ def class_token_probs(attn, query: Tensor, class_embeds: Tensor, class_mask: Ten
 
     Args:
         attn: the cross-attention ``Attention`` module (its ``to_k``, norms and scale are used).
-        query: (B, heads, N, d) queries (the unconditional CFG half).
+        query: (B, heads, N, d) queries (the unconditional CFG half, or the only half).
         class_embeds: (B, T, C) class-text embeddings, zero-padded.
         class_mask: (B, T) bool, True for real tokens (padding is masked before the softmax).
 
@@ -116,8 +123,10 @@ class ClassAttentionProcessor:
         self.capture, self.name = capture, name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        out, query, _ = attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out, query, key, per_head = attend_parts(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.capture.add_class_scores(self.name, attn, query)
+        if self.capture.listeners:
+            self.capture.notify(self.name, "cross", attn, query, key, per_head)
         return out
 
 
@@ -129,7 +138,9 @@ class HeadFeatureProcessor:
         self.capture, self.name, self.record = capture, name, bool(record)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        out, _, per_head = attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out, query, key, per_head = attend_parts(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if self.record:
             self.capture.add_head_features(self.name, per_head)
+        if self.capture.listeners:
+            self.capture.notify(self.name, "self", attn, query, key, per_head)
         return out
