@@ -38,7 +38,7 @@ RANKS = {
 # same rank, and still kept apart
 SIBLINGS = {frozenset({"diffusion", "data"}), frozenset({"runs", "tools"})}
 # thin ``python -m <package>.<name>`` modules; each imports only ``<package>.cli.<name>``
-ENTRY_MODULES = {"generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native"}
+ENTRY_MODULES = {"generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native", "export"}
 API_MAY_IMPORT = 4      # the package's __init__ (lazy public API): anything below cli
 TESTING_MAY_IMPORT = 4  # testing (scenes, reference, fixtures): anything below cli; nobody imports it
 # modules of the installed package whose files live outside the package folder

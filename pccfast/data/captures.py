@@ -8,7 +8,12 @@ One safetensors file per image, ``<id>.safetensors``:
 - since format_version 2, optionally ``image`` (3, H, W) uint8 RGB, channels first as the
   labeller takes it: the decoded image generate refined from (H, W multiples of h, w), so
   relabelling needs no image file and reproduces generate's masks exactly;
-- string metadata ``format_version`` ("2"; "1" files, without ``image``, are still read), ``label_set`` (the label set's name),
+- since format_version 3, string metadata ``grid`` ("h,w": the labelling grid, which need not
+  be square and equals the tensors' (h, w)) and ``halves`` ("2": the features hold both
+  classifier-free-guidance halves' heads, unconditional first; "1": a guidance-free run, one
+  half; "" if unknown); versions 1 and 2 (square grids, both halves) read as grid = the
+  tensors' and halves = 2;
+- string metadata ``format_version`` ("3"; "1" and "2" files are still read), ``label_set`` (the label set's name),
   ``label_classes`` (JSON list of the set's class names), ``prompt``, ``classes`` (JSON list
   of the image's class names, may repeat), ``seed`` and ``steps`` (decimal ints, "" if
   unknown) and ``model``.
@@ -33,14 +38,15 @@ from pccfast.data.fileio import atomic_write_bytes
 from pccfast.data.labelsets import get_label_set
 from pccfast.core.labelset import LabelSet
 
-__all__ = ["FORMAT_VERSION", "READ_VERSIONS", "Capture", "CaptureInfo", "CaptureError", "write_capture",
+__all__ = ["FORMAT_VERSION", "READ_VERSIONS", "Capture", "CaptureInfo", "CaptureError", "write_capture", "encode_capture",
            "read_capture", "read_capture_info"]
 
-FORMAT_VERSION = "2"  # what write_capture writes
-READ_VERSIONS = ("1", "2")  # what read_capture reads; version 1 has no ``image``
+FORMAT_VERSION = "3"  # what write_capture writes
+READ_VERSIONS = ("1", "2", "3")  # what read_capture reads; version 1 has no ``image``, 3 adds ``grid`` and ``halves``
 _TENSORS = ("features", "class_attention")
 _IMAGE = "image"
 _META = ("format_version", "label_set", "label_classes", "prompt", "classes", "seed", "model", "steps")
+_META_V3 = ("grid", "halves")  # required from format_version 3 on
 
 
 class CaptureError(ValueError):
@@ -126,7 +132,13 @@ def _resolve_label_set(where: str, label_set) -> LabelSet:
         raise CaptureError(f"{where}: {e}") from None
 
 
-def write_capture(
+def write_capture(path: str, features: torch.Tensor, class_attention: torch.Tensor, **fields) -> None:
+    """Write one capture file atomically (a crash leaves the old file or none, never half);
+    the arguments are :func:`encode_capture`'s."""
+    atomic_write_bytes(path, encode_capture(path, features, class_attention, **fields))
+
+
+def encode_capture(
     path: str,
     features: torch.Tensor,
     class_attention: torch.Tensor,
@@ -138,11 +150,12 @@ def write_capture(
     model: str,
     steps: "int | None",
     image: "torch.Tensor | None" = None,
-) -> None:
-    """Write one capture file atomically (a crash leaves the old file or none, never half).
+    halves: "int | None" = None,
+) -> bytes:
+    """The bytes of one capture file (a webdataset shard stores them as ``<id>.safetensors``).
 
     Args:
-        path: target file, normally ``<id>.safetensors``.
+        path: target file, normally ``<id>.safetensors`` (named in the errors).
         features: (D, h, w) float, any device (saved as CPU float32).
         class_attention: (K, h, w) float, K = ``label_set.num_classes``.
         label_set: name, file or :class:`LabelSet` the class maps follow.
@@ -152,6 +165,8 @@ def write_capture(
         model: the model id or path.
         image: (3, H, W) uint8 RGB, any device: the decoded image the masks were refined from
             (H, W multiples of h, w); None writes no image (relabel then needs the image file).
+        halves: 2 if the features hold both guidance halves' heads, 1 for a guidance-free run,
+            None if unknown.
     Raises:
         CaptureError: the tensors break the format (message names ``path``).
     """
@@ -162,13 +177,15 @@ def write_capture(
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
         raise CaptureError(f"{path}: `classes` has to be a list of class names but is {classes!r}")
     ints = {}
-    for name, v in (("seed", seed), ("steps", steps)):
+    for name, v in (("seed", seed), ("steps", steps), ("halves", halves)):
         try:  # ints of any kind (Python, NumPy, 0-dim tensor), not bools or floats
             ints[name] = None if v is None else operator.index(v)
         except TypeError:
             ints[name] = v
         if isinstance(v, bool) or not (ints[name] is None or isinstance(ints[name], int)):
             raise CaptureError(f"{path}: `{name}` has to be an int or None but is {v!r}")
+    if ints["halves"] not in (None, 1, 2):
+        raise CaptureError(f"{path}: `halves` has to be 1, 2 or None but is {halves!r}")
     tensors = {
         "features": features.detach().to("cpu", torch.float32).contiguous(),
         "class_attention": class_attention.detach().to("cpu", torch.float32).contiguous(),
@@ -184,8 +201,10 @@ def write_capture(
         "seed": "" if ints["seed"] is None else str(ints["seed"]),
         "model": str(model),
         "steps": "" if ints["steps"] is None else str(ints["steps"]),
+        "grid": "{},{}".format(*features.shape[-2:]),
+        "halves": "" if ints["halves"] is None else str(ints["halves"]),
     }
-    atomic_write_bytes(path, _st_save(tensors, metadata=metadata))
+    return _st_save(tensors, metadata=metadata)
 
 
 def _read_header(where: str) -> tuple[dict, dict]:
@@ -244,11 +263,33 @@ def _checked_metadata(path: str) -> tuple[dict, dict]:
         raise CaptureError(f"{path}: metadata 'format_version' is missing (expected {FORMAT_VERSION!r})")
     if version not in READ_VERSIONS:
         raise CaptureError(f"{path}: unknown format_version {version!r} "
-                           f"(this pccfast reads {' and '.join(repr(v) for v in READ_VERSIONS)})")
-    missing = [k for k in _META if k not in meta]
+                           f"(this pccfast reads {', '.join(repr(v) for v in READ_VERSIONS[:-1])} and {READ_VERSIONS[-1]!r})")
+    keys = _META + (_META_V3 if version not in ("1", "2") else ())
+    missing = [k for k in keys if k not in meta]
     if missing:
-        raise CaptureError(f"{path}: metadata {', '.join(repr(k) for k in missing)} missing (a capture holds {', '.join(_META)})")
+        raise CaptureError(f"{path}: metadata {', '.join(repr(k) for k in missing)} missing (a capture holds {', '.join(keys)})")
     return meta, entries
+
+
+def _grid_and_halves(path: str, meta: dict, grid: tuple) -> tuple[tuple, "int | None"]:
+    """The recorded (h, w) grid (checked against the tensors' ``grid``) and halves; versions 1
+    and 2 record neither: their grid is the tensors' and both halves were used."""
+    if meta["format_version"] in ("1", "2"):
+        return tuple(grid), 2
+    text = meta["grid"]
+    try:
+        recorded = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        recorded = ()
+    if len(recorded) != 2:
+        raise CaptureError(f"{path}: metadata 'grid' has to be 'h,w' but is {text[:40]!r}")
+    if recorded != tuple(grid):
+        raise CaptureError(f"{path}: metadata 'grid' says {recorded[0]}x{recorded[1]} but the tensors are "
+                           f"{grid[0]}x{grid[1]} (h x w)")
+    halves = _opt_int(path, "halves", meta["halves"])
+    if halves not in (None, 1, 2):
+        raise CaptureError(f"{path}: metadata 'halves' has to be 1, 2 or empty but is {meta['halves']!r}")
+    return recorded, halves
 
 
 @dataclass
@@ -260,6 +301,7 @@ class CaptureInfo:
     label_classes: list  # its class names
     has_image: bool  # the file holds the decoded ``image`` (format_version 2)
     metadata: dict = field(default_factory=dict)  # every metadata string, as in the file
+    grid: "tuple | None" = None  # (h, w) of the features, from the header
 
 
 def read_capture_info(path: str) -> CaptureInfo:
@@ -271,7 +313,9 @@ def read_capture_info(path: str) -> CaptureInfo:
     """
     meta, entries = _checked_metadata(path)
     classes = _json_str_list(path, "label_classes", meta["label_classes"])
-    return CaptureInfo(path, meta["label_set"], classes, _IMAGE in entries, dict(meta))
+    shape = entries.get("features", {}).get("shape") if isinstance(entries.get("features"), dict) else None
+    grid = tuple(shape[-2:]) if isinstance(shape, list) and len(shape) == 3 else None
+    return CaptureInfo(path, meta["label_set"], classes, _IMAGE in entries, dict(meta), grid)
 
 
 def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Capture:
@@ -314,6 +358,7 @@ def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Captur
     metadata["classes"] = _json_str_list(path, "classes", meta["classes"])
     metadata["seed"] = _opt_int(path, "seed", meta["seed"])
     metadata["steps"] = _opt_int(path, "steps", meta["steps"])
+    metadata["grid"], metadata["halves"] = _grid_and_halves(path, meta, tuple(features.shape[-2:]))
     k = class_attention.shape[0]
     if len(label_classes) != k:
         raise CaptureError(

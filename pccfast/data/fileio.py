@@ -26,6 +26,8 @@ __all__ = [
     "atomic_write_bytes",
     "save_mask_png",
     "save_image",
+    "encode_mask_png",
+    "encode_image",
     "load_image",
     "load_mask",
     "check_id",
@@ -150,6 +152,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 def save_mask_png(path: str, mask: np.ndarray, palette: list[int]) -> None:
     """8-bit palette PNG. ``mask``: (H, W) uint8 label values; ``palette``: 768 ints."""
+    atomic_write_bytes(path, encode_mask_png(mask, palette))
+
+
+def encode_mask_png(mask: np.ndarray, palette: list[int]) -> bytes:
+    """The bytes of :func:`save_mask_png`'s file (every layout stores these same bytes)."""
     if mask.ndim != 2:
         raise ValueError(f"`mask` has to be (H, W) but has shape {tuple(mask.shape)}")
     img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
@@ -158,18 +165,23 @@ def save_mask_png(path: str, mask: np.ndarray, palette: list[int]) -> None:
     # zlib's run-length strategy: label masks are long runs of one value, so it is about 2x
     # faster than the default strategy at the same size (the pixels are the same either way)
     img.save(buf, format="PNG", compress_type=zlib.Z_RLE)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def save_image(path: str, image: np.ndarray, quality: int = 95) -> None:
     """RGB image (H, W, 3) uint8 to JPEG or PNG by the file's extension."""
+    atomic_write_bytes(path, encode_image(image, quality, jpeg=path.lower().endswith((".jpg", ".jpeg"))))
+
+
+def encode_image(image: np.ndarray, quality: int = 95, *, jpeg: bool = True) -> bytes:
+    """The bytes of :func:`save_image`'s file: RGB (H, W, 3) uint8 as JPEG (or PNG)."""
     img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="RGB")
     buf = io.BytesIO()
-    if path.lower().endswith((".jpg", ".jpeg")):
+    if jpeg:
         img.save(buf, format="JPEG", quality=quality)
     else:
         img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def load_image(path: str) -> np.ndarray:

@@ -11,6 +11,20 @@ VOC layout (readable as-is by torchvision's and mmsegmentation's VOC loaders)::
     OUT/labelset.json                       the label set
     OUT/run.json                            provenance: what defines the samples (generate)
     OUT/manifests/shard-I-of-N.jsonl|.plan  sharded runs: their records and planned ids
+
+WebDataset layout (``--format webdataset``; :mod:`pccfast.data.shards`)::
+
+    OUT/shards/<prefix>-NNNNNN.tar          per sample <id>.jpg, <id>.png, <id>.json (its record),
+                                            optional <id>.blocky.png, <id>.safetensors
+    OUT/shards.json                         the shard index: names, sample counts, byte sizes
+    OUT/manifest.jsonl, labelset.json, run.json, manifests/   as above; each record names its ``shard``
+
+Parquet layout (``export --to parquet``; :mod:`pccfast.data.parquet`)::
+
+    OUT/data/<prefix>-NNNNNN.parquet        one row per sample; image and mask as Image features
+    OUT/manifest.jsonl, labelset.json, run.json               as above
+
+``<prefix>`` is ``train`` for an unsharded run and ``train-shard-I-of-N`` for ``--shard I/N``.
 """
 from __future__ import annotations
 
@@ -19,7 +33,8 @@ import os
 __all__ = [
     "IMAGES", "MASKS", "BLOCKY", "CAPTURES", "SPLIT", "MANIFEST", "LABELSET", "RUN_FILE", "SHARDS", "IMAGE_EXTS",
     "CAPTURE_EXT", "sample_paths", "shard_manifest", "shard_plan", "parse_shard_file",
-    "output_dirs",
+    "output_dirs", "FORMATS", "TARS", "TAR_INDEX", "PARQUETS", "TAR_EXT", "PARQUET_EXT", "MEMBERS", "LOCATION_KEYS",
+    "file_prefix", "numbered_name", "parse_numbered_name", "detect_layout",
 ]
 
 IMAGES = "JPEGImages"
@@ -33,6 +48,15 @@ RUN_FILE = "run.json"  # provenance: the settings that define the dataset's samp
 SHARDS = "manifests"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")  # input images are looked up in this order, case-insensitively
 CAPTURE_EXT = ".safetensors"
+FORMATS = ("voc", "webdataset", "parquet")  # dataset layouts (generate writes the first two)
+TARS = "shards"  # webdataset tar shards
+TAR_INDEX = "shards.json"  # the shard index of a webdataset dataset
+PARQUETS = "data"  # parquet files (the folder Hugging Face Hub datasets keep them in)
+TAR_EXT = ".tar"
+PARQUET_EXT = ".parquet"
+# a sample's files -> their extension in a tar (``<id>.<ext>``; webdataset keys split at the first dot)
+MEMBERS = {"image": "jpg", "mask": "png", "record": "json", "blocky": "blocky.png", "capture": "safetensors"}
+LOCATION_KEYS = ("shard",)  # record fields that say where a sample is stored, not what it is
 
 
 def sample_paths(out: str, sample_id: str) -> dict[str, str]:
@@ -70,3 +94,36 @@ def parse_shard_file(name: str) -> tuple[int, int] | None:
 def output_dirs(out: str) -> list[str]:
     """Every folder a run writes files into (where a killed writer may have left temporaries)."""
     return [os.path.join(out, d) for d in (IMAGES, MASKS, BLOCKY, CAPTURES, SHARDS, os.path.dirname(SPLIT), ".")]
+
+
+def file_prefix(shard: tuple[int, int] | None) -> str:
+    """The name prefix of the tar or parquet files a run writes: ``train`` or ``train-shard-I-of-N``."""
+    return "train" if shard is None else f"train-shard-{shard[0]}-of-{shard[1]}"
+
+
+def numbered_name(prefix: str, number: int, ext: str) -> str:
+    """``<prefix>-NNNNNN<ext>``, e.g. ``train-000003.tar``."""
+    return f"{prefix}-{number:06d}{ext}"
+
+
+def parse_numbered_name(name: str, ext: str) -> tuple[str, int] | None:
+    """``<prefix>-NNNNNN<ext>`` -> (prefix, number); None for any other name."""
+    if not name.endswith(ext) or name.startswith("."):
+        return None
+    prefix, _, number = name[: -len(ext)].rpartition("-")
+    if not prefix or len(number) < 6 or not number.isdigit():
+        return None
+    return prefix, int(number)
+
+
+def detect_layout(path: str) -> str:
+    """Which of :data:`FORMATS` the dataset folder ``path`` holds; ValueError if none."""
+    if os.path.isdir(os.path.join(path, TARS)) or os.path.isfile(os.path.join(path, TAR_INDEX)):
+        return "webdataset"
+    if os.path.isdir(os.path.join(path, PARQUETS)):
+        return "parquet"
+    if os.path.isdir(os.path.join(path, MASKS)):
+        return "voc"
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: not a dataset folder (no such folder)")
+    raise ValueError(f"{path}: not a dataset folder (no {MASKS}/, {TARS}/ or {PARQUETS}/)")

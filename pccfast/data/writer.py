@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pccfast.core.labelset import LabelSet
-from pccfast.data.fileio import check_id, save_image, save_mask_png
+from pccfast.data.fileio import atomic_write_bytes, check_id, save_image, save_mask_png
 from pccfast.data.layout import sample_paths
 
 __all__ = ["SampleWriter"]
@@ -46,3 +46,12 @@ class SampleWriter:
 
             write_capture(p["capture"], **capture)
         save_mask_png(p["mask"], mask, pal)
+
+    def write_encoded(self, sample_id: str, files: dict) -> None:
+        """Write one sample's files as given (``image``, ``mask``, optional ``blocky``, ``capture``:
+        encoded bytes, copied as they are: ``export`` re-encodes nothing), the mask last."""
+        check_id(sample_id)
+        p = sample_paths(self.out, sample_id)
+        for key in ("image", "blocky", "capture", "mask"):
+            if files.get(key) is not None:
+                atomic_write_bytes(p[key], files[key])

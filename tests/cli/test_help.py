@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-COMMANDS = ["generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native"]
+COMMANDS = ["generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native", "export"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

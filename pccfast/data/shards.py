@@ -1,0 +1,386 @@
+"""WebDataset tar shards: the worker's writer and the driver's store of ``--format webdataset``.
+
+Layout (names in :mod:`pccfast.data.layout`)::
+
+    OUT/shards/<prefix>-NNNNNN.tar   <id>.jpg, <id>.png (palette mask, 255 = uncertain),
+                                     <id>.json (the record), optional <id>.blocky.png, <id>.safetensors
+    OUT/shards.json                  index: each tar's name, samples and bytes
+    OUT/manifest.jsonl               the records, each with the ``shard`` (tar name) holding it
+
+A tar holds ``shard_size`` samples (the last one fewer); the members of one sample are
+consecutive and share its id as their key (webdataset splits a member name at its first
+dot, so ids with a dot are refused up front).
+
+**Crash safety.** A writer appends each sample's members to its open tar; at the end of every
+batch it writes the end-of-archive marker (two zero blocks) behind the last member and fsyncs,
+so at each commit point the tar is a complete archive. Only then does the driver append the
+batch's records to the manifest (the commit point, as for VOC files). The next batch's members
+overwrite the marker. A ``kill -9`` can therefore leave, behind the last committed member,
+members whose records were never committed, a torn member, or a missing marker. Before a run
+(resume) and when it ends, the store *repairs* each tar of its own prefix: it reads the
+members, keeps the samples whose last manifest record names this tar, and cuts the file back
+to the end of the last of them and writes the marker again (if an uncommitted sample sits
+between committed ones, as a dead Ray worker can leave, the tar is rewritten with the
+committed samples only, atomically); a tar with no committed sample is removed. Every tar is
+then a valid archive and every id is in exactly one of them; what was lost is redone.
+
+Writers never append to a tar they did not create: each takes the next free number of its
+prefix with an exclusive create, so Ray workers and ``--shard I/N`` runs (prefix
+``train-shard-I-of-N``) write disjoint files, and a resumed run starts a new tar (a run
+interrupted ``k`` times leaves ``k`` short tars; ``merge`` and the next ``export`` do not mind).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from pccfast.core.labelset import LabelSet
+from pccfast.data.fileio import FILE_MODE, atomic_write, atomic_write_bytes, check_id, encode_image, encode_mask_png
+from pccfast.data.layout import (LOCATION_KEYS, MEMBERS, TAR_EXT, TAR_INDEX, TARS, file_prefix,
+                                 numbered_name, output_dirs, parse_numbered_name)
+from pccfast.data.manifest import Manifest, all_records, check_output_folder, dedup_records, make_output_folder, \
+    record_order
+from pccfast.data.provenance import check_run_file, write_run_file
+
+__all__ = ["ShardWriter", "ShardStore", "TarMember", "read_members", "group_samples", "repair_tar", "check_tar_id",
+           "write_index", "read_index", "tar_member_bytes", "DEFAULT_SHARD_SIZE"]
+
+DEFAULT_SHARD_SIZE = 1000  # samples per tar (img2dataset and DataComp use 1k-30k)
+BLOCK = 512
+END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+
+
+def check_tar_id(sample_id: str) -> str:
+    """An id that names a tar member's key: a plain file name (:func:`check_id`) without a dot."""
+    check_id(sample_id)
+    if "." in sample_id:
+        raise ValueError(f"`--format webdataset` needs ids without '.' (webdataset splits member names at the first "
+                         f"dot) but id {sample_id!r} has one")
+    return sample_id
+
+
+def tar_member_bytes(name: str, data: bytes) -> bytes:
+    """One tar member: header (PAX where a long name needs it), data, zero padding to a block."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # the same samples give the same tar bytes
+    info.mode = FILE_MODE
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % BLOCK)
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A complete member of a tar: ``name``, where its header starts (``start``), where its
+    data starts (``data``), its ``size`` and where the next member starts (``end``)."""
+
+    name: str
+    start: int
+    data: int
+    size: int
+    end: int
+
+    @property
+    def key(self) -> str:
+        """The sample it belongs to (the name up to the first dot, as webdataset reads it)."""
+        return os.path.basename(self.name).split(".", 1)[0]
+
+    @property
+    def ext(self) -> str:
+        base = os.path.basename(self.name)
+        return base.split(".", 1)[1] if "." in base else ""
+
+
+def read_members(path: str) -> list[TarMember]:
+    """The complete regular-file members of a tar, in order, up to its end marker or to the
+    first torn or unreadable header (what a killed writer leaves behind is not listed)."""
+    size = os.path.getsize(path)
+    found = []
+    with open(path, "rb") as f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError:
+            return []  # empty, or torn before its first header
+        while True:
+            try:
+                info = tf.next()
+            except (tarfile.ReadError, EOFError, OSError):
+                break
+            if info is None:
+                break
+            end = info.offset_data + info.size + (-info.size % BLOCK)
+            if end > size:
+                break  # data cut short
+            if info.isfile():
+                found.append(TarMember(info.name, info.offset, info.offset_data, info.size, end))
+    return found
+
+
+def group_samples(members: list[TarMember]) -> list[tuple[str, list[TarMember]]]:
+    """Consecutive members with one key -> (key, members), in order."""
+    groups: list[tuple[str, list[TarMember]]] = []
+    for m in members:
+        if groups and groups[-1][0] == m.key:
+            groups[-1][1].append(m)
+        else:
+            groups.append((m.key, [m]))
+    return groups
+
+
+def repair_tar(path: str, keep: set[str]) -> list[str]:
+    """Make ``path`` a valid tar holding exactly the samples whose keys are in ``keep`` (one
+    copy each, the last one written), ending in the end-of-archive marker; removes it if none
+    is left. Cuts the file back when the kept samples come first (the usual case after a kill),
+    rewrites it atomically otherwise. Returns the kept keys in order."""
+    groups = group_samples(read_members(path))
+    last = {key: i for i, (key, _) in enumerate(groups)}
+    chosen = [i for i, (key, _) in enumerate(groups) if key in keep and last[key] == i]
+    kept = [groups[i] for i in chosen]
+    if not kept:
+        os.unlink(path)
+        return []
+    if chosen == list(range(len(chosen))):  # the kept samples come first: cut the rest off
+        end = kept[-1][1][-1].end
+        with open(path, "r+b") as f:
+            f.seek(end)
+            if f.read(len(END_OF_ARCHIVE) + 1) != END_OF_ARCHIVE:  # not already exactly right
+                f.seek(end)
+                f.write(END_OF_ARCHIVE)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+    else:
+        with open(path, "rb") as src, atomic_write(path) as dst:
+            for _, ms in kept:
+                src.seek(ms[0].start)
+                dst.write(src.read(ms[-1].end - ms[0].start))
+            dst.write(END_OF_ARCHIVE)
+    return [k for k, _ in kept]
+
+
+class ShardWriter:
+    """Appends samples to tar shards ``OUT/shards/<prefix>-NNNNNN.tar`` (the worker's side;
+    the driver's :class:`ShardStore` commits). Same role and options as
+    :class:`~pccfast.data.writer.SampleWriter`, plus ``shard_size`` (samples per tar) and the
+    ``prefix`` of its tars. Call :meth:`end_batch` after each batch, before its records are
+    committed. Picklable before its first sample (for Ray workers)."""
+
+    def __init__(self, out: str, label_set: LabelSet, *, save_blocky: bool = False, save_captures: bool = False,
+                 jpeg_quality: int = 95, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str = "train"):
+        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+            raise ValueError(f"`shard_size` has to be a positive int but is {shard_size!r}")
+        self.out, self.label_set, self.prefix, self.shard_size = out, label_set, prefix, shard_size
+        self.save_blocky, self.save_captures, self.jpeg_quality = save_blocky, save_captures, jpeg_quality
+        self._file = None  # the open tar
+        self._name = ""  # its file name
+        self._count = 0  # samples in it
+        self._end = 0  # where its next member goes (its end marker starts here)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_file=None, _name="", _count=0, _end=0)  # a copy opens tars of its own
+        return state
+
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.out, TARS)
+
+    def write_files(self, sample_id: str, image: np.ndarray, mask: np.ndarray, blocky: np.ndarray | None = None,
+                    capture: dict | None = None, *, record: dict) -> dict:
+        """Encode and append one sample (image (H, W, 3) uint8, mask/blocky (H, W) uint8,
+        ``capture``: :func:`~pccfast.data.captures.encode_capture`'s arguments) with its
+        ``record``; returns the record to commit (with ``shard``, the tar's name)."""
+        pal = self.label_set.flat_palette()
+        files = {"image": encode_image(image, self.jpeg_quality), "mask": encode_mask_png(mask, pal)}
+        if self.save_blocky and blocky is not None:
+            files["blocky"] = encode_mask_png(blocky, pal)
+        if self.save_captures and capture is not None:
+            from pccfast.data.captures import encode_capture
+
+            files["capture"] = encode_capture(f"{sample_id}.safetensors", **capture)
+        return self.write_encoded(sample_id, files, record)
+
+    def write_encoded(self, sample_id: str, files: dict, record: dict) -> dict:
+        """Append one sample's encoded files (``image`` JPEG, ``mask`` PNG, optional ``blocky``,
+        ``capture``: bytes, stored as they are) and its ``record`` (``<id>.json``, without
+        :data:`~pccfast.data.layout.LOCATION_KEYS`); returns the record to commit."""
+        check_tar_id(sample_id)
+        clean = {k: v for k, v in record.items() if k not in LOCATION_KEYS}
+        files = dict(files, record=(json.dumps(clean, ensure_ascii=False) + "\n").encode())
+        data = b"".join(tar_member_bytes(f"{sample_id}.{MEMBERS[k]}", files[k])
+                        for k in ("image", "mask", "record", "blocky", "capture") if files.get(k) is not None)
+        if self._file is None:
+            self._open()
+        start = self._end
+        try:
+            self._append(data)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a failed sample leaves nothing behind
+                self._file.truncate(start)
+                self._end = start
+            raise
+        self._count += 1
+        name = self._name
+        if self._count >= self.shard_size:
+            self._close_shard()
+        return dict(clean, shard=name)
+
+    def end_batch(self) -> None:
+        """End of a batch: the open tar gets its end marker and is fsync'ed (its samples may
+        now be committed)."""
+        if self._file is not None:
+            self._terminate()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._close_shard()
+
+    # the steps below are separate so that tests can kill the process between them
+    def _open(self) -> None:
+        """Create the next free ``<prefix>-NNNNNN.tar`` (exclusively: never another writer's)."""
+        os.makedirs(self.folder, exist_ok=True)
+        taken = [parse_numbered_name(n, TAR_EXT) for n in os.listdir(self.folder)]
+        number = 1 + max((p[1] for p in taken if p is not None and p[0] == self.prefix), default=-1)
+        while True:
+            name = numbered_name(self.prefix, number, TAR_EXT)
+            try:
+                fd = os.open(os.path.join(self.folder, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, FILE_MODE)
+                break
+            except FileExistsError:
+                number += 1
+        self._file, self._name, self._count, self._end = os.fdopen(fd, "r+b"), name, 0, 0
+
+    def _append(self, data: bytes) -> None:
+        self._file.seek(self._end)
+        self._file.write(data)
+        self._end += len(data)
+
+    def _terminate(self) -> None:
+        self._file.seek(self._end)
+        self._file.write(END_OF_ARCHIVE)
+        self._file.truncate()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _close_shard(self) -> None:
+        self._terminate()
+        self._file.close()
+        self._file, self._name, self._count, self._end = None, "", 0, 0
+
+
+class ShardStore(Manifest):
+    """Resume, plan and commit of a webdataset dataset ``out`` (the driver's side; see the
+    module docstring for the crash-safety scheme). Checks and arguments as
+    :class:`~pccfast.data.manifest.Manifest`; the tars this store repairs are those of its
+    ``prefix`` (:func:`~pccfast.data.layout.file_prefix` of ``shard``)."""
+
+    folder_name = TARS
+    ext = TAR_EXT
+
+    def __init__(self, out: str, label_set: LabelSet, shard: tuple[int, int] | None = None, *,
+                 defining: dict | None = None, expected: dict | None = None, overwrite: bool = False):
+        self.out, self.label_set, self.shard = out, label_set, shard
+        self.overwrite = overwrite
+        self.prefix = file_prefix(shard)
+        check_output_folder(out, label_set)
+        if defining is not None:
+            check_run_file(out, defining, overwrite=overwrite)
+        self.stale = self._differing(expected or {})
+        make_output_folder(out, label_set, (self.folder_name,), output_dirs(out) + [self.folder])
+        if defining is not None:
+            write_run_file(out, defining)
+        self.kept = self.repair()  # file name -> the ids it holds (own prefix)
+
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.out, self.folder_name)
+
+    def own_files(self) -> list[str]:
+        """This store's files (its prefix), in number order."""
+        if not os.path.isdir(self.folder):
+            return []
+        named = [(parse_numbered_name(n, self.ext), n) for n in os.listdir(self.folder)]
+        return [n for p, n in sorted((p, n) for p, n in named if p is not None and p[0] == self.prefix)]
+
+    def committed(self) -> dict[str, dict]:
+        """id -> its last committed record (in any manifest of the dataset), stale ids left out."""
+        return {r["id"]: r for r in dedup_records(all_records(self.out)) if r["id"] not in self.stale}
+
+    def repair(self) -> dict[str, set[str]]:
+        """Cut every file of this prefix back to its committed samples (module docstring);
+        returns file name -> the ids it holds."""
+        by_file: dict[str, set[str]] = {}
+        for sid, r in self.committed().items():
+            by_file.setdefault(str(r.get("shard")), set()).add(sid)
+        kept = {}
+        for name in self.own_files():
+            ids = self.repair_file(os.path.join(self.folder, name), by_file.get(name, set()))
+            if ids:
+                kept[name] = set(ids)
+        return kept
+
+    def repair_file(self, path: str, keep: set[str]) -> list[str]:
+        return repair_tar(path, keep)
+
+    def write_index(self, records: list[dict]) -> None:
+        write_index(self.out, records)
+
+    def write_plan(self, ids: list[str]) -> None:
+        for sid in ids:
+            check_tar_id(sid)  # before any work: one line, not one failure per sample
+        super().write_plan(ids)
+
+    def done_ids(self) -> set[str]:
+        """Ids committed to a file that holds them: checked member by member for this
+        prefix's files (repaired), by the file's presence for other prefixes' (other shards)."""
+        done = set()
+        for sid, r in self.committed().items():
+            name = r.get("shard")
+            if not isinstance(name, str):
+                continue
+            p = parse_numbered_name(name, self.ext)
+            if p is not None and p[0] == self.prefix:
+                if sid in self.kept.get(name, ()):
+                    done.add(sid)
+            elif os.path.exists(os.path.join(self.folder, name)):
+                done.add(sid)
+        return done
+
+    def paths(self, sample_id: str) -> list[str]:
+        return []  # no file per sample: a dead worker's half-written members are cut off by repair
+
+    def finalize(self) -> list[str]:
+        """Repair this prefix's files (a dead worker's tail); unsharded runs also write the
+        index (``shards.json``; sharded runs: ``merge`` does). Returns the committed ids."""
+        self.kept = self.repair()
+        records = sorted(self.committed().values(), key=record_order)
+        if self.shard is None:
+            self.write_index(records)
+        return [r["id"] for r in records]
+
+
+def write_index(out: str, records: list[dict]) -> dict:
+    """Write ``OUT/shards.json``: every tar of ``OUT/shards`` with its count of committed
+    ``records`` and its byte size, in name order, and the total. Returns the index."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[str(r.get("shard"))] = counts.get(str(r.get("shard")), 0) + 1
+    d = os.path.join(out, TARS)
+    names = sorted(n for n in os.listdir(d) if parse_numbered_name(n, TAR_EXT) is not None) if os.path.isdir(d) else []
+    shards = [dict(name=n, samples=counts.get(n, 0), bytes=os.path.getsize(os.path.join(d, n))) for n in names]
+    index = dict(format="webdataset", samples=sum(s["samples"] for s in shards), shards=shards)
+    atomic_write_bytes(os.path.join(out, TAR_INDEX), (json.dumps(index, indent=1) + "\n").encode())
+    return index
+
+
+def read_index(out: str) -> dict | None:
+    """The shard index of dataset ``out`` (None if it has none)."""
+    path = os.path.join(out, TAR_INDEX)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
