@@ -114,7 +114,9 @@ def parse_feature_blocks(spec, transformer) -> list[str]:
 
 
 def _rope0(x: Tensor, rotary) -> Tensor:
-    """FLUX's rotation of text position 0 (its text ids are zeros) on x (B, T, heads, d)."""
+    """FLUX's rotation of text position 0 on x (B, T, heads, d): the rotation of the call's
+    first (text) token. FLUX pipelines' text ids are zeros, so it is the identity there; it is
+    applied so the keys stay those of the text stream if a pipeline sets other text ids."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     cos, sin = rotary
