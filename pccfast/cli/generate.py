@@ -8,8 +8,8 @@ import sys
 import torch
 
 from pccfast.cli.common import (
-    add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, one_line_errors, run_and_report,
-    run_settings,
+    add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, one_line_errors, positive_int,
+    run_and_report, run_settings,
 )
 from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
 
@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-captures", action="store_true",
                    help="also write captures/<id>.safetensors (read by python -m pccfast.relabel)")
     g.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of JPEGImages (default: %(default)s)")
+    g.add_argument("--format", choices=("voc", "webdataset"), default="voc",
+                   help="output layout: voc (JPEGImages/, SegmentationClass/, ...) or webdataset (tar shards "
+                   "shards/<prefix>-NNNNNN.tar with <id>.jpg, <id>.png, <id>.json per sample, and shards.json); "
+                   "python -m pccfast.export converts between layouts and to parquet (default: %(default)s)")
+    g.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
+                   help="samples per tar with --format webdataset (default: %(default)s)")
     g.add_argument("--overwrite", action="store_true",
                    help="accept settings or prompts that differ from the dataset's (OUT/run.json, the manifest) and "
                    "redo the samples whose records differ; without it such a run is refused with the first difference")
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_and_report(lambda: run_generation(
         entries, settings, cfg, label_set, args.out, batch=args.batch, shard=shard, save_blocky=args.save_blocky,
         save_captures=args.save_captures, jpeg_quality=args.jpeg_quality, ray=args.ray, workers=args.workers,
-        progress=not args.no_progress, prompts=source, overwrite=args.overwrite, compile=args.compile or False),
+        progress=not args.no_progress, prompts=source, overwrite=args.overwrite, compile=args.compile or False,
+        format=args.format, shard_size=args.shard_size),
         "images", args.out)
 
 

@@ -120,10 +120,10 @@ def detect_layout(path: str) -> str:
     """Which of :data:`FORMATS` the dataset folder ``path`` holds; ValueError if none."""
     if os.path.isdir(os.path.join(path, TARS)) or os.path.isfile(os.path.join(path, TAR_INDEX)):
         return "webdataset"
-    if os.path.isdir(os.path.join(path, PARQUETS)):
-        return "parquet"
     if os.path.isdir(os.path.join(path, MASKS)):
         return "voc"
+    if os.path.isdir(os.path.join(path, PARQUETS)):
+        return "parquet"
     if not os.path.isdir(path):
         raise ValueError(f"{path}: not a dataset folder (no such folder)")
     raise ValueError(f"{path}: not a dataset folder (no {MASKS}/, {TARS}/ or {PARQUETS}/)")

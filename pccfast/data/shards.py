@@ -41,18 +41,34 @@ import numpy as np
 
 from pccfast.core.labelset import LabelSet
 from pccfast.data.fileio import FILE_MODE, atomic_write, atomic_write_bytes, check_id, encode_image, encode_mask_png
-from pccfast.data.layout import (LOCATION_KEYS, MEMBERS, TAR_EXT, TAR_INDEX, TARS, file_prefix,
+from pccfast.data.layout import (FORMATS, LOCATION_KEYS, MEMBERS, TAR_EXT, TAR_INDEX, TARS, detect_layout, file_prefix,
                                  numbered_name, output_dirs, parse_numbered_name)
 from pccfast.data.manifest import Manifest, all_records, check_output_folder, dedup_records, make_output_folder, \
     record_order
 from pccfast.data.provenance import check_run_file, write_run_file
 
-__all__ = ["ShardWriter", "ShardStore", "TarMember", "read_members", "group_samples", "repair_tar", "check_tar_id",
+__all__ = ["ShardWriter", "ShardStore", "check_format", "TarMember", "read_members", "group_samples", "repair_tar", "check_tar_id",
            "write_index", "read_index", "tar_member_bytes", "DEFAULT_SHARD_SIZE"]
 
 DEFAULT_SHARD_SIZE = 1000  # samples per tar (img2dataset and DataComp use 1k-30k)
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
+
+
+def check_format(out: str, fmt: str, allowed: tuple = FORMATS) -> None:
+    """Before a run writes layout ``fmt`` into ``out``: ValueError (one line) if ``fmt`` is not
+    one of ``allowed`` or ``out`` already holds a dataset of another layout."""
+    if fmt not in allowed:
+        raise ValueError(f"`format` has to be one of {', '.join(allowed)} but is {fmt!r}")
+    if not os.path.isdir(out):
+        return
+    try:
+        have = detect_layout(out)
+    except ValueError:
+        return  # nothing written yet
+    if have != fmt:
+        raise ValueError(f"{out}: holds a {have} dataset, not {fmt}; use another folder (python -m pccfast.export "
+                         "converts a dataset between layouts)")
 
 
 def check_tar_id(sample_id: str) -> str:

@@ -30,10 +30,14 @@ class SampleWriter:
         mask: np.ndarray,
         blocky: np.ndarray | None = None,
         capture: dict | None = None,
-    ) -> None:
+        *,
+        record: dict | None = None,
+    ) -> dict | None:
         """Write one sample's files atomically (image (H, W, 3) uint8, mask/blocky (H, W) uint8).
 
         The mask goes last so that a present mask implies the other files are complete.
+        Returns ``record`` as the manifest commits it (as given: a VOC sample's place is its id),
+        like :class:`~pccfast.data.shards.ShardWriter`.
         """
         check_id(sample_id)
         p = sample_paths(self.out, sample_id)
@@ -46,6 +50,10 @@ class SampleWriter:
 
             write_capture(p["capture"], **capture)
         save_mask_png(p["mask"], mask, pal)
+        return record
+
+    def end_batch(self) -> None:
+        """Nothing to do: every file was written whole (the tar writer completes its archive here)."""
 
     def write_encoded(self, sample_id: str, files: dict) -> None:
         """Write one sample's files as given (``image``, ``mask``, optional ``blocky``, ``capture``:

@@ -17,7 +17,7 @@ from pccfast.data.fileio import check_id
 from pccfast.data.layout import FORMATS, LABELSET, LOCATION_KEYS, file_prefix
 from pccfast.data.manifest import Manifest
 from pccfast.data.readers import Source, committed_records, open_source, read_encoded
-from pccfast.data.shards import DEFAULT_SHARD_SIZE, ShardStore, ShardWriter
+from pccfast.data.shards import DEFAULT_SHARD_SIZE, ShardStore, ShardWriter, check_format
 from pccfast.data.writer import SampleWriter
 from pccfast.runs.engine import Prepared, one_line, run_local
 from pccfast.runs.report import RunReport
@@ -108,13 +108,14 @@ def run_export(src: str, to: str, out: str, *, shard_size: int = DEFAULT_SHARD_S
             the same folder or one made from other samples (one line each).
     """
     if to not in FORMATS:
-        raise ValueError(f"`to` has to be one of {', '.join(FORMATS)} but is {to!r}")
+        raise ValueError(f"`--to` has to be one of {', '.join(FORMATS)} but is {to!r}")
     for name, value in (("shard_size", shard_size), ("batch", batch)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` has to be a positive int but is {value!r}")
     source = open_source(src)
     if _same_folder(src, out):
         raise ValueError(f"{out}: is the source dataset; export into another folder")
+    check_format(out, to)
     label_set = _label_set(source)
     defining = (source.run or {}).get("defining")
     committed = committed_records(src) or {}

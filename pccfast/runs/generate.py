@@ -19,7 +19,9 @@ import torch
 
 from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import LabelSet
+from pccfast.data.layout import file_prefix
 from pccfast.data.manifest import Manifest
+from pccfast.data.shards import DEFAULT_SHARD_SIZE, ShardStore, ShardWriter, check_format
 from pccfast.data.writer import SampleWriter
 from pccfast.diffusion.settings import GenerationConfig
 from pccfast.runs.engine import Prepared, run_local
@@ -152,13 +154,14 @@ class GenerateStep:
         records, failures = [], []
         s = self.settings
         for i, e in enumerate(prepared.items):
+            record = dict(id=e.id, index=e.index, **sample_record(e, s), seconds=round(made.seconds, 4))
             try:
-                self.writer.write_files(e.id, made.images[i], made.masks[i],
-                                        None if made.blocky is None else made.blocky[i], made.captures[i])
+                records.append(self.writer.write_files(e.id, made.images[i], made.masks[i],
+                                                       None if made.blocky is None else made.blocky[i],
+                                                       made.captures[i], record=record))
             except OSError as exc:
                 failures.append((e.id, f"cannot write the files of {e.id} in {self.writer.out}: {exc.strerror or exc}"))
-                continue
-            records.append(dict(id=e.id, index=e.index, **sample_record(e, s), seconds=round(made.seconds, 4)))
+        self.writer.end_batch()  # (a tar shard is a complete archive on disk before its records are committed)
         return records, failures
 
 
@@ -210,6 +213,8 @@ def run_generation(
     compile: "bool | str" = False,
     pipe=None,
     make_step=None,
+    format: str = "voc",
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> RunReport:
     """Generate ``entries`` (already sharded) into dataset ``out``, locally or on Ray.
 
@@ -228,13 +233,18 @@ def run_generation(
             capture compiles three graphs once, not one per step.
         pipe: an already loaded pipeline to use in this process (instead of loading ``settings.model``).
         make_step: replaces :meth:`GenerateStep.factory` (tests).
+        format: ``voc`` (files in folders) or ``webdataset`` (tar shards, :mod:`pccfast.data.shards`).
+        shard_size: samples per tar (webdataset).
     """
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"`jpeg_quality` has to lie in 1..100 but is {jpeg_quality}")
-    store = Manifest(out, label_set, shard, defining=defining_settings(settings, cfg, label_set, prompts, jpeg_quality),
-                     expected={e.id: sample_record(e, settings) for e in entries}, overwrite=overwrite)
-    writer = SampleWriter(out, label_set, save_blocky=save_blocky, save_captures=save_captures,
-                          jpeg_quality=jpeg_quality)
+    check_format(out, format, ("voc", "webdataset"))
+    store = (ShardStore if format == "webdataset" else Manifest)(
+        out, label_set, shard, defining=defining_settings(settings, cfg, label_set, prompts, jpeg_quality),
+        expected={e.id: sample_record(e, settings) for e in entries}, overwrite=overwrite)
+    options = dict(save_blocky=save_blocky, save_captures=save_captures, jpeg_quality=jpeg_quality)
+    writer = (ShardWriter(out, label_set, shard_size=shard_size, prefix=file_prefix(shard), **options)
+              if format == "webdataset" else SampleWriter(out, label_set, **options))
     if make_step is None and pipe is not None:
         make_step = lambda device: GenerateStep(settings, cfg, label_set, writer, pipe=pipe, compile=compile)  # noqa: E731
     make_step = make_step or GenerateStep.factory(settings, cfg, label_set, writer, compile)
