@@ -18,7 +18,11 @@ no background map, and class 0 is never a candidate.
 
 ``A^power @ map`` is computed as ``power`` products ``A @ (A @ (... @ map))`` (the same
 quantity, up to float rounding, at a fraction of the cost of forming ``A^power``), for all
-images and all their present classes at once: no Python loop over classes or images.
+images and all their present classes at once: no Python loop over classes or images. The
+propagation and the min-max scaling run in float64 (a few hundred kFLOP per class and image):
+where attention is nearly uniform, ``A^power @ map`` varies by a tiny fraction of its value
+and min-max scaling would turn float32 rounding (which differs with the batch size) into
+different masks.
 
 ``fuse_masks`` is the fused labeller: a pixel keeps its label where PCC's refined mask and
 DD's mask agree and becomes ``ignore_index`` where they disagree (or either is uncertain).
@@ -171,17 +175,17 @@ def dd_scores(affinity: Tensor, class_maps: Tensor, cfg: DDConfig | None = None,
 
     Returns:
         (B, C, h2, w2) float32 in [0, 1]: bicubic to (h2, w2), ``A^power @ map``, min-max per
-        image and class (a constant map gives zeros).
+        image and class (a constant map gives zeros); computed in float64.
     """
     cfg = cfg or DDConfig()
     h2, w2 = _check(affinity, class_maps, cfg, affinity_hw)
     b, c = class_maps.shape[:2]
-    up = resize(class_maps.float(), (h2, w2), mode="bicubic")  # (B, C, h2, w2)
-    x = propagate(affinity.float(), up.reshape(b, c, h2 * w2).transpose(1, 2), cfg.power)  # (B, N2, C)
+    up = resize(class_maps.double(), (h2, w2), mode="bicubic")  # (B, C, h2, w2)
+    x = propagate(affinity.double(), up.reshape(b, c, h2 * w2).transpose(1, 2), cfg.power)  # (B, N2, C)
     lo = x.amin(dim=1, keepdim=True)  # (B, 1, C)
     span = x.amax(dim=1, keepdim=True) - lo  # (B, 1, C)
     x = (x - lo) / torch.where(span > 0, span, torch.ones_like(span))  # (B, N2, C), zeros where constant
-    return x.transpose(1, 2).reshape(b, c, h2, w2)  # (B, C, h2, w2)
+    return x.float().transpose(1, 2).reshape(b, c, h2, w2)  # (B, C, h2, w2)
 
 
 def dd_masks(

@@ -9,6 +9,7 @@ recompilation (see :mod:`pccfast.diffusion.capture`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ class CaptureOutput:
     images: Tensor  # (B, 3, H, W) uint8
     features: Tensor  # (B, D, h, w) float32, D = 3 * sum over up-block attn1 layers of 2*heads
     class_attention: Tensor  # (B, K, h, w) float32, K = label-set classes, 0 = background
+    dd_affinity: Optional[Tensor] = None  # (B, N2, N2) float32 with ``dd``: Dataset Diffusion's affinity
+    dd_class_attention: Optional[Tensor] = None  # (B, K, h4, w4) float32 with ``dd``: its class maps
 
 
 def _count_unet_calls(scheduler, steps: int, device) -> int:
@@ -74,6 +77,7 @@ def generate_with_capture(
     generator_device=None,
     progress: bool = False,
     compile=False,
+    dd=None,
 ) -> CaptureOutput:
     """Generate a batch of images with attention capture (one pipeline call for the batch).
 
@@ -92,6 +96,9 @@ def generate_with_capture(
         compile: run a ``torch.compile``-d UNet: True for the default backend ("inductor") or a
             backend name ("eager", "aot_eager", ...); False (default) runs eagerly. The images,
             features and class maps are those of the eager run (to the bit with "eager").
+        dd: a ``core.dd.DDConfig`` to also capture Dataset Diffusion's affinity and class
+            attention in the same pass (:mod:`pccfast.diffusion.dd_capture`; the images do not
+            change), returned as ``dd_affinity`` and ``dd_class_attention``; None (default): not.
 
     Returns:
         ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 and
@@ -124,14 +131,21 @@ def generate_with_capture(
     embeds, mask, tok = adapter.encode_class_texts(class_names, ls)
     seed_device = torch.device(generator_device) if generator_device is not None else device
     generators = [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
-    capture = AttentionCapture(unet, embeds, mask, _count_unet_calls(pipe.scheduler, steps, device), latent_hw, cfg,
-                               adapter=adapter, halves=adapter.halves(guidance), grid_hw=grid_hw)
+    num_calls = _count_unet_calls(pipe.scheduler, steps, device)
+    dd_capture = None
+    if dd is not None:
+        from pccfast.diffusion.dd_capture import dd_capture_for
+
+        dd_capture = dd_capture_for(adapter, class_names, ls, num_calls, grid_hw, dd, adapter.halves(guidance))
+    capture = AttentionCapture(unet, embeds, mask, num_calls, latent_hw, cfg,
+                               adapter=adapter, halves=adapter.halves(guidance), grid_hw=grid_hw,
+                               listeners=() if dd_capture is None else (dd_capture,))
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
     try:
         if compile:
             pipe.unet = compiled_unet(unet, "inductor" if compile is True else compile)
-        with capture:
+        with capture, (dd_capture if dd_capture is not None else contextlib.nullcontext()):
             out = pipe(
                 prompt=list(prompts),
                 height=height,
@@ -152,4 +166,7 @@ def generate_with_capture(
     images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
     features = capture.features()
     class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, grid_hw, (height, width))
-    return CaptureOutput(images=images, features=features, class_attention=class_attention)
+    if dd_capture is None:
+        return CaptureOutput(images=images, features=features, class_attention=class_attention)
+    return CaptureOutput(images=images, features=features, class_attention=class_attention,
+                         dd_affinity=dd_capture.affinity(), dd_class_attention=dd_capture.class_attention())
