@@ -13,6 +13,8 @@ Signs are made deterministic: each component's largest-|loading| coordinate is p
 """
 from __future__ import annotations
 
+import numbers
+
 from typing import Optional
 
 import torch
@@ -199,66 +201,90 @@ def _projections(
     return torch.baddbmm(-(comps @ mean.transpose(1, 2)), comps, x.transpose(1, 2))  # (B, c, N)
 
 
+def _hw(value, name: str) -> tuple[int, int]:
+    """An int side or an (h, w) pair -> (h, w), each at least 1."""
+    if isinstance(value, numbers.Integral):
+        if value < 1:
+            raise ValueError(f"`{name}` has to be at least 1 but is {value}")
+        return int(value), int(value)
+    hw = tuple(int(v) for v in value)
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"`{name}` has to be a side or an (h, w) pair, each at least 1, but is {value}")
+    return hw
+
+
+def _layer_hw(n: int, size, name: str) -> tuple[int, int]:
+    """(h_l, w_l) of a layer of n pixels: ``size`` if given (checked), else the square side."""
+    if size is None:
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"`{name}` has to hold a square number of pixels (dimension 2) but holds {n}; "
+                             f"pass its (h, w) for a non-square layer")
+        return side, side
+    hl, wl = _hw(size, f"size of {name}")
+    if hl * wl != n:
+        raise ValueError(f"`{name}` holds {n} pixels (dimension 2) but its size is {hl}x{wl}")
+    return hl, wl
+
+
 def headwise_features(
     x: Tensor,
-    grid: int,
+    grid,
     cfg: Optional[PCCConfig] = None,
     generator: Optional[torch.Generator] = None,
     out: Optional[Tensor] = None,
+    size=None,
 ) -> Tensor:
     """One layer's head-wise PCA features, upsampled to the labelling grid.
 
     Args:
-        x: (B, heads, S*S, d) per-head attention outputs of B images (row-major pixels).
-        grid: output side (64 in the reference); nearest-neighbour upsampling from S.
+        x: (B, heads, h_l*w_l, d) per-head attention outputs of B images (row-major pixels).
+        grid: output (h, w), or one side for a square grid (64 in the reference);
+            nearest-neighbour upsampling from (h_l, w_l).
         cfg: supplies ``pca_components``, ``pca_method``, ``pca_oversample``, ``pca_niter``
             and ``pca_seed`` (reference defaults when None).
         generator: overrides the generator seeded with ``cfg.pca_seed``.
-        out: optional (B, heads * n_components, grid, grid) float32 tensor (e.g. a channel
+        out: optional (B, heads * n_components, h, w) float32 tensor (e.g. a channel
             slice of all layers' features) to write into instead of a new tensor.
+        size: the layer's (h_l, w_l); None for a square layer.
 
     Returns:
-        (B, heads * n_components, grid, grid) float32, head-major channels
+        (B, heads * n_components, h, w) float32, head-major channels
         (head0 comp0..c-1, head1 comp0..c-1, ...) (``out`` when given).
     """
     cfg = cfg or PCCConfig()
     check_tensor(x, "x", 4, floating=True)
     b, heads, n, d = x.shape
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise ValueError(f"`x` has to hold a square number of pixels (dimension 2) but holds {n}")
-    if grid < 1:
-        raise ValueError(f"`grid` has to be at least 1 but is {grid}")
+    hl, wl = _layer_hw(n, size, "x")
+    gh, gw = _hw(grid, "grid")
     c = cfg.pca_components
     generator = local_generator(generator, cfg.pca_seed, x.device)
     proj = _projections(
         x.reshape(b * heads, n, d),  # (B*heads, S*S, d)
         c, cfg.pca_method, cfg.pca_oversample, cfg.pca_niter, generator,
     )  # (B*heads, c, S*S)
-    proj = proj.reshape(b, heads * c, side, side)  # (B, heads*c, S, S), head-major, row-major pixels
+    proj = proj.reshape(b, heads * c, hl, wl)  # (B, heads*c, h_l, w_l), head-major, row-major pixels
     if out is None:
-        out = torch.empty(b, heads * c, grid, grid, device=x.device, dtype=torch.float32)
-    elif tuple(out.shape) != (b, heads * c, grid, grid) or out.dtype != torch.float32:
-        raise ValueError(f"`out` has to be a float32 tensor of shape {(b, heads * c, grid, grid)} but is "
+        out = torch.empty(b, heads * c, gh, gw, device=x.device, dtype=torch.float32)
+    elif tuple(out.shape) != (b, heads * c, gh, gw) or out.dtype != torch.float32:
+        raise ValueError(f"`out` has to be a float32 tensor of shape {(b, heads * c, gh, gw)} but is "
                          f"{out.dtype} {tuple(out.shape)}")
-    if side == grid:
+    if (hl, wl) == (gh, gw):
         out.copy_(proj)
     else:
-        resize(proj, (grid, grid), mode="nearest", out=out)  # (B, heads*c, grid, grid)
+        resize(proj, (gh, gw), mode="nearest", out=out)  # (B, heads*c, h, w)
     return out
 
 
-def _check_layer(x: Tensor, name: str, cfg: PCCConfig) -> tuple[int, int, int, int, int]:
-    """A (B, heads, S*S, d) layer of ``grouped_headwise_features``; returns (B, heads, N, d, S)."""
+def _check_layer(x: Tensor, name: str, cfg: PCCConfig, size=None) -> tuple[int, int, int, int, tuple]:
+    """A (B, heads, h_l*w_l, d) layer of ``grouped_headwise_features``; returns (B, heads, N, d, (h_l, w_l))."""
     check_tensor(x, name, 4, floating=True)
     b, heads, n, d = x.shape
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise ValueError(f"`{name}` has to hold a square number of pixels (dimension 2) but holds {n}")
+    hw = _layer_hw(n, size, name)
     if b == 0 or heads == 0:
         raise ValueError(f"`{name}` has to hold at least one image and head but has shape {tuple(x.shape)}")
     _validate(x.select(0, 0), cfg.pca_components, cfg.pca_method, cfg.pca_oversample, cfg.pca_niter)  # (heads, N, d)
-    return b, heads, n, d, side
+    return b, heads, n, d, hw
 
 
 def _eigh_grouped(mats: list) -> list:
@@ -275,7 +301,7 @@ def _eigh_grouped(mats: list) -> list:
     return out
 
 
-def grouped_headwise_features(layers, grid: int, cfg: Optional[PCCConfig] = None) -> list:
+def grouped_headwise_features(layers, grid, cfg: Optional[PCCConfig] = None, sizes=None) -> list:
     """``headwise_features`` of several layers at once, batched over layers, images and heads.
 
     Layers of the same shape form one group and one batch of PCA problems; the randomised
@@ -286,25 +312,28 @@ def grouped_headwise_features(layers, grid: int, cfg: Optional[PCCConfig] = None
     layers. No host sync but one finiteness check for all layers and one per ``eigh``.
 
     Args:
-        layers: L tensors (B, heads_l, S_l*S_l, d_l), per-head attention outputs (row-major pixels).
-        grid: output side; nearest-neighbour upsampling from each S_l.
+        layers: L tensors (B, heads_l, h_l*w_l, d_l), per-head attention outputs (row-major pixels).
+        grid: output (h, w), or one side for a square grid; nearest-neighbour upsampling from
+            each (h_l, w_l).
         cfg: PCA settings, as for ``headwise_features`` (reference defaults when None).
+        sizes: L pairs (h_l, w_l); None for square layers.
 
     Returns:
-        L tensors (B, heads_l * n_components, grid, grid) float32, head-major channels; equal to
-        ``headwise_features(layers[l], grid, cfg)``.
+        L tensors (B, heads_l * n_components, h, w) float32, head-major channels; equal to
+        ``headwise_features(layers[l], grid, cfg, size=sizes[l])``.
     """
     cfg = cfg or PCCConfig()
     layers = list(layers)
-    if grid < 1:
-        raise ValueError(f"`grid` has to be at least 1 but is {grid}")
+    gh, gw = _hw(grid, "grid")
+    if sizes is not None and len(sizes) != len(layers):
+        raise ValueError(f"`sizes` has to give one (h, w) per layer ({len(layers)}) but gives {len(sizes)}")
     c, method = cfg.pca_components, cfg.pca_method
-    shapes = [_check_layer(x, f"layers[{i}]", cfg) for i, x in enumerate(layers)]
+    shapes = [_check_layer(x, f"layers[{i}]", cfg, None if sizes is None else sizes[i]) for i, x in enumerate(layers)]
     if not layers:
         return []
-    groups: dict = {}  # (heads, N, d, device) -> layer indices
+    groups: dict = {}  # (heads, N, d, (h_l, w_l), device) -> layer indices
     for i, x in enumerate(layers):
-        groups.setdefault((*x.shape[1:], x.device), []).append(i)
+        groups.setdefault((*x.shape[1:], shapes[i][4], x.device), []).append(i)
     data, means, grams = [], [], []
     for idx in groups.values():
         xs = [layers[i] for i in idx]
@@ -341,7 +370,7 @@ def grouped_headwise_features(layers, grid: int, cfg: Optional[PCCConfig] = None
         comp = _flip_signs(comp)  # (G, c, d)
         proj = torch.baddbmm(-(comp @ mean.transpose(1, 2)), comp, x.transpose(1, 2))  # (G, c, N)
         for i, part in zip(idx, proj.chunk(len(idx))):
-            b, heads, _, _, side = shapes[i]
-            part = part.reshape(b, heads * c, side, side)  # (B, heads*c, S, S), head-major
-            out[i] = part if side == grid else resize(part, (grid, grid), mode="nearest")  # (B, heads*c, grid, grid)
+            b, heads, _, _, (hl, wl) = shapes[i]
+            part = part.reshape(b, heads * c, hl, wl)  # (B, heads*c, h_l, w_l), head-major
+            out[i] = part if (hl, wl) == (gh, gw) else resize(part, (gh, gw), mode="nearest")  # (B, heads*c, h, w)
     return out

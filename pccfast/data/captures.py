@@ -13,6 +13,11 @@ One safetensors file per image, ``<id>.safetensors``:
   classifier-free-guidance halves' heads, unconditional first; "1": a guidance-free run, one
   half; "" if unknown); versions 1 and 2 (square grids, both halves) read as grid = the
   tensors' and halves = 2;
+- optionally (format_version 3), Dataset Diffusion's inputs (``generate --labeler dd|fused``
+  or ``--save-all-labelers``): ``dd_affinity`` (N2, N2) float16 or float32, the averaged
+  self-attention probabilities at the half grid (N2 = h2 * w2, metadata ``dd_grid`` "h2,w2"),
+  and ``dd_class_attention`` (K, h4, w4) float32, its class maps at the quarter grid; both or
+  neither; files without them are read as before;
 - string metadata ``format_version`` ("3"; "1" and "2" files are still read), ``label_set`` (the label set's name),
   ``label_classes`` (JSON list of the set's class names), ``prompt``, ``classes`` (JSON list
   of the image's class names, may repeat), ``seed`` and ``steps`` (decimal ints, "" if
@@ -47,6 +52,8 @@ _TENSORS = ("features", "class_attention")
 _IMAGE = "image"
 _META = ("format_version", "label_set", "label_classes", "prompt", "classes", "seed", "model", "steps")
 _META_V3 = ("grid", "halves")  # required from format_version 3 on
+_DD = ("dd_affinity", "dd_class_attention")  # optional (format_version 3): Dataset Diffusion's inputs
+_DD_GRID = "dd_grid"  # metadata "h2,w2" of dd_affinity's grid, written with the DD tensors
 
 
 class CaptureError(ValueError):
@@ -66,6 +73,8 @@ class Capture:
     class_attention: torch.Tensor  # (K, h, w) float32, CPU
     metadata: dict = field(default_factory=dict)
     image: "torch.Tensor | None" = None  # (3, H, W) uint8, CPU; None if the file holds none (version 1)
+    dd_affinity: "torch.Tensor | None" = None  # (N2, N2) float32, CPU; None if the file holds no DD tensors
+    dd_class_attention: "torch.Tensor | None" = None  # (K, h4, w4) float32, CPU; likewise
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -125,6 +134,38 @@ def _check_image(where: str, image, grid: tuple[int, int]) -> None:
         )
 
 
+def _parse_grid(where: str, text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise CaptureError(f"{where}: metadata {_DD_GRID!r} has to be 'h,w' (two positive ints) but is {text[:40]!r}")
+    return h, w
+
+
+def _check_dd(where: str, affinity, class_maps, dd_grid: tuple[int, int], num_classes: int) -> None:
+    """Dataset Diffusion's tensors: (N2, N2) float16/float32 with N2 = h2 * w2, (K, h4, w4) float, finite."""
+    for name, t in (("dd_affinity", affinity), ("dd_class_attention", class_maps)):
+        if not isinstance(t, torch.Tensor):
+            raise CaptureError(f"{where}: '{name}' has to be a torch.Tensor but is {type(t).__name__}")
+        if not t.is_floating_point():
+            raise CaptureError(f"{where}: '{name}' has to be a floating-point tensor but has dtype {t.dtype}")
+        if t.numel() == 0:
+            raise CaptureError(f"{where}: '{name}' has an empty dimension: shape {tuple(t.shape)}")
+    n2 = dd_grid[0] * dd_grid[1]
+    if tuple(affinity.shape) != (n2, n2):
+        raise CaptureError(f"{where}: 'dd_affinity' has to be (N2, N2) with N2 = {dd_grid[0]}*{dd_grid[1]} = {n2} "
+                           f"(metadata {_DD_GRID!r}) but has shape {tuple(affinity.shape)}")
+    if class_maps.ndim != 3 or class_maps.shape[0] != num_classes:
+        raise CaptureError(f"{where}: 'dd_class_attention' has to be (K, h4, w4) with K = {num_classes} but has shape "
+                           f"{tuple(class_maps.shape)}")
+    for name, t in (("dd_affinity", affinity), ("dd_class_attention", class_maps)):
+        if not _all_finite(t):
+            raise CaptureError(f"{where}: '{name}' has to be finite but holds {int((~torch.isfinite(t)).sum())} "
+                               f"NaN or inf values")
+
+
 def _resolve_label_set(where: str, label_set) -> LabelSet:
     try:
         return get_label_set(label_set)
@@ -151,6 +192,9 @@ def encode_capture(
     steps: "int | None",
     image: "torch.Tensor | None" = None,
     halves: "int | None" = None,
+    dd_affinity: "torch.Tensor | None" = None,
+    dd_class_attention: "torch.Tensor | None" = None,
+    dd_grid: "tuple[int, int] | None" = None,
 ) -> bytes:
     """The bytes of one capture file (a webdataset shard stores them as ``<id>.safetensors``).
 
@@ -167,6 +211,9 @@ def encode_capture(
             (H, W multiples of h, w); None writes no image (relabel then needs the image file).
         halves: 2 if the features hold both guidance halves' heads, 1 for a guidance-free run,
             None if unknown.
+        dd_affinity: (N2, N2) Dataset Diffusion affinity, saved as float16 if it is float16,
+            else float32; with ``dd_class_attention`` (K, h4, w4) (saved float32) and
+            ``dd_grid`` (h2, w2), N2 = h2 * w2 (default: twice the class grid). All or none.
     Raises:
         CaptureError: the tensors break the format (message names ``path``).
     """
@@ -186,12 +233,23 @@ def encode_capture(
             raise CaptureError(f"{path}: `{name}` has to be an int or None but is {v!r}")
     if ints["halves"] not in (None, 1, 2):
         raise CaptureError(f"{path}: `halves` has to be 1, 2 or None but is {halves!r}")
+    if (dd_affinity is None) != (dd_class_attention is None):
+        raise CaptureError(f"{path}: `dd_affinity` and `dd_class_attention` have to be given together")
+    if dd_affinity is not None:
+        if dd_grid is None and isinstance(dd_class_attention, torch.Tensor) and dd_class_attention.ndim == 3:
+            dd_grid = (2 * dd_class_attention.shape[1], 2 * dd_class_attention.shape[2])
+        dd_grid = _parse_grid(path, ",".join(str(v) for v in (dd_grid or ())))
+        _check_dd(path, dd_affinity, dd_class_attention, dd_grid, ls.num_classes)
     tensors = {
         "features": features.detach().to("cpu", torch.float32).contiguous(),
         "class_attention": class_attention.detach().to("cpu", torch.float32).contiguous(),
     }
     if image is not None:
         tensors[_IMAGE] = image.detach().to("cpu").contiguous()
+    if dd_affinity is not None:
+        keep = torch.float16 if dd_affinity.dtype == torch.float16 else torch.float32
+        tensors["dd_affinity"] = dd_affinity.detach().to("cpu", keep).contiguous()
+        tensors["dd_class_attention"] = dd_class_attention.detach().to("cpu", torch.float32).contiguous()
     metadata = {
         "format_version": FORMAT_VERSION,
         "label_set": ls.name,
@@ -204,6 +262,8 @@ def encode_capture(
         "grid": "{},{}".format(*features.shape[-2:]),
         "halves": "" if ints["halves"] is None else str(ints["halves"]),
     }
+    if dd_affinity is not None:
+        metadata[_DD_GRID] = "{},{}".format(*dd_grid)
     return _st_save(tensors, metadata=metadata)
 
 
@@ -302,6 +362,7 @@ class CaptureInfo:
     has_image: bool  # the file holds the decoded ``image`` (format_version 2)
     metadata: dict = field(default_factory=dict)  # every metadata string, as in the file
     grid: "tuple | None" = None  # (h, w) of the features, from the header
+    has_dd: bool = False  # the file holds Dataset Diffusion's tensors (dd_affinity, dd_class_attention)
 
 
 def read_capture_info(path: str) -> CaptureInfo:
@@ -315,7 +376,8 @@ def read_capture_info(path: str) -> CaptureInfo:
     classes = _json_str_list(path, "label_classes", meta["label_classes"])
     shape = entries.get("features", {}).get("shape") if isinstance(entries.get("features"), dict) else None
     grid = tuple(shape[-2:]) if isinstance(shape, list) and len(shape) == 3 else None
-    return CaptureInfo(path, meta["label_set"], classes, _IMAGE in entries, dict(meta), grid)
+    return CaptureInfo(path, meta["label_set"], classes, _IMAGE in entries, dict(meta), grid,
+                       all(k in entries for k in _DD))
 
 
 def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Capture:
@@ -336,7 +398,7 @@ def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Captur
     try:
         with safe_open(path, framework="pt") as f:  # memory-mapped: no copy of the whole file
             names = sorted(f.keys())
-            tensors = {k: f.get_tensor(k) for k in names if k in _TENSORS or k == _IMAGE}
+            tensors = {k: f.get_tensor(k) for k in names if k in _TENSORS or k == _IMAGE or k in _DD}
     except Exception as e:  # safetensors raises its own error types for broken files
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CaptureError(f"{path}: corrupt safetensors file: {first}") from None
@@ -351,6 +413,16 @@ def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Captur
     image = tensors.get(_IMAGE)
     if image is not None:
         _check_image(path, image, tuple(features.shape[-2:]))
+    dd = [tensors.get(k) for k in _DD]
+    if (dd[0] is None) != (dd[1] is None):
+        there, absent = _DD if dd[1] is None else _DD[::-1]
+        raise CaptureError(f"{path}: tensor {there!r} without {absent!r} (Dataset Diffusion's tensors come together)")
+    if dd[0] is not None:
+        if _DD_GRID in meta:
+            dd_grid = _parse_grid(path, meta[_DD_GRID])
+        else:
+            dd_grid = (2 * dd[1].shape[1], 2 * dd[1].shape[2]) if dd[1].ndim == 3 else (0, 0)
+        _check_dd(path, dd[0], dd[1], dd_grid, class_attention.shape[0])
 
     metadata = dict(meta)
     label_classes = _json_str_list(path, "label_classes", meta["label_classes"])
@@ -376,4 +448,6 @@ def read_capture(path: str, label_set: "str | LabelSet | None" = None) -> Captur
         class_attention=class_attention.to(torch.float32).contiguous(),
         metadata=metadata,
         image=image,
+        dd_affinity=None if dd[0] is None else dd[0].to(torch.float32).contiguous(),
+        dd_class_attention=None if dd[1] is None else dd[1].to(torch.float32).contiguous(),
     )

@@ -198,7 +198,8 @@ class AttentionCapture:
         names = [n for n in self.self_layers if n in self.head_inputs] + [
             n for n in self.head_inputs if n not in self.self_layers]
         xs = [cfg_heads(self.head_inputs[n], self.batch, self.halves) for n in names]  # (B, halves*heads, N, d) each
-        self.head_features.update(zip(names, grouped_headwise_features(xs, self.grid_hw[0], self.cfg)))
+        sizes = [self.adapter.level_hw(x.shape[2], self.latent_hw) for x in xs]  # (h_l, w_l) each
+        self.head_features.update(zip(names, grouped_headwise_features(xs, self.grid_hw, self.cfg, sizes)))
         self.head_inputs = {}
 
     # --- assembly after the loop

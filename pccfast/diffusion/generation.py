@@ -10,7 +10,6 @@ recompilation (see :mod:`pccfast.diffusion.capture`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -22,6 +21,7 @@ from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import as_label_set
 from pccfast.diffusion.adapters import adapter_for
 from pccfast.diffusion.capture import AttentionCapture, assemble_class_attention
+from pccfast.diffusion.schedulers import check_scheduler, make_scheduler, unet_calls
 
 __all__ = ["CaptureOutput", "generate_with_capture", "compiled_unet"]
 
@@ -31,17 +31,16 @@ class CaptureOutput:
     """What one capture run returns (all on the pipeline's device)."""
 
     images: Tensor  # (B, 3, H, W) uint8
-    features: Tensor  # (B, D, h, w) float32, D = 3 * sum over up-block attn1 layers of 2*heads
+    features: Tensor  # (B, D, h, w) float32, D = 3 * halves * sum of the feature layers' heads
     class_attention: Tensor  # (B, K, h, w) float32, K = label-set classes, 0 = background
+    halves: int = 2  # guidance halves in the features: 2 (CFG, D = 3 * sum of 2*heads), 1 (no guidance)
     dd_affinity: Optional[Tensor] = None  # (B, N2, N2) float32 with ``dd``: Dataset Diffusion's affinity
     dd_class_attention: Optional[Tensor] = None  # (B, K, h4, w4) float32 with ``dd``: its class maps
 
 
 def _count_unet_calls(scheduler, steps: int, device) -> int:
     """UNet calls of a run with ``steps`` inference steps (PNDM makes one more), on a copy."""
-    sched = copy.deepcopy(scheduler)
-    sched.set_timesteps(steps, device=device)
-    return len(sched.timesteps)
+    return unet_calls(scheduler, steps, device)
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # unet -> {backend: compiled unet}
@@ -78,6 +77,8 @@ def generate_with_capture(
     progress: bool = False,
     compile=False,
     dd=None,
+    scheduler: Optional[str] = None,
+    negative_prompt=None,
 ) -> CaptureOutput:
     """Generate a batch of images with attention capture (one pipeline call for the batch).
 
@@ -88,8 +89,12 @@ def generate_with_capture(
         label_set: name, dict or ``LabelSet`` (K classes).
         seeds: B seeds; image i's latents come from ``torch.Generator(device).manual_seed(seeds[i])``,
             so a prompt gives the same image whatever batch it is in.
-        steps, guidance, height, width: diffusion settings (guidance > 1: the captures use
-            the unconditional CFG half; height == width, multiples of 8).
+        steps, guidance, height, width: diffusion settings. With classifier-free guidance
+            (guidance > 1 and a model without a guidance embedding) the class maps use the
+            unconditional half's queries and the features both halves' heads; without
+            (guidance <= 1, or a guidance-distilled model) the only half. Height and width
+            are multiples of the adapter's ``size_factor`` (8 for SD 1/2, 16 for SDXL), not
+            necessarily equal.
         cfg: PCA settings (reference defaults when None).
         generator_device: device of the seed generators (default: the pipeline's device).
         progress: show the pipeline's per-step progress bar.
@@ -99,10 +104,15 @@ def generate_with_capture(
         dd: a ``core.dd.DDConfig`` to also capture Dataset Diffusion's affinity and class
             attention in the same pass (:mod:`pccfast.diffusion.dd_capture`; the images do not
             change), returned as ``dd_affinity`` and ``dd_class_attention``; None (default): not.
+        scheduler: a ``schedulers.SCHEDULERS`` name, built from the pipeline's scheduler config
+            for this call (the pipeline keeps its own); None (default) runs the pipeline's own.
+        negative_prompt: a text, or one per prompt, for the unconditional half (with guidance
+            only; None: the empty prompt as usual).
 
     Returns:
         ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 and
-        class_attention (B, K, h, w) float32, with (h, w) = the latent size (H/8, W/8).
+        class_attention (B, K, h, w) float32, with (h, w) = the adapter's labelling grid (the
+        latent size H/8 x W/8 for SD 1/2, half of it for SDXL), and the guidance ``halves``.
     """
     b = len(prompts)
     if b == 0:
@@ -111,14 +121,15 @@ def generate_with_capture(
         raise ValueError(
             f"`prompts`, `class_names` and `seeds` have to have the same length but have {b}, {len(class_names)} and {len(seeds)}"
         )
-    if not guidance > 1.0:
-        raise ValueError(f"`guidance` has to be greater than 1 (the captures use the unconditional CFG half) but is {guidance}")
+    if not guidance >= 0.0:
+        raise ValueError(f"`guidance` has to be at least 0 but is {guidance}")
+    check_scheduler(scheduler)
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_prompt = list(negative_prompt)
+        if len(negative_prompt) != b or not all(isinstance(n, str) for n in negative_prompt):
+            raise ValueError(f"`negative_prompt` has to be a text or {b} texts (one per prompt) but is {negative_prompt!r}")
     adapter = adapter_for(pipe)
-    factor = adapter.size_factor
-    if height != width or height % factor or height < factor:
-        raise ValueError(
-            f"`height` and `width` have to be equal positive multiples of {factor} (square features) but are {height} and {width}"
-        )
+    adapter.check_size(height, width)
     if steps < 1:
         raise ValueError(f"`steps` has to be at least 1 but is {steps}")
     if compile is not False and compile is not True and not isinstance(compile, str):
@@ -131,18 +142,25 @@ def generate_with_capture(
     embeds, mask, tok = adapter.encode_class_texts(class_names, ls)
     seed_device = torch.device(generator_device) if generator_device is not None else device
     generators = [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
-    num_calls = _count_unet_calls(pipe.scheduler, steps, device)
+    sampler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, pipe.scheduler)
+    num_calls = _count_unet_calls(sampler, steps, device)  # from the scheduler: some call more than once per step
+    halves = adapter.halves(guidance)
+    extra = dict(adapter.call_kwargs(height, width))
+    if negative_prompt is not None:
+        extra["negative_prompt"] = [negative_prompt] * b if isinstance(negative_prompt, str) else negative_prompt
     dd_capture = None
     if dd is not None:
         from pccfast.diffusion.dd_capture import dd_capture_for
 
-        dd_capture = dd_capture_for(adapter, class_names, ls, num_calls, grid_hw, dd, adapter.halves(guidance))
+        dd_capture = dd_capture_for(adapter, class_names, ls, num_calls, grid_hw, dd, halves)
     capture = AttentionCapture(unet, embeds, mask, num_calls, latent_hw, cfg,
-                               adapter=adapter, halves=adapter.halves(guidance), grid_hw=grid_hw,
+                               adapter=adapter, halves=halves, grid_hw=grid_hw,
                                listeners=() if dd_capture is None else (dd_capture,))
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
+    own_scheduler = pipe.scheduler
     try:
+        pipe.scheduler = sampler
         if compile:
             pipe.unet = compiled_unet(unet, "inductor" if compile is True else compile)
         with capture, (dd_capture if dd_capture is not None else contextlib.nullcontext()):
@@ -155,9 +173,10 @@ def generate_with_capture(
                 generator=generators,
                 output_type="pt",
                 callback_on_step_end=capture.on_step_end,
-                **adapter.call_kwargs(height, width),
+                **extra,
             )
     finally:
+        pipe.scheduler = own_scheduler
         pipe._progress_bar_config = saved_bar
         if pipe.unet is not unet:
             pipe.unet = unet
@@ -167,6 +186,6 @@ def generate_with_capture(
     features = capture.features()
     class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, grid_hw, (height, width))
     if dd_capture is None:
-        return CaptureOutput(images=images, features=features, class_attention=class_attention)
-    return CaptureOutput(images=images, features=features, class_attention=class_attention,
+        return CaptureOutput(images=images, features=features, class_attention=class_attention, halves=halves)
+    return CaptureOutput(images=images, features=features, class_attention=class_attention, halves=halves,
                          dd_affinity=dd_capture.affinity(), dd_class_attention=dd_capture.class_attention())

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from pccfast.diffusion.schedulers import check_scheduler
 
 __all__ = ["GenerationConfig", "DEFAULT_MODEL", "LATENT_FACTOR", "SMALLEST_LEVEL"]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 LATENT_FACTOR = 8  # the VAE of SD 1.x/2.x: latents are 1/8 of the image size
-SMALLEST_LEVEL = 32  # SD 1.x/2.x: the coarsest up-block attention level is 1/32 of the image side
+SMALLEST_LEVEL = 32  # SD 1.x/2.x and SDXL: the coarsest up-block attention level is 1/32 of the image side
 
 
 @dataclass
@@ -19,17 +22,20 @@ class GenerationConfig:
     """Defaults = the reference: SD 2.1-base, 512x512, 80 steps, guidance 7.5, seed 2024 + i.
 
     Every size rule is checked here, once, when the settings are made (before any model
-    loads): square images whose side is a multiple of 8.
+    loads): sides that are multiples of 8 (a model family with a coarser labelling grid, SDXL,
+    checks its own factor when the batch runs), not necessarily equal.
     """
 
-    model: str = DEFAULT_MODEL  # diffusers checkpoint: hub id, local folder, or "tiny"
+    model: str = DEFAULT_MODEL  # diffusers checkpoint: hub id, local folder, "tiny", "tiny-sdxl" or "tiny-turbo"
     steps: int = 80  # denoising steps
-    guidance: float = 7.5  # classifier-free guidance scale (> 1: the capture reads the unconditional half)
-    height: int = 512  # image height (multiple of 8, equal to width)
-    width: int = 512  # image width (multiple of 8, equal to height)
+    guidance: float = 7.5  # classifier-free guidance scale (> 1: two halves, the class maps read the unconditional one; <= 1: no guidance, one half)
+    height: int = 512  # image height (multiple of 8)
+    width: int = 512  # image width (multiple of 8)
     seed: int = 2024  # prompt i (position in the prompt list) gets seed + i
     device: str = "cpu"  # torch device of the pipeline and the labeller
     dtype: str = "float32"  # float32, float16 or bfloat16 (half precision on CUDA)
+    scheduler: Optional[str] = None  # a schedulers.SCHEDULERS name built from the checkpoint's config; None: its own
+    negative_prompt: Optional[str] = None  # text of the unconditional half (with guidance); None: the empty prompt
 
     def __post_init__(self) -> None:
         f = LATENT_FACTOR
@@ -37,31 +43,28 @@ class GenerationConfig:
             raise ValueError(
                 f"`height` and `width` have to be positive multiples of {f} but are {self.height} and {self.width}"
             )
-        if self.height != self.width:
-            raise ValueError(
-                f"`height` and `width` have to be equal (square images; the labeller's grid is square) "
-                f"but are {self.height} and {self.width}"
-            )
         if self.steps < 1:
             raise ValueError(f"`steps` has to be at least 1 but is {self.steps}")
-        if not self.guidance > 1.0:
-            raise ValueError(
-                f"`guidance` has to be greater than 1 (the capture uses the unconditional half) but is {self.guidance}"
-            )
+        if not self.guidance >= 0.0:
+            raise ValueError(f"`guidance` has to be at least 0 (at most 1: no guidance) but is {self.guidance}")
+        check_scheduler(self.scheduler)
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise TypeError(f"`negative_prompt` has to be a text or None but is {type(self.negative_prompt).__name__}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"`dtype` has to be float32, float16 or bfloat16 but is {self.dtype!r}")
         if self.dtype == "float16" and torch.device(self.device).type == "cpu":
             raise ValueError("`dtype` float16 needs a CUDA device (--device cuda); on the CPU use float32 or bfloat16")
 
     def check_labeller(self, pca_components: int) -> None:
-        """The image has to be large enough to label: the coarsest attention level (1/32 of the
-        side) has to hold at least ``pca_components`` pixels for the head-wise PCA."""
-        side = SMALLEST_LEVEL * math.ceil(math.sqrt(pca_components))
-        if self.height < side:
+        """The image has to be large enough to label: the coarsest attention level (1/32 of
+        each side, rounded up) has to hold at least ``pca_components`` pixels for the head-wise PCA."""
+        level = math.ceil(self.height / SMALLEST_LEVEL) * math.ceil(self.width / SMALLEST_LEVEL)
+        if level < pca_components:
+            side = SMALLEST_LEVEL * math.ceil(math.sqrt(pca_components))
             raise ValueError(
-                f"`height` and `width` have to be at least {side} (the coarsest attention level, 1/{SMALLEST_LEVEL} of "
-                f"the side, has to hold at least pca_components = {pca_components} pixels) but are {self.height} "
-                f"and {self.width}"
+                f"`height` and `width` have to be large enough for the coarsest attention level (1/{SMALLEST_LEVEL} of "
+                f"each side) to hold at least pca_components = {pca_components} pixels (e.g. both at least {side}) "
+                f"but are {self.height} and {self.width}"
             )
 
     @property

@@ -31,8 +31,9 @@ def test_round_trip(tmp_path, device):
     torch.testing.assert_close(cap.class_attention, class_attention, rtol=0, atol=0)
     assert cap.grid == (4, 5)
     assert cap.metadata == {
-        "format_version": "2", "label_set": "voc", "label_classes": list(VOC_CLASSES),
+        "format_version": "3", "label_set": "voc", "label_classes": list(VOC_CLASSES),
         "prompt": "a cat on a sofa", "classes": ["cat", "sofa", "cat"], "seed": 2031, "model": "sd21", "steps": 80,
+        "grid": (4, 5), "halves": None,
     }
     assert cap.image is None  # written without one
     assert os.listdir(tmp_path / "sub") == ["7.safetensors"]  # no temp file left
@@ -49,7 +50,8 @@ def test_format_on_disk(tmp_path):
         assert sorted(f.keys()) == ["class_attention", "features"]
         assert f.get_tensor("features").dtype == torch.float32
         assert f.get_tensor("class_attention").dtype == torch.float32
-    assert meta["format_version"] == FORMAT_VERSION == "2"
+    assert meta["format_version"] == FORMAT_VERSION == "3"
+    assert meta["grid"] == "4,5" and meta["halves"] == ""  # (h, w) of a non-square grid; halves unknown
     assert json.loads(meta["label_classes"]) == list(VOC_CLASSES)
     assert meta["classes"] == "[]" and meta["seed"] == "" and meta["steps"] == ""
     cap = read_capture(path)
@@ -108,8 +110,14 @@ def _bad_cases():
          r"'class_attention' has 21 classes but metadata 'label_classes' lists 20$"),
         (dict(label_classes=json.dumps(labels)), "voc",
          r"'label_classes' disagree with label set 'voc' at index 3: 'birb' in the file, 'bird' in the set$"),
-        (dict(format_version="3"), None, r"unknown format_version '3' \(this pccfast reads '1' and '2'\)$"),
-        (dict(format_version=None), None, r"metadata 'format_version' is missing \(expected '2'\)$"),
+        (dict(format_version="4"), None, r"unknown format_version '4' \(this pccfast reads '1', '2' and '3'\)$"),
+        (dict(format_version=None), None, r"metadata 'format_version' is missing \(expected '3'\)$"),
+        (dict(format_version="3"), None, r"metadata 'grid', 'halves' missing \(a capture holds .*grid, halves\)$"),
+        (dict(format_version="3", grid="5,4", halves="2"), None,
+         r"metadata 'grid' says 5x4 but the tensors are 4x5 \(h x w\)$"),
+        (dict(format_version="3", grid="4x5", halves="2"), None, r"metadata 'grid' has to be 'h,w' but is '4x5'$"),
+        (dict(format_version="3", grid="4,5", halves="3"), None,
+         r"metadata 'halves' has to be 1, 2 or empty but is '3'$"),
         (dict(image=torch.zeros(3, 8, 10, dtype=torch.float32)), None, r"'image' has to be uint8 but has dtype torch.float32$"),
         (dict(image=torch.zeros(8, 10, 3, dtype=torch.uint8)), None,
          r"'image' has to be \(3, H, W\) \(RGB, channels first\) but has shape \(8, 10, 3\)$"),
@@ -215,7 +223,7 @@ def test_image_round_trip(tmp_path, device):
     assert torch.equal(cap.image, image)
     with safe_open(path, framework="pt") as f:
         assert sorted(f.keys()) == ["class_attention", "features", "image"]
-        assert f.metadata()["format_version"] == "2"
+        assert f.metadata()["format_version"] == "3"
     info = read_capture_info(path)
     assert (info.label_set, info.label_classes, info.has_image) == ("voc", list(VOC_CLASSES), True)
 
@@ -263,3 +271,24 @@ def test_info_reads_only_the_header(tmp_path):
         read_capture(path)
     with pytest.raises(CaptureError, match=r"unknown format_version '9'"):
         read_capture_info(_bad(tmp_path, name="v9.safetensors", format_version="9"))
+
+
+def test_grid_and_halves_recorded(tmp_path):
+    """format_version 3 records the (h, w) grid (non-square here) and the guidance halves."""
+    features, class_attention = torch.rand(12, 8, 12), torch.rand(21, 8, 12)
+    path = str(tmp_path / "g.safetensors")
+    write_capture(path, features, class_attention, label_set="voc", prompt="p", classes=["cat"], seed=1, model="m",
+                  steps=1, image=torch.zeros(3, 64, 96, dtype=torch.uint8), halves=1)
+    cap = read_capture(path, "voc")
+    assert cap.grid == (8, 12) and cap.metadata["grid"] == (8, 12) and cap.metadata["halves"] == 1
+    assert read_capture_info(path).grid == (8, 12)
+    with pytest.raises(CaptureError, match=r"`halves` has to be 1, 2 or None but is 3$"):
+        write_capture(path, features, class_attention, label_set="voc", prompt="p", classes=[], seed=1, model="m",
+                      steps=1, halves=3)
+
+
+def test_old_versions_read_with_grid_and_both_halves(tmp_path):
+    """Regression: version 1/2 files record no grid or halves; they read as the tensors' grid
+    and both guidance halves (all of them came from guided runs)."""
+    cap = read_capture(_bad(tmp_path, name="v1.safetensors"))
+    assert cap.metadata["grid"] == cap.grid and cap.metadata["halves"] == 2

@@ -272,10 +272,14 @@ def test_public_names():
 
 def test_generate_with_capture_exceptions(pipe):
     args = (pipe, PROMPTS[:1], CLASSES[:1], VOC, SEEDS[:1])
-    with pytest.raises(ValueError, match="`guidance` has to be greater than 1"):
-        generate_with_capture(*args, steps=1, guidance=1.0, height=64, width=64)
-    with pytest.raises(ValueError, match="`height` and `width` have to be equal .* 64 and 128"):
-        generate_with_capture(*args, steps=1, height=64, width=128)
+    with pytest.raises(ValueError, match="`guidance` has to be at least 0 but is -1.0"):
+        generate_with_capture(*args, steps=1, guidance=-1.0, height=64, width=64)
+    with pytest.raises(ValueError, match="`height` and `width` have to be positive multiples of 8 for a sd model .* 64 and 100"):
+        generate_with_capture(*args, steps=1, height=64, width=100)
+    with pytest.raises(ValueError, match="`scheduler` has to be one of ddim, .* but is 'foo'"):
+        generate_with_capture(*args, steps=1, height=64, width=64, scheduler="foo")
+    with pytest.raises(ValueError, match="`negative_prompt` has to be a text or 1 texts"):
+        generate_with_capture(*args, steps=1, height=64, width=64, negative_prompt=["a", "b"])
     with pytest.raises(ValueError, match="same length but have 1, 1 and 2"):
         generate_with_capture(pipe, PROMPTS[:1], CLASSES[:1], VOC, SEEDS[:2], steps=1, height=64, width=64)
     with pytest.raises(ValueError, match="'unicorn' is not in label set"):
