@@ -204,8 +204,15 @@ def register_adapter(cls: type) -> type:
     return cls
 
 
+def _load_families() -> None:
+    """Registers the families defined in other modules of this package (imported in a function:
+    they import this module): SD3 and FLUX (:mod:`pccfast.diffusion.dit_adapters`)."""
+    import pccfast.diffusion.dit_adapters  # noqa: F401
+
+
 def supported_families() -> str:
     """'sd (StableDiffusionPipeline: Stable Diffusion 1.x/2.x, SD-Turbo), ...' for messages."""
+    _load_families()
     return ", ".join(f"{a.family} ({' or '.join(a.pipeline_classes)}: {a.description})" for a in reversed(_ADAPTERS))
 
 
@@ -220,6 +227,7 @@ def adapter_class(class_name: str, *, strict: bool = True) -> Optional[type]:
 
     Raises ``UnsupportedPipelineError`` for an unknown name (or returns None if not ``strict``).
     """
+    _load_families()
     for cls in _ADAPTERS:
         if class_name in cls.pipeline_classes:
             return cls

@@ -16,6 +16,7 @@ __all__ = ["load_pipeline", "ModelLoadError"]
 _HINT = "pass --model PATH to a local diffusers Stable Diffusion folder, or --model tiny for the offline test model"
 # model_index.json `_class_name`s whose components this package's SD-1/2 capture works with
 _PIPELINE_CLASSES = ("StableDiffusionPipeline",)
+_DIT_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")  # SD3/SD3.5, FLUX.1: loaded with their own pipeline class
 _MAX_REASON = 200  # characters of a library's error message kept in the one-line reason
 
 
@@ -85,10 +86,13 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
     """A ``StableDiffusionPipeline`` on ``device`` in ``dtype``, with SDPA attention processors.
 
     Args:
-        name_or_path: "tiny" (the seeded offline test model, ``tiny.build_tiny_pipeline``), a
-            local diffusers folder, or a hub id (from the local cache, or downloaded).
+        name_or_path: "tiny" (the seeded offline test model, ``tiny.build_tiny_pipeline``),
+            "tiny-sd3", "tiny-flux" or "tiny-flux-schnell" (``tiny_dit``), a local diffusers
+            folder, or a hub id (from the local cache, or downloaded); SD3/SD3.5 and FLUX.1
+            checkpoints load as their own pipeline class (``StableDiffusion3Pipeline``,
+            ``FluxPipeline``), chosen from ``model_index.json``.
         device, dtype: where the pipeline goes.
-        label_set: only for "tiny": whose class words become single tokens.
+        label_set: only for the tiny models: whose class words become single tokens.
 
     Raises:
         ValueError: ``name_or_path`` is not a non-empty string.
@@ -102,6 +106,12 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
         from pccfast.diffusion.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(device=device, dtype=dtype, label_set=label_set)
+    from pccfast.diffusion.tiny_dit import TINY_DIT_MODELS
+
+    if name_or_path in TINY_DIT_MODELS:  # tiny-sd3, tiny-flux, tiny-flux-schnell
+        from pccfast.diffusion.tiny_dit import build_tiny_dit_pipeline
+
+        return build_tiny_dit_pipeline(name_or_path, device=device, dtype=dtype, label_set=label_set)
 
     from pccfast.diffusion.quiet import quiet_imports
 
@@ -116,7 +126,10 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
     if local and not os.path.isdir(path):
         raise _error(name_or_path, "not a folder")
     source = path if local else name_or_path
-    _check_class(name_or_path, _declared_class(source, local))
+    declared = _declared_class(source, local)
+    if declared in _DIT_CLASSES:
+        return _load_dit(name_or_path, source, local, declared, device, dtype)
+    _check_class(name_or_path, declared)
     try:
         with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones know only `torch_dtype`
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -129,4 +142,20 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
         _check_class(name_or_path, _declared_class(source, local))
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
+    return pipe.to(device)
+
+
+def _load_dit(name: str, source: str, local: bool, class_name: str, device, dtype):
+    """An SD3/SD3.5 or FLUX.1 checkpoint with its own pipeline class and default processors."""
+    from pccfast.diffusion.quiet import quiet_imports
+
+    with quiet_imports():
+        import diffusers
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = getattr(diffusers, class_name).from_pretrained(source, torch_dtype=dtype)
+    except Exception as exc:  # missing or broken files, no network, not cached, ...
+        raise _error(name, _reason(exc, local)) from exc
     return pipe.to(device)
