@@ -32,15 +32,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from pccfast.core.checks import check_tensor
+from pccfast.core.config import PCCConfig
+from pccfast.core.labelset import LabelSet
 from pccfast.core.resize import resize
 
-__all__ = ["DDConfig", "propagate", "dd_scores", "dd_masks", "fuse_masks", "LABELERS"]
+__all__ = ["DDConfig", "propagate", "dd_scores", "dd_masks", "fuse_masks", "LABELERS", "LabelerChoice",
+           "LabelerOutput", "present_classes", "run_labeler"]
 
 LABELERS = ("pcc", "dd", "fused")  # the labellers a run can choose (``--labeler``)
 
@@ -273,3 +277,104 @@ def fuse_masks(pcc: Tensor, dd: Tensor, ignore_index: int = 255) -> Tensor:
     if not 0 <= ignore_index <= 255:
         raise ValueError(f"`ignore_index` has to lie in [0, 255] but is {ignore_index}")
     return torch.where(pcc == dd.to(pcc.dtype), pcc, torch.full_like(pcc, ignore_index))
+
+
+@dataclass(frozen=True)
+class LabelerChoice:
+    """Which labeller makes a run's masks, and what else it keeps.
+
+    ``labeler``: "pcc" (PCC's refined mask), "dd" (Dataset Diffusion's) or "fused"
+    (``fuse_masks`` of both); ``dd``: Dataset Diffusion's constants; ``save_all``: also keep
+    both labellers' own masks (``SegmentationClassPCC/``, ``SegmentationClassDD/``).
+    """
+
+    labeler: str = "pcc"
+    dd: DDConfig = field(default_factory=DDConfig)
+    save_all: bool = False
+
+    def __post_init__(self) -> None:
+        if self.labeler not in LABELERS:
+            raise ValueError(f"`labeler` has to be one of {', '.join(LABELERS)} but is {self.labeler!r}")
+        if not isinstance(self.dd, DDConfig):
+            raise TypeError(f"`dd` has to be a DDConfig but is {type(self.dd).__name__}")
+
+    @property
+    def needs_dd(self) -> bool:
+        """Dataset Diffusion's tensors are needed (captured, saved, read)."""
+        return self.labeler != "pcc" or self.save_all
+
+    @property
+    def needs_pcc(self) -> bool:
+        """PCC's labeller runs."""
+        return self.labeler != "dd" or self.save_all
+
+
+@dataclass
+class LabelerOutput:
+    """Masks of a batch: ``mask`` (B, H, W) uint8 is the chosen labeller's; ``pcc`` and ``dd``
+    (B, H, W) uint8 each labeller's own (None when it did not run); ``blocky_full`` PCC's
+    upsampled blocky mask (None unless asked for and PCC ran)."""
+
+    mask: Tensor
+    pcc: Optional[Tensor] = None
+    dd: Optional[Tensor] = None
+    blocky_full: Optional[Tensor] = None
+
+
+def present_classes(class_names: list, label_set: LabelSet, device="cpu") -> Tensor:
+    """(B, K) bool: per image, the label-set classes of its prompt (``class_names[i]``)."""
+    rows = [[label_set.index(c) for c in names] for names in class_names]
+    flat = torch.tensor([k for row in rows for k in row], dtype=torch.long)
+    which = torch.tensor([i for i, row in enumerate(rows) for _ in row], dtype=torch.long)
+    out = torch.zeros(len(rows), label_set.num_classes, dtype=torch.bool)
+    out[which, flat] = True
+    return out.to(device)
+
+
+def run_labeler(
+    choice: LabelerChoice,
+    images: Tensor,
+    present: Tensor,
+    *,
+    features: Optional[Tensor] = None,
+    class_attention: Optional[Tensor] = None,
+    dd_affinity: Optional[Tensor] = None,
+    dd_class_attention: Optional[Tensor] = None,
+    cfg: Optional[PCCConfig] = None,
+    return_blocky: bool = False,
+    generator: Optional[torch.Generator] = None,
+    cache=None,
+) -> LabelerOutput:
+    """The chosen labeller (and, with ``choice.save_all``, both) on one batch.
+
+    Args:
+        choice: the labeller and its constants.
+        images: (B, 3, H, W) uint8 or float in [0, 255].
+        present: (B, K) bool, the classes of each image's prompt (Dataset Diffusion's candidates).
+        features, class_attention: PCC's inputs (B, D, h, w), (B, K, h, w) (when PCC runs).
+        dd_affinity, dd_class_attention: Dataset Diffusion's (B, N2, N2), (B, K, h4, w4) (when it runs).
+        cfg: PCC's constants; its ``ignore_index`` is also DD's and the fused mask's.
+        return_blocky: also return PCC's upsampled blocky mask.
+        generator, cache: PCC's k-means++ generator and seeding cache (``label_images``).
+    """
+    from pccfast.core.labeller import label_images
+
+    cfg = cfg or PCCConfig()
+    pcc = dd = blocky = None
+    if choice.needs_pcc:
+        if features is None or class_attention is None:
+            raise ValueError(f"the {choice.labeler!r} labeller needs `features` and `class_attention` (PCC's inputs)")
+        res = label_images(features, class_attention, images, cfg, return_blocky=return_blocky, generator=generator,
+                           cache=cache)
+        pcc, blocky = res.mask, res.blocky_full
+    if choice.needs_dd:
+        if dd_affinity is None or dd_class_attention is None:
+            raise ValueError(f"the {choice.labeler!r} labeller needs `dd_affinity` and `dd_class_attention` "
+                             "(Dataset Diffusion's inputs)")
+        dcfg = choice.dd if choice.dd.ignore_index == cfg.ignore_index else choice.dd.replace(ignore_index=cfg.ignore_index)
+        dd = dd_masks(dd_affinity, dd_class_attention, present, tuple(images.shape[-2:]), dcfg)
+    mask = {"pcc": pcc, "dd": dd}.get(choice.labeler)
+    if choice.labeler == "fused":
+        mask = fuse_masks(pcc, dd, cfg.ignore_index)
+    return LabelerOutput(mask=mask, pcc=pcc if choice.save_all else None, dd=dd if choice.save_all else None,
+                         blocky_full=blocky)

@@ -5,6 +5,8 @@ VOC layout (readable as-is by torchvision's and mmsegmentation's VOC loaders)::
     OUT/JPEGImages/<id>.jpg
     OUT/SegmentationClass/<id>.png          8-bit palette PNG, 255 = uncertain
     OUT/SegmentationClassBlocky/<id>.png    optional (--save-blocky)
+    OUT/SegmentationClassPCC/<id>.png       optional (--save-all-labelers): PCC's own mask
+    OUT/SegmentationClassDD/<id>.png        optional (--save-all-labelers): Dataset Diffusion's own mask
     OUT/captures/<id>.safetensors           optional (--save-captures), read by relabel
     OUT/ImageSets/Segmentation/train.txt    one id per line
     OUT/manifest.jsonl                      one JSON record per finished image
@@ -31,7 +33,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
-    "IMAGES", "MASKS", "BLOCKY", "CAPTURES", "SPLIT", "MANIFEST", "LABELSET", "RUN_FILE", "SHARDS", "IMAGE_EXTS",
+    "IMAGES", "MASKS", "BLOCKY", "MASKS_PCC", "MASKS_DD", "LABELER_MASKS", "CAPTURES", "SPLIT", "MANIFEST", "LABELSET", "RUN_FILE", "SHARDS", "IMAGE_EXTS",
     "CAPTURE_EXT", "sample_paths", "shard_manifest", "shard_plan", "parse_shard_file",
     "output_dirs", "FORMATS", "TARS", "TAR_INDEX", "PARQUETS", "TAR_EXT", "PARQUET_EXT", "MEMBERS", "LOCATION_KEYS",
     "file_prefix", "numbered_name", "parse_numbered_name", "detect_layout",
@@ -40,6 +42,9 @@ __all__ = [
 IMAGES = "JPEGImages"
 MASKS = "SegmentationClass"
 BLOCKY = "SegmentationClassBlocky"
+MASKS_PCC = "SegmentationClassPCC"  # --save-all-labelers: PCC's mask beside the chosen labeller's
+MASKS_DD = "SegmentationClassDD"  # --save-all-labelers: Dataset Diffusion's mask
+LABELER_MASKS = {"pcc": "mask_pcc", "dd": "mask_dd"}  # labeller -> its key in sample_paths
 CAPTURES = "captures"
 SPLIT = os.path.join("ImageSets", "Segmentation", "train.txt")
 MANIFEST = "manifest.jsonl"
@@ -61,11 +66,13 @@ LOCATION_KEYS = ("shard",)  # record fields that say where a sample is stored, n
 
 def sample_paths(out: str, sample_id: str) -> dict[str, str]:
     """Where each file of sample ``sample_id`` lives in dataset ``out``:
-    ``image``, ``mask``, ``blocky``, ``capture``."""
+    ``image``, ``mask``, ``blocky``, ``mask_pcc``, ``mask_dd``, ``capture``."""
     return {
         "image": os.path.join(out, IMAGES, f"{sample_id}.jpg"),
         "mask": os.path.join(out, MASKS, f"{sample_id}.png"),
         "blocky": os.path.join(out, BLOCKY, f"{sample_id}.png"),
+        "mask_pcc": os.path.join(out, MASKS_PCC, f"{sample_id}.png"),
+        "mask_dd": os.path.join(out, MASKS_DD, f"{sample_id}.png"),
         "capture": os.path.join(out, CAPTURES, f"{sample_id}{CAPTURE_EXT}"),
     }
 
@@ -93,7 +100,8 @@ def parse_shard_file(name: str) -> tuple[int, int] | None:
 
 def output_dirs(out: str) -> list[str]:
     """Every folder a run writes files into (where a killed writer may have left temporaries)."""
-    return [os.path.join(out, d) for d in (IMAGES, MASKS, BLOCKY, CAPTURES, SHARDS, os.path.dirname(SPLIT), ".")]
+    return [os.path.join(out, d) for d in (IMAGES, MASKS, BLOCKY, MASKS_PCC, MASKS_DD, CAPTURES, SHARDS,
+                                           os.path.dirname(SPLIT), ".")]
 
 
 def file_prefix(shard: tuple[int, int] | None) -> str:

@@ -53,6 +53,8 @@ class Pair:
     image: np.ndarray  # (H, W, 3) uint8: the capture's own image if it holds one, else the image file's
     metadata: dict = field(default_factory=dict)  # the capture's metadata (Capture.metadata)
     source: str | None = None  # the image file, if there is one
+    dd_affinity: np.ndarray | None = None  # (N2, N2) float32: Dataset Diffusion's affinity, if the capture holds it
+    dd_class_attention: np.ndarray | None = None  # (K, h4, w4) float32: its class maps, likewise
 
 
 def _has_images(folder: str) -> bool:
@@ -90,6 +92,13 @@ def find_inputs(captures: str, images: str | None = None) -> list[InputPair]:
     return out
 
 
+def _with_dd(pair: Pair, cap) -> Pair:
+    """``pair`` with the capture's Dataset Diffusion tensors, if it holds them."""
+    if cap.dd_affinity is not None:
+        pair.dd_affinity, pair.dd_class_attention = cap.dd_affinity.numpy(), cap.dd_class_attention.numpy()
+    return pair
+
+
 def read_pair(entry: InputPair, images_dir: str | None, label_set: LabelSet) -> Pair:
     """Read and check one input; ValueError with a one-line message naming the file.
 
@@ -101,7 +110,7 @@ def read_pair(entry: InputPair, images_dir: str | None, label_set: LabelSet) -> 
     features, class_attention = cap.features.numpy(), cap.class_attention.numpy()
     if cap.image is not None:
         pixels = cap.image.numpy().transpose(1, 2, 0)  # (H, W, 3) view of the (3, H, W) tensor
-        return Pair(entry.id, entry.capture, features, class_attention, pixels, cap.metadata, entry.image)
+        return _with_dd(Pair(entry.id, entry.capture, features, class_attention, pixels, cap.metadata, entry.image), cap)
     if entry.image is None:
         if images_dir is None:
             raise ValueError(f"{entry.capture}: holds no image (written before capture format_version 2) "
@@ -120,7 +129,7 @@ def read_pair(entry: InputPair, images_dir: str | None, label_set: LabelSet) -> 
             f"{entry.image}: image is {width}x{height} (width x height) but has to be a multiple of the capture grid "
             f"{w}x{h} of {entry.capture}"
         )
-    return Pair(entry.id, entry.capture, features, class_attention, pixels, cap.metadata, entry.image)
+    return _with_dd(Pair(entry.id, entry.capture, features, class_attention, pixels, cap.metadata, entry.image), cap)
 
 
 def read_infos(entries: list[InputPair]) -> list[CaptureInfo | None]:
@@ -203,7 +212,7 @@ class MaskStore:
 
     def paths(self, sample_id: str) -> list[str]:
         p = sample_paths(self.out, sample_id)
-        return [p["mask"], p["blocky"]]
+        return [p["mask"], p["blocky"], p["mask_pcc"], p["mask_dd"]]
 
     def write_plan(self, ids: list[str]) -> None:
         self._planned = list(ids)  # a mask set keeps no plan file: its masks are its state
@@ -256,11 +265,12 @@ class MaskWriter:
     jpeg_quality: int = 95
 
     def write(self, sample_id: str, mask: np.ndarray, blocky: np.ndarray | None = None,
-              image: "str | np.ndarray | None" = None) -> None:
+              image: "str | np.ndarray | None" = None, extra_masks: dict | None = None) -> None:
         """(H, W) uint8 label masks as palette PNGs; the mask last (it marks the id as done).
 
         ``image`` (with ``images``): a JPEG file to link (or copy) to ``JPEGImages/<id>.jpg``,
-        or (H, W, 3) uint8 pixels to encode there."""
+        or (H, W, 3) uint8 pixels to encode there. ``extra_masks``: more masks by their
+        ``sample_paths`` key (each labeller's own mask with ``--save-all-labelers``)."""
         p = sample_paths(self.out, sample_id)
         pal = self.label_set.flat_palette()
         if self.images and image is not None:
@@ -270,6 +280,8 @@ class MaskWriter:
                 save_image(p["image"], image, quality=self.jpeg_quality)
         if blocky is not None:
             save_mask_png(p["blocky"], blocky, pal)
+        for key, extra in (extra_masks or {}).items():
+            save_mask_png(p[key], extra, pal)
         save_mask_png(p["mask"], mask, pal)
 
     def dataset_image(self, pair: Pair) -> "str | np.ndarray | None":

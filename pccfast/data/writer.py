@@ -32,10 +32,13 @@ class SampleWriter:
         capture: dict | None = None,
         *,
         record: dict | None = None,
+        extra_masks: dict | None = None,
     ) -> dict | None:
         """Write one sample's files atomically (image (H, W, 3) uint8, mask/blocky (H, W) uint8).
 
         The mask goes last so that a present mask implies the other files are complete.
+        ``extra_masks``: more (H, W) uint8 masks by their ``layout.sample_paths`` key (``mask_pcc``,
+        ``mask_dd``: each labeller's own mask with ``--save-all-labelers``).
         Returns ``record`` as the manifest commits it (as given: a VOC sample's place is its id),
         like :class:`~pccfast.data.shards.ShardWriter`.
         """
@@ -49,6 +52,8 @@ class SampleWriter:
             from pccfast.data.captures import write_capture
 
             write_capture(p["capture"], **capture)
+        for key, extra in (extra_masks or {}).items():
+            save_mask_png(p[key], extra, pal)
         save_mask_png(p["mask"], mask, pal)
         return record
 
