@@ -115,4 +115,4 @@ def generate_with_capture_dit(
     images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
     features = capture.features()
     class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, grid_hw, (height, width))
-    return CaptureOutput(images=images, features=features, class_attention=class_attention)
+    return CaptureOutput(images=images, features=features, class_attention=class_attention, halves=halves)

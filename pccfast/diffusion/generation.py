@@ -79,6 +79,7 @@ def generate_with_capture(
     dd=None,
     scheduler: Optional[str] = None,
     negative_prompt=None,
+    feature_blocks=None,
 ) -> CaptureOutput:
     """Generate a batch of images with attention capture (one pipeline call for the batch).
 
@@ -108,6 +109,11 @@ def generate_with_capture(
             for this call (the pipeline keeps its own); None (default) runs the pipeline's own.
         negative_prompt: a text, or one per prompt, for the unconditional half (with guidance
             only; None: the empty prompt as usual).
+        feature_blocks: SD3/FLUX only: the transformer blocks whose image tokens give the
+            features and class maps (``joint_capture.parse_feature_blocks``; None: the family's
+            default). SD3 and FLUX pipelines run the joint-attention capture
+            (``dit_generation.generate_with_capture_dit``), which takes no ``compile``, ``dd``,
+            ``scheduler`` or ``negative_prompt``.
 
     Returns:
         ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 and
@@ -130,6 +136,14 @@ def generate_with_capture(
             raise ValueError(f"`negative_prompt` has to be a text or {b} texts (one per prompt) but is {negative_prompt!r}")
     adapter = adapter_for(pipe)
     adapter.check_size(height, width)
+    if getattr(adapter, "has_own_capture", False):  # SD3, FLUX: the joint-attention capture (dit_adapters)
+        adapter.feature_blocks = feature_blocks
+        return adapter.generate(prompts, class_names, label_set, seeds, steps=steps, guidance=guidance, height=height,
+                                width=width, cfg=cfg, generator_device=generator_device, progress=progress,
+                                compile=compile, dd=dd, scheduler=scheduler, negative_prompt=negative_prompt)
+    if feature_blocks not in (None, "default"):
+        raise ValueError(f"`feature_blocks` chooses blocks of a diffusion transformer (SD3, FLUX) but is "
+                         f"{feature_blocks!r} for a {adapter.family} model")
     if steps < 1:
         raise ValueError(f"`steps` has to be at least 1 but is {steps}")
     if compile is not False and compile is not True and not isinstance(compile, str):
