@@ -1,6 +1,6 @@
 """The layering rule, read from the source with ``ast`` (nothing of the package is imported).
 
-Imports go downward only (cli -> runs/tools -> diffusion/data -> core -> backends), there are
+Imports go downward only (cli -> training -> runs/tools -> diffusion/data -> core -> backends), there are
 no cycles, and core is tensors in and out. ``check_package(root)`` takes the path of a
 package folder and returns one line per violation; the tests run it on the real package and
 on small planted packages that prove each rule can fail. ARCHITECTURE.md explains the layers.
@@ -33,12 +33,13 @@ RANKS = {
     "data": 3,       # the on-disk edge: dataset layout, manifest, captures, prompts, label-set files
     "runs": 4,       # batching, resume, progress, failures, reports; local loop and Ray
     "tools": 4,      # inspect, evaluate: read datasets and score them
-    "cli": 5,        # argparse, one module per command
+    "training": 5,   # train a segmenter on a dataset: reads datasets, scores with tools, progress from runs
+    "cli": 6,        # argparse, one module per command
 }
 # same rank, and still kept apart
 SIBLINGS = {frozenset({"diffusion", "data"}), frozenset({"runs", "tools"})}
 # thin ``python -m <package>.<name>`` modules; each imports only ``<package>.cli.<name>``
-ENTRY_MODULES = {"generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native", "export"}
+ENTRY_MODULES = {"generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native", "export", "train"}
 API_MAY_IMPORT = 4      # the package's __init__ (lazy public API): anything below cli
 TESTING_MAY_IMPORT = 4  # testing (scenes, reference, fixtures): anything below cli; nobody imports it
 # modules of the installed package whose files live outside the package folder
@@ -399,7 +400,7 @@ def test_collects_the_real_imports():
 def test_layers():
     problems = check_layers(ROOT)
     if problems:
-        pytest.fail(_report("imports against the layering (cli -> runs/tools -> diffusion/data "
+        pytest.fail(_report("imports against the layering (cli -> training -> runs/tools -> diffusion/data "
                             "-> core -> backends)", problems), pytrace=False)
 
 

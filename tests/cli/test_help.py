@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-COMMANDS = ["generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native", "export"]
+COMMANDS = ["generate", "relabel", "merge", "prompts", "inspect", "evaluate", "native", "export", "train"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
