@@ -6,12 +6,38 @@ tensors through it, so the messages read the same everywhere.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_tensor", "local_generator"]
+__all__ = ["check_tensor", "local_generator", "cpu_tuned", "device_code_paths"]
+
+_DEVICE_PATHS = False  # device_code_paths() in force
+
+
+def cpu_tuned(device: Union[str, torch.device]) -> bool:
+    """Whether the CPU-tuned code path runs for tensors on ``device``: on the CPU, unless
+    :func:`device_code_paths` is in force. Every CPU/accelerator branch of the core asks this.
+
+    The CPU paths cut work into chunks, vectorise an argmin along the contiguous axis, compact
+    arrays once (a host read costs nothing there) and reuse kept random numbers; the device
+    paths do none of that. Both give the same results."""
+    return torch.device(device).type == "cpu" and not _DEVICE_PATHS
+
+
+@contextlib.contextmanager
+def device_code_paths():
+    """Run the accelerator code paths on the CPU inside the ``with`` block (not thread-safe):
+    to count the ops and host reads a GPU would see (``benchmarks/bench_syncs.py``) and to test
+    the GPU-only branches against the CPU ones where no GPU is at hand."""
+    global _DEVICE_PATHS
+    saved, _DEVICE_PATHS = _DEVICE_PATHS, True
+    try:
+        yield
+    finally:
+        _DEVICE_PATHS = saved
 
 
 def check_tensor(

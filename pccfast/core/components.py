@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pccfast.backends import kernels, rapids, resolve
-from pccfast.core.checks import check_tensor
+from pccfast.core.checks import check_tensor, cpu_tuned
 
 __all__ = ["ROUNDS_PER_CHECK", "connected_components"]
 
@@ -105,7 +105,7 @@ def _components_torch(labels: Tensor, connectivity: int, rounds_per_check: int =
     b, h, w = labels.shape
     n = b * h * w
     if compact is None:
-        compact = labels.device.type == "cpu"
+        compact = cpu_tuned(labels.device)
     parent, start = _row_runs(labels)  # (n,) row runs are already merged; (B, H, W)
     p, q = _pairs(labels, start, connectivity, compact)  # (E,) pairs that may join two trees
     rounds = max(rounds_per_check, 1)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pccfast.backends import kernels, rapids, resolve
 from pccfast.backends.kernels import NARROW_D
-from pccfast.core.checks import check_tensor, local_generator
+from pccfast.core.checks import check_tensor, cpu_tuned, local_generator
 from pccfast.core.seeding import SeedingCache, _chunk, _rows, kmeans_plusplus, kmeans_plusplus_native
 
 __all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "PreparedPoints",
@@ -43,7 +43,7 @@ def _argmin_rows(scores: Tensor, weight: Optional[Tensor] = None) -> tuple[Tenso
     uses; on the CPU it is vectorised along the contiguous point axis: ``amin`` then the
     largest of (k - j) over the minimal rows j. weight: optional ``_argmin_weight(k)``.
     """
-    if scores.device.type != "cpu":
+    if not cpu_tuned(scores.device):
         best, first = scores.min(dim=1)  # first index of the minimum, as documented
         return best, first
     k = scores.shape[1]
@@ -62,7 +62,7 @@ def _assign_t(xt: Tensor, centers: Tensor, x_sq: Tensor, weight: Optional[Tensor
     """
     b, _, n = xt.shape
     k = centers.shape[1]
-    if weight is None and xt.device.type == "cpu":
+    if weight is None and cpu_tuned(xt.device):
         weight = _argmin_weight(k, xt.device)  # (1, k, 1), shared by the chunks
     c_sq = (centers * centers).sum(-1)[..., None]  # (B, k, 1)
     step = _chunk(n, k, b, xt.device)
@@ -240,7 +240,7 @@ def _kmeans_torch(
         centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt, cache)  # (B, k, D)
     else:
         centers = init.to(x.dtype) - mean
-    weight = _argmin_weight(k, x.device) if x.device.type == "cpu" else None  # (1, k, 1)
+    weight = _argmin_weight(k, x.device) if cpu_tuned(x.device) else None  # (1, k, 1)
     shared = _sums_setup(x, k, xt)
     running = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (B,) items not yet converged
     prev = None

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from pccfast.backends import kernels
+from pccfast.core.checks import cpu_tuned
 
 __all__ = ["SeedingCache", "kmeans_plusplus", "kmeans_plusplus_native"]
 
@@ -184,7 +185,7 @@ def _race(streams: list[_RaceStream], step: int, weights: Tensor) -> Tensor:
     weights: (B, N) -> (B, T) long, the indices ``_d2_sample`` gives with the step's numbers
     """
     b = weights.shape[0]
-    kept = [s.kept(step) for s in streams] if weights.device.type == "cpu" else [None]
+    kept = [s.kept(step) for s in streams] if cpu_tuned(weights.device) else [None]
     if all(k is not None for k in kept):
         pick = torch.arange(b, device=weights.device) % len(streams)  # (B,) stream of each item
         if len(streams) == 1:  # every item the same numbers: a view, no copy
@@ -232,7 +233,7 @@ def _chunk(n: int, k: int, b: int, device: torch.device) -> int:
     (16 MB): large enough that each op amortises waking the thread pool (with
     OMP_WAIT_POLICY=PASSIVE, chunks of 13k points made the E-step 2x slower), small enough to
     bound the memory of a batch."""
-    if device.type != "cpu":
+    if not cpu_tuned(device):
         return n
     return max(1024, (1 << 22) // max(k * b, 1))
 

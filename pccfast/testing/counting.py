@@ -9,7 +9,12 @@ Usage::
 
     with OpCounter() as c:
         connected_components(labels, backend="torch")
-    c.syncs, c.ops, c.sync_ops  # int, int, Counter of sync op names
+    c.total_syncs, c.total_ops, c.total_launches  # ints; per section: c.syncs, c.ops, c.launches
+
+``ops`` counts every aten call, ``launches`` those that can start a device kernel: not views
+(``view``, ``expand``, ``select``, ``transpose``, ... change a tensor's metadata only) and not
+bare allocations (``empty``). On a GPU each launch costs a few microseconds of host time
+whatever its size, which is what the op budget is about.
 
 ``.tolist()`` and ``.cpu()`` of a CPU tensor read memory without an aten op, so they are
 invisible here; the core reads values back with ``.to("cpu", copy=True)``, which is counted.
@@ -24,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SYNC_OPS", "is_sync", "OpCounter"]
+__all__ = ["SYNC_OPS", "NO_KERNEL_OPS", "is_sync", "launches_kernel", "OpCounter"]
 
 # ops whose result needs the host to wait for the device: a scalar on the host or an output
 # shape that depends on the values
@@ -33,6 +38,18 @@ SYNC_OPS = frozenset({
     "aten.masked_select", "aten.equal", "aten.is_nonzero", "aten._unique", "aten._unique2",
     "aten.unique_dim", "aten.unique_consecutive", "aten.unique_dim_consecutive",
 })
+
+
+# not marked as views in their schemas but metadata or allocation only
+NO_KERNEL_OPS = frozenset({
+    "aten._unsafe_view", "aten._reshape_alias", "aten.empty", "aten.empty_like", "aten.empty_strided",
+    "aten.new_empty", "aten.new_empty_strided",
+})
+
+
+def launches_kernel(func, packet: str) -> bool:
+    """Whether the aten op ``func`` (overload packet name ``packet``) can start a kernel."""
+    return not func.is_view and packet not in NO_KERNEL_OPS
 
 
 def _has_bool_index(indices) -> bool:
@@ -70,6 +87,7 @@ class OpCounter(TorchDispatchMode):
 
     Attributes:
         ops: Counter of ops per section name ("" outside any section).
+        launches: Counter of the ops that can start a kernel (``launches_kernel``) per section.
         syncs: Counter of synchronising ops per section name.
         sync_ops: Counter of (section, op name) for the synchronising ops.
     """
@@ -77,6 +95,7 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter = Counter()
+        self.launches: Counter = Counter()
         self.syncs: Counter = Counter()
         self.sync_ops: Counter = Counter()
         self._stack: list[str] = [""]
@@ -100,12 +119,18 @@ class OpCounter(TorchDispatchMode):
     def total_ops(self) -> int:
         return sum(self.ops.values())
 
+    @property
+    def total_launches(self) -> int:
+        return sum(self.launches.values())
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = self._stack[-1]
         packet = str(func.overloadpacket)
         if not packet.startswith("aten."):
             packet = "aten." + packet
         self.ops[name] += 1
+        if launches_kernel(func, packet):
+            self.launches[name] += 1
         if is_sync(packet, args, kwargs):
             self.syncs[name] += 1
             self.sync_ops[(name, packet)] += 1
