@@ -11,6 +11,7 @@ from pccfast.cli.common import (
     add_label_set_argument, add_run_arguments, check_scaleout_arguments, fail, one_line_errors, positive_int,
     run_and_report, run_settings,
 )
+from pccfast.cli.labelers import add_labeler_arguments, labeler_choice_from_args
 from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
 
 __all__ = ["build_parser", "main"]
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the UNet (default backend: inductor; 'eager' checks the graphs without "
                    "code generation); the capture compiles three graphs once, not one per step")
+    m.add_argument("--append-classes", action="store_true",
+                   help="append '; ' and the prompt's class names to each image prompt, as Dataset Diffusion does "
+                   "('a black cat laying on the floor; cat'); the prompt used is the one recorded in the manifest, "
+                   "and run.json records the setting (default: off)")
+    add_labeler_arguments(p)
     add_run_arguments(p, "prompts")
     return p
 
@@ -84,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance, height=args.height,
                                     width=args.width, seed=args.seed, device=str(device), dtype=dtype)
         settings.check_labeller(cfg.pca_components)
+        labeling = labeler_choice_from_args(args)
+        if labeling.save_all and args.format != "voc":
+            raise ValueError(f"`--save-all-labelers` writes SegmentationClassPCC/ and SegmentationClassDD/ folders, so "
+                             f"it needs --format voc but the format is {args.format!r}")
         if args.compile is not None:
             known = torch._dynamo.list_backends(exclude_tags=())
             if args.compile not in known:
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         entries, settings, cfg, label_set, args.out, batch=args.batch, shard=shard, save_blocky=args.save_blocky,
         save_captures=args.save_captures, jpeg_quality=args.jpeg_quality, ray=args.ray, workers=args.workers,
         progress=not args.no_progress, prompts=source, overwrite=args.overwrite, compile=args.compile or False,
-        format=args.format, shard_size=args.shard_size),
+        format=args.format, shard_size=args.shard_size, labeling=labeling, append_classes=args.append_classes),
         "images", args.out)
 
 

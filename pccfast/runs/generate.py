@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pccfast.core.config import PCCConfig
+from pccfast.core.dd import LabelerChoice
 from pccfast.core.labelset import LabelSet
 from pccfast.data.layout import file_prefix
 from pccfast.data.manifest import Manifest
@@ -40,6 +41,7 @@ class _Made:
     blocky: object  # (B, H, W) uint8 numpy or None
     captures: list  # per item: dict for write_capture, or None
     seconds: float  # per item
+    extra: object = None  # per item: {"mask_pcc": ..., "mask_dd": ...} (--save-all-labelers), else None
 
 
 @dataclass
@@ -91,22 +93,23 @@ class GenerateStep:
     name = "generate"
 
     def __init__(self, settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer: SampleWriter,
-                 pipe=None, compile: "bool | str" = False):
+                 pipe=None, compile: "bool | str" = False, labeling: "LabelerChoice | None" = None):
         from pccfast.diffusion.pipeline import load_pipeline
 
         from pccfast.core.seeding import SeedingCache
 
         self.settings, self.cfg, self.label_set, self.writer = settings, cfg, label_set, writer
         self.compile = compile  # torch.compile the UNet (a backend name, True for inductor, False)
+        self.labeling = labeling or LabelerChoice()  # pcc, dd or fused (core.dd), and whether both are kept
         self.cache = SeedingCache()  # k-means++ draws kept across the run's batches (same results, less work)
         self.pipe = pipe if pipe is not None else load_pipeline(settings.model, device=settings.device,
                                                                 dtype=settings.torch_dtype, label_set=label_set)
 
     @classmethod
     def factory(cls, settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer: SampleWriter,
-                compile: "bool | str" = False):
+                compile: "bool | str" = False, labeling: "LabelerChoice | None" = None):
         """``make_step(device)`` for the run engine (picklable, for Ray)."""
-        return functools.partial(_build, cls, settings, cfg, label_set, writer, compile)
+        return functools.partial(_build, cls, settings, cfg, label_set, writer, compile, labeling)
 
     def prepare(self, entries: list) -> Prepared:
         return Prepared(list(entries))  # prompts need no reading
@@ -122,6 +125,7 @@ class GenerateStep:
         cap = generate_with_capture(
             self.pipe, [e.prompt for e in entries], [list(e.classes) for e in entries], self.label_set, seeds,
             steps=s.steps, guidance=s.guidance, height=s.height, width=s.width, cfg=self.cfg, compile=self.compile,
+            dd=self.labeling.dd if self.labeling.needs_dd else None,
         )
         return _Diffused(seeds, cap, _ready_event(cap.images.device), time.perf_counter() - t0)
 
@@ -130,25 +134,36 @@ class GenerateStep:
         """Label the batch and copy it to the host. The local loop runs this on its writer
         thread while the next batch diffuses; on CUDA on a stream of its own, which waits for
         this batch's diffusion only (an event), not for the next batch's kernels queued since."""
-        from pccfast.core.labeller import label_images
+        from pccfast.core.dd import present_classes, run_labeler
 
         t0 = time.perf_counter()
         entries, s, cap, seeds = prepared.items, self.settings, diffused.capture, diffused.seeds
-        with _side_stream(cap.images.device, diffused.ready, (cap.images, cap.features, cap.class_attention)):
-            res = label_images(cap.features.float(), cap.class_attention.float(), cap.images, self.cfg, cache=self.cache)
+        dd_in = tuple(t for t in (cap.dd_affinity, cap.dd_class_attention) if t is not None)
+        with _side_stream(cap.images.device, diffused.ready, (cap.images, cap.features, cap.class_attention) + dd_in):
+            present = present_classes([list(e.classes) for e in entries], self.label_set, cap.images.device)
+            res = run_labeler(self.labeling, cap.images, present, features=cap.features.float(),
+                              class_attention=cap.class_attention.float(), dd_affinity=cap.dd_affinity,
+                              dd_class_attention=cap.dd_class_attention, cfg=self.cfg,
+                              return_blocky=self.writer.save_blocky, cache=self.cache)
             images = cap.images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (B, H, W, 3)
             masks = res.mask.cpu().numpy()  # (B, H, W)
-            blocky = res.blocky_full.cpu().numpy() if self.writer.save_blocky else None  # (B, H, W)
+            blocky = res.blocky_full.cpu().numpy() if res.blocky_full is not None else None  # (B, H, W)
+            extra = None
+            if self.labeling.save_all:
+                pcc, dd = res.pcc.cpu().numpy(), res.dd.cpu().numpy()  # (B, H, W) each
+                extra = [{"mask_pcc": pcc[i], "mask_dd": dd[i]} for i in range(len(entries))]
             captures = [None] * len(entries)
             if self.writer.save_captures:
                 captures = [
                     dict(features=cap.features[i].cpu(), class_attention=cap.class_attention[i].cpu(),
                          label_set=self.label_set, prompt=e.prompt, classes=list(e.classes), seed=seeds[i],
-                         model=s.model, steps=s.steps, image=cap.images[i].cpu())
+                         model=s.model, steps=s.steps, image=cap.images[i].cpu(),
+                         **({} if cap.dd_affinity is None else dict(
+                             dd_affinity=cap.dd_affinity[i].cpu(), dd_class_attention=cap.dd_class_attention[i].cpu())))
                     for i, e in enumerate(entries)
                 ]
         seconds = diffused.seconds + time.perf_counter() - t0
-        return _Made(seeds, images, masks, blocky, captures, seconds / len(entries))
+        return _Made(seeds, images, masks, blocky, captures, seconds / len(entries), extra)
 
     def write(self, prepared: Prepared, made: _Made) -> tuple[list[dict], list]:
         records, failures = [], []
@@ -156,9 +171,10 @@ class GenerateStep:
         for i, e in enumerate(prepared.items):
             record = dict(id=e.id, index=e.index, **sample_record(e, s), seconds=round(made.seconds, 4))
             try:
+                more = {} if made.extra is None else {"extra_masks": made.extra[i]}  # (--save-all-labelers, VOC)
                 records.append(self.writer.write_files(e.id, made.images[i], made.masks[i],
                                                        None if made.blocky is None else made.blocky[i],
-                                                       made.captures[i], record=record))
+                                                       made.captures[i], record=record, **more))
             except OSError as exc:
                 failures.append((e.id, f"cannot write the files of {e.id} in {self.writer.out}: {exc.strerror or exc}"))
         self.writer.end_batch()  # (a tar shard is a complete archive on disk before its records are committed)
@@ -176,20 +192,26 @@ def sample_record(entry, settings: GenerationConfig) -> dict:
 
 
 def defining_settings(settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, prompts: str,
-                      jpeg_quality: int) -> dict:
+                      jpeg_quality: int, labeling: "LabelerChoice | None" = None, append_classes: bool = False) -> dict:
     """What defines every sample of a run (``run.json``): not the batch size, workers, device
-    or the labeller's backends, which choose how, not what."""
+    or the labeller's backends, which choose how, not what. A run with another labeller than
+    PCC records it (``labeler``, Dataset Diffusion's constants ``dd``), and ``append_classes``
+    when the prompts carry their class names; a default run's ``run.json`` is as before."""
     labeller = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_FIELDS}
+    if labeling is not None and labeling.labeler != "pcc":
+        labeller = dict(labeller, labeler=labeling.labeler, dd=dataclasses.asdict(labeling.dd))
+    if append_classes:
+        labeller = dict(labeller, append_classes=True)
     return dict(model=settings.model, dtype=settings.dtype, height=settings.height, width=settings.width,
                 steps=settings.steps, guidance=settings.guidance, scheduler="the model's own",
                 seed=f"{settings.seed} + prompt index", label_set=label_set.to_json(), labeller=labeller,
                 jpeg_quality=jpeg_quality, prompts=prompts)
 
 
-def _build(cls, settings, cfg, label_set, writer, compile, device):
+def _build(cls, settings, cfg, label_set, writer, compile, labeling, device):
     from dataclasses import replace
 
-    return cls(replace(settings, device=str(device)), cfg, label_set, writer, compile=compile)
+    return cls(replace(settings, device=str(device)), cfg, label_set, writer, compile=compile, labeling=labeling)
 
 
 def run_generation(
@@ -215,6 +237,8 @@ def run_generation(
     make_step=None,
     format: str = "voc",
     shard_size: int = DEFAULT_SHARD_SIZE,
+    labeling: "LabelerChoice | None" = None,
+    append_classes: bool = False,
 ) -> RunReport:
     """Generate ``entries`` (already sharded) into dataset ``out``, locally or on Ray.
 
@@ -235,19 +259,33 @@ def run_generation(
         make_step: replaces :meth:`GenerateStep.factory` (tests).
         format: ``voc`` (files in folders) or ``webdataset`` (tar shards, :mod:`pccfast.data.shards`).
         shard_size: samples per tar (webdataset).
+        labeling: the labeller (``core.dd.LabelerChoice``: pcc, dd or fused; ``save_all`` also
+            writes SegmentationClassPCC/ and SegmentationClassDD/, VOC layout only); None: PCC.
+        append_classes: Dataset Diffusion's prompt convention: each prompt gets "; " and its
+            class names appended (the prompt recorded in the manifest is the one used).
     """
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"`jpeg_quality` has to lie in 1..100 but is {jpeg_quality}")
     check_format(out, format, ("voc", "webdataset"))
+    labeling = labeling or LabelerChoice()
+    if labeling.save_all and format != "voc":
+        raise ValueError(f"`save_all_labelers` writes SegmentationClassPCC/ and SegmentationClassDD/ folders, so it "
+                         f"needs format 'voc' but the format is {format!r}")
+    if append_classes:
+        from pccfast.diffusion.dd_capture import append_classes as _append
+
+        entries = [dataclasses.replace(e, prompt=_append(e.prompt, list(e.classes), label_set)) for e in entries]
     store = (ShardStore if format == "webdataset" else Manifest)(
-        out, label_set, shard, defining=defining_settings(settings, cfg, label_set, prompts, jpeg_quality),
+        out, label_set, shard,
+        defining=defining_settings(settings, cfg, label_set, prompts, jpeg_quality, labeling, append_classes),
         expected={e.id: sample_record(e, settings) for e in entries}, overwrite=overwrite)
     options = dict(save_blocky=save_blocky, save_captures=save_captures, jpeg_quality=jpeg_quality)
     writer = (ShardWriter(out, label_set, shard_size=shard_size, prefix=file_prefix(shard), **options)
               if format == "webdataset" else SampleWriter(out, label_set, **options))
     if make_step is None and pipe is not None:
-        make_step = lambda device: GenerateStep(settings, cfg, label_set, writer, pipe=pipe, compile=compile)  # noqa: E731
-    make_step = make_step or GenerateStep.factory(settings, cfg, label_set, writer, compile)
+        make_step = lambda device: GenerateStep(settings, cfg, label_set, writer, pipe=pipe, compile=compile,  # noqa: E731
+                                                labeling=labeling)
+    make_step = make_step or GenerateStep.factory(settings, cfg, label_set, writer, compile, labeling)
     if ray is None:
         return run_local(make_step, entries, store, batch=batch, device=settings.device, io_threads=io_threads,
                          progress=progress, desc="generate")
