@@ -36,6 +36,7 @@ __all__ = [
     "ModelAdapter",
     "UNetAdapter",
     "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "UnsupportedPipelineError",
     "adapter_for",
     "adapter_class",
@@ -191,7 +192,25 @@ class StableDiffusionAdapter(UNetAdapter):
         return encode_class_texts(self.pipe, class_names, label_set)
 
 
-_ADAPTERS: list = [StableDiffusionAdapter]
+class StableDiffusionXLAdapter(UNetAdapter):
+    """SDXL (and SDXL-Turbo): class texts encoded as the pipeline encodes prompts for
+    cross-attention, both text encoders' penultimate hidden states concatenated
+    (:func:`pccfast.diffusion.tokens.encode_class_texts_sdxl`); features from the up blocks'
+    self-attention, class maps from the down and up blocks' cross-attention (the UNet's layer
+    names are SD's); its first level has no attention, so the grid is half the latent side
+    (64x64 for 1024x1024) and image sides are multiples of 16."""
+
+    family = "sdxl"
+    description = "SDXL, SDXL-Turbo"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+
+    def encode_class_texts(self, class_names: list, label_set):
+        from pccfast.diffusion.tokens import encode_class_texts_sdxl
+
+        return encode_class_texts_sdxl(self.pipe, class_names, label_set)
+
+
+_ADAPTERS: list = [StableDiffusionXLAdapter, StableDiffusionAdapter]
 
 
 def register_adapter(cls: type) -> type:

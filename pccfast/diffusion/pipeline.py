@@ -1,4 +1,4 @@
-"""Loading the Stable Diffusion pipeline: a diffusers folder, a hub id, or "tiny".
+"""Loading a diffusion pipeline: a diffusers folder, a hub id, or a tiny test model.
 
 Every failure to load a model raises :class:`ModelLoadError`, whose message is one line that
 names the model, the reason and what to do instead.
@@ -14,8 +14,8 @@ import torch
 __all__ = ["load_pipeline", "ModelLoadError"]
 
 _HINT = "pass --model PATH to a local diffusers Stable Diffusion folder, or --model tiny for the offline test model"
-# model_index.json `_class_name`s whose components this package's SD-1/2 capture works with
-_PIPELINE_CLASSES = ("StableDiffusionPipeline",)
+# model_index.json `_class_name`s of the UNet families (diffusion.adapters), loaded with that pipeline class
+_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 _DIT_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")  # SD3/SD3.5, FLUX.1: loaded with their own pipeline class
 _MAX_REASON = 200  # characters of a library's error message kept in the one-line reason
 
@@ -77,18 +77,40 @@ def _declared_class(source: str, local: bool):
 
 
 def _check_class(name: str, class_name) -> None:
-    """A model of another pipeline class loads into ``StableDiffusionPipeline`` without an error."""
-    if class_name is not None and class_name not in _PIPELINE_CLASSES:
-        raise _error(name, f"a {class_name}, not a {' or '.join(_PIPELINE_CLASSES)}")
+    """A model of another pipeline class loads into ``StableDiffusionPipeline`` without an error:
+    refuse it, naming the class and the supported families."""
+    if class_name is not None and class_name not in _PIPELINE_CLASSES + _DIT_CLASSES:
+        from pccfast.diffusion.adapters import UnsupportedPipelineError, adapter_class
+
+        try:
+            adapter_class(class_name)
+        except UnsupportedPipelineError as exc:
+            raise _error(name, str(exc)) from None
+        raise _error(name, f"a {class_name}, not a {' or '.join(_PIPELINE_CLASSES + _DIT_CLASSES)}")
+
+
+def _hub_class(source: str):
+    """``_class_name`` of a hub model's ``model_index.json``, downloaded (that file only); None
+    where it cannot be had (offline, unknown id: ``from_pretrained`` then says why)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(source, "model_index.json"), encoding="utf-8") as f:
+            return json.load(f).get("_class_name")
+    except Exception:
+        return None
 
 
 def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, *, label_set="voc"):
-    """A ``StableDiffusionPipeline`` on ``device`` in ``dtype``, with SDPA attention processors.
+    """A pipeline of a supported family on ``device`` in ``dtype`` (UNet families with SDPA
+    attention processors).
 
     Args:
         name_or_path: "tiny" (the seeded offline test model, ``tiny.build_tiny_pipeline``),
-            "tiny-sd3", "tiny-flux" or "tiny-flux-schnell" (``tiny_dit``), a local diffusers
-            folder, or a hub id (from the local cache, or downloaded); SD3/SD3.5 and FLUX.1
+            "tiny-sdxl", "tiny-turbo", "tiny-lcm" (``tiny_variants``), "tiny-sd3", "tiny-flux" or "tiny-flux-schnell" (``tiny_dit``), a local diffusers
+            folder, or a hub id (from the local cache, or downloaded); SD 1.x/2.x (and SD-Turbo)
+            load as ``StableDiffusionPipeline``, SDXL (and SDXL-Turbo) as
+            ``StableDiffusionXLPipeline``; SD3/SD3.5 and FLUX.1
             checkpoints load as their own pipeline class (``StableDiffusion3Pipeline``,
             ``FluxPipeline``), chosen from ``model_index.json``.
         device, dtype: where the pipeline goes.
@@ -102,10 +124,10 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(f"`name_or_path` has to be a non-empty string but is {name_or_path!r}")
-    if name_or_path == "tiny":
-        from pccfast.diffusion.tiny import build_tiny_pipeline
+    from pccfast.diffusion.tiny_variants import TINY_MODELS
 
-        return build_tiny_pipeline(device=device, dtype=dtype, label_set=label_set)
+    if name_or_path in TINY_MODELS:  # tiny, tiny-sdxl, tiny-turbo, tiny-lcm
+        return TINY_MODELS[name_or_path](device=device, dtype=dtype, label_set=label_set)
     from pccfast.diffusion.tiny_dit import TINY_DIT_MODELS
 
     if name_or_path in TINY_DIT_MODELS:  # tiny-sd3, tiny-flux, tiny-flux-schnell
@@ -116,7 +138,7 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
     from pccfast.diffusion.quiet import quiet_imports
 
     with quiet_imports():
-        from diffusers import StableDiffusionPipeline
+        import diffusers
         from diffusers.models.attention_processor import AttnProcessor2_0
 
     path = os.path.expanduser(name_or_path)
@@ -127,15 +149,20 @@ def load_pipeline(name_or_path: str, device="cpu", dtype: torch.dtype = torch.fl
         raise _error(name_or_path, "not a folder")
     source = path if local else name_or_path
     declared = _declared_class(source, local)
+    if declared is None and not local:
+        declared = _hub_class(source)
     if declared in _DIT_CLASSES:
         return _load_dit(name_or_path, source, local, declared, device, dtype)
     _check_class(name_or_path, declared)
     try:
         with warnings.catch_warnings():  # newer diffusers call it `dtype`; older ones know only `torch_dtype`
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            )
+            if declared == "StableDiffusionXLPipeline":  # no safety checker; no watermark package needed
+                pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=dtype, add_watermarker=False)
+            else:
+                pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                    source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                )
     except Exception as exc:  # missing or broken files, no network, not cached, not a diffusers folder, ...
         raise _error(name_or_path, _reason(exc, local)) from exc
     if not local:  # a hub model that was not cached before is now

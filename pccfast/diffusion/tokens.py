@@ -29,6 +29,7 @@ __all__ = [
     "class_tokens",
     "batch_class_tokens",
     "encode_class_texts",
+    "encode_class_texts_sdxl",
     "tokens_to_classes",
     "DROP",
 ]
@@ -136,6 +137,45 @@ def encode_class_texts(pipe, class_names: list, label_set) -> tuple[Tensor, Tens
     tok = batch_class_tokens(pipe.tokenizer, class_names, label_set, device=device)
     lengths = tok.mask.sum(dim=1).tolist()
     rows = [pipe.text_encoder(tok.ids[i : i + 1, : lengths[i]])[0][0] for i in range(len(lengths))]  # (T_i, C) each
+    embeds = torch.zeros(len(rows), tok.ids.shape[1], rows[0].shape[-1], device=device, dtype=pipe.unet.dtype)  # (B, T, C)
+    for i, r in enumerate(rows):
+        embeds[i, : r.shape[0]] = r.to(embeds.dtype)
+    return embeds, tok.mask, tok
+
+
+@torch.no_grad()
+def encode_class_texts_sdxl(pipe, class_names: list, label_set) -> tuple[Tensor, Tensor, ClassTokens]:
+    """Class-text embeddings as SDXL encodes prompts for cross-attention: each text encoder's
+    penultimate hidden states (``hidden_states[-2]``), concatenated over the encoders (SDXL:
+    768 + 1280 = 2048 channels); each text unpadded with its start and end tokens.
+
+    Args:
+        pipe: a pipeline with ``tokenizer``/``text_encoder`` and ``tokenizer_2``/``text_encoder_2``
+            (either pair may be None, as in the SDXL refiner), ``unet`` and ``_execution_device``.
+        class_names, label_set: as for ``encode_class_texts``.
+
+    Returns:
+        embeds (B, T, C_1 + C_2) in the UNet's dtype, mask (B, T) bool, the first tokenizer's
+        ``ClassTokens`` (both tokenizers have to give the same token count per text).
+    """
+    device = pipe._execution_device
+    pairs = [(t, e) for t, e in ((getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)),
+                                 (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)))
+             if t is not None and e is not None]
+    if not pairs:
+        raise ValueError("`pipe` has to have a tokenizer and text encoder (tokenizer/text_encoder or tokenizer_2/text_encoder_2)")
+    toks = [batch_class_tokens(t, class_names, label_set, device=device) for t, _ in pairs]
+    tok = toks[0]
+    for other in toks[1:]:
+        if not torch.equal(other.mask, tok.mask):
+            raise ValueError("the two tokenizers split the class texts into different numbers of tokens "
+                             f"({tok.mask.sum(1).tolist()} and {other.mask.sum(1).tolist()})")
+    lengths = tok.mask.sum(dim=1).tolist()
+    rows = []
+    for i, n in enumerate(lengths):
+        parts = [enc(t.ids[i : i + 1, :n], output_hidden_states=True).hidden_states[-2][0]  # (T_i, C_j)
+                 for t, (_, enc) in zip(toks, pairs)]
+        rows.append(torch.cat([p.to(parts[0].dtype) for p in parts], dim=-1))  # (T_i, C_1 + C_2)
     embeds = torch.zeros(len(rows), tok.ids.shape[1], rows[0].shape[-1], device=device, dtype=pipe.unet.dtype)  # (B, T, C)
     for i, r in enumerate(rows):
         embeds[i, : r.shape[0]] = r.to(embeds.dtype)

@@ -65,9 +65,10 @@ def test_wrong_pipeline_class(saved, tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     other = tmp_path / "sdxl"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
     msg = _load_error(str(other))
-    assert "(a StableDiffusionXLPipeline, not a StableDiffusionPipeline)" in msg
+    assert "(pipeline class KandinskyV22Pipeline is not supported; supported families: sd (StableDiffusionPipeline" in msg
+    assert "sdxl (StableDiffusionXLPipeline: SDXL, SDXL-Turbo)" in msg
 
 
 def test_argument_check():
@@ -83,3 +84,29 @@ def test_tiny_and_local_folder(saved):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again.tokenizer("a pot plant")["input_ids"] == tiny.tokenizer("a pot plant")["input_ids"]
     assert type(again.unet.attn_processors[self_attention_layers(again.unet)[0]]).__name__ == "AttnProcessor2_0"
+
+
+def test_tiny_sdxl_folder_loads_as_sdxl(tmp_path):
+    """A saved SDXL folder loads as StableDiffusionXLPipeline (chosen from model_index.json),
+    with the same weights and both tokenizers."""
+    tiny = load_pipeline("tiny-sdxl")
+    assert type(tiny).__name__ == "StableDiffusionXLPipeline"
+    tiny.save_pretrained(tmp_path / "sdxl")
+    again = load_pipeline(str(tmp_path / "sdxl"))
+    assert type(again).__name__ == "StableDiffusionXLPipeline"
+    a, b = tiny.unet.state_dict(), again.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.tokenizer_2("a pot plant")["input_ids"] == tiny.tokenizer_2("a pot plant")["input_ids"]
+    assert type(again.unet.attn_processors[self_attention_layers(again.unet)[0]]).__name__ == "AttnProcessor2_0"
+
+
+@pytest.mark.parametrize("name, scheduler", [("tiny-turbo", "EulerDiscreteScheduler"), ("tiny-lcm", "LCMScheduler")])
+def test_tiny_variants(name, scheduler):
+    pipe = load_pipeline(name)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and type(pipe.scheduler).__name__ == scheduler
+    if name == "tiny-turbo":  # the tiny model's weights, SD-Turbo's trailing Euler
+        assert pipe.scheduler.config.timestep_spacing == "trailing"
+        a, b = pipe.unet.state_dict(), load_pipeline("tiny").unet.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:  # a guidance embedding: guidance-distilled
+        assert pipe.unet.config.time_cond_proj_dim is not None
