@@ -5,7 +5,9 @@ Three prompt-file formats are read (the format is told by the first non-blank ch
 
 - the reference's JSON list ``[{"id": 0, "prompt_sd": "...", "classes": ["person", "car"]}, ...]``
   (``../shared/data/datadif_prompts_voc.json``);
-- JSON Lines, one such object per line (``prompt`` is accepted for ``prompt_sd``);
+- JSON Lines, one such object per line (``prompt`` is accepted for ``prompt_sd``); in both JSON
+  formats an optional ``negative_prompt`` string is the prompt's negative prompt (the
+  unconditional half of classifier-free guidance);
 - text lines ``prompt | class, class`` or ``id | prompt | class, class`` (so a prompt holds no
   ``|``; ``#`` starts a comment line; blank lines are skipped; without an id the id is the
   line number).
@@ -68,6 +70,7 @@ class PromptEntry:
     classes: tuple[str, ...]  # label-set class names, as in the file (repeats kept), background excluded
     index: int  # 0-based position of the record in the file; the image's seed is base_seed + index
     source: str  # where it came from: "FILE:LINE" ("FILE:LINE: entry N" for a JSON list, "builtin:N")
+    negative_prompt: "str | None" = None  # JSON/JSONL field ``negative_prompt``: the text of the unconditional half
 
 
 class PromptError(ValueError):
@@ -293,7 +296,10 @@ def read_prompts(path: str, label_set, *, start: int = 0, limit: int | None = No
         seen[sid] = where
         if "classes" not in rec:
             raise PromptError(f"{where}: expected a 'classes' list of class names")
-        out.append(PromptEntry(sid, prompt, classes.check(rec["classes"], where), index, where))
+        negative = rec.get("negative_prompt")
+        if negative is not None and not isinstance(negative, str):
+            raise PromptError(f"{where}: 'negative_prompt' has to be a string or null but is {_short(negative)}")
+        out.append(PromptEntry(sid, prompt, classes.check(rec["classes"], where), index, where, negative))
     if not out and not empty:
         raise PromptError(f"{path}: holds no prompts")
     if not out:

@@ -484,3 +484,16 @@ def test_cli_stdout_closed_by_the_reader(tmp_path):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == BROKEN_PIPE_STATUS and err == "", err
+
+
+def test_negative_prompt_field(tmp_path):
+    """JSON and JSON Lines entries may carry a ``negative_prompt`` (string or null); text lines have none."""
+    p = tmp_path / "n.jsonl"
+    p.write_text('{"id": 1, "prompt": "a cat", "classes": ["cat"], "negative_prompt": "blurry"}\n'
+                 '{"id": 2, "prompt": "a dog", "classes": ["dog"], "negative_prompt": null}\n'
+                 '{"id": 3, "prompt": "a bus", "classes": ["bus"]}\n')
+    assert [e.negative_prompt for e in read_prompts(str(p), "voc")] == ["blurry", None, None]
+    bad = tmp_path / "b.json"
+    bad.write_text('[{"id": 1, "prompt_sd": "a cat", "classes": ["cat"], "negative_prompt": 3}]')
+    with pytest.raises(PromptError, match=r"b.json:1: entry 0: 'negative_prompt' has to be a string or null but is 3"):
+        read_prompts(str(bad), "voc")
