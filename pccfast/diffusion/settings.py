@@ -36,6 +36,7 @@ class GenerationConfig:
     dtype: str = "float32"  # float32, float16 or bfloat16 (half precision on CUDA)
     scheduler: Optional[str] = None  # a schedulers.SCHEDULERS name built from the checkpoint's config; None: its own
     negative_prompt: Optional[str] = None  # text of the unconditional half (with guidance); None: the empty prompt
+    feature_blocks: Optional[str] = None  # SD3/FLUX: blocks giving features and class maps (joint_capture.parse_feature_blocks); None: the family's default
 
     def __post_init__(self) -> None:
         f = LATENT_FACTOR

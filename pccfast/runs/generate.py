@@ -126,6 +126,7 @@ class GenerateStep:
             self.pipe, [e.prompt for e in entries], [list(e.classes) for e in entries], self.label_set, seeds,
             steps=s.steps, guidance=s.guidance, height=s.height, width=s.width, cfg=self.cfg, compile=self.compile,
             dd=self.labeling.dd if self.labeling.needs_dd else None,
+            feature_blocks=s.feature_blocks,
         )
         return _Diffused(seeds, cap, _ready_event(cap.images.device), time.perf_counter() - t0)
 
@@ -205,7 +206,8 @@ def defining_settings(settings: GenerationConfig, cfg: PCCConfig, label_set: Lab
     return dict(model=settings.model, dtype=settings.dtype, height=settings.height, width=settings.width,
                 steps=settings.steps, guidance=settings.guidance, scheduler="the model's own",
                 seed=f"{settings.seed} + prompt index", label_set=label_set.to_json(), labeller=labeller,
-                jpeg_quality=jpeg_quality, prompts=prompts)
+                jpeg_quality=jpeg_quality, prompts=prompts,
+                **({} if settings.feature_blocks is None else {"feature_blocks": settings.feature_blocks}))
 
 
 def _build(cls, settings, cfg, label_set, writer, compile, labeling, device):

@@ -1,0 +1,98 @@
+"""`generate` end to end on the tiny diffusion transformers (SD3 and FLUX): VOC, COCO and a custom
+label set with a multi-token class name; a guidance-distilled (schnell-style) run without a
+guidance batch; --feature-blocks."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pccfast.cli.generate import main as generate_main
+from pccfast.data.captures import read_capture
+from pccfast.data.labelsets import get_label_set
+
+SIZE = 128  # image-token grid 8x8
+
+
+def _args(model, out, prompts, *extra, guidance="3.5", steps="2"):
+    return ["--model", model, "--steps", steps, "--height", str(SIZE), "--width", str(SIZE), "--guidance", guidance,
+            "--no-progress", "--batch", "2", "--prompts", str(prompts), "--out", str(out), "--save-captures", *extra]
+
+
+def _check_dataset(out, n, num_classes):
+    ids = (out / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert len(ids) == n
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(ids)
+    for i in ids:
+        img = Image.open(out / "JPEGImages" / f"{i}.jpg")
+        mask = np.asarray(Image.open(out / "SegmentationClass" / f"{i}.png"))
+        assert img.size == (SIZE, SIZE) and mask.shape == (SIZE, SIZE)
+        assert set(np.unique(mask).tolist()) <= set(range(num_classes)) | {255}
+    return ids
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_voc_end_to_end(tmp_path, model):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat on a sofa | cat, sofa\nan airplane over a boat | aeroplane, boat\na dog | dog\n")
+    out = tmp_path / "o"
+    assert generate_main(_args(model, out, prompts)) == 0
+    ids = _check_dataset(out, 3, 21)
+    cap = read_capture(str(out / "captures" / f"{ids[0]}.safetensors"), label_set=get_label_set("voc"))
+    assert cap.class_attention.shape == (21, SIZE // 16, SIZE // 16)
+    assert cap.features.shape[-2:] == (SIZE // 16, SIZE // 16)
+    voc = get_label_set("voc")
+    nonzero = {k for k in range(21) if cap.class_attention[k].abs().sum() > 0}
+    assert nonzero == {0, voc.index("cat"), voc.index("sofa")}
+    assert json.loads((out / "run.json").read_text())["defining"]["model"] == model
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_coco_and_custom_multi_token_label_sets(tmp_path, model):
+    coco = get_label_set("coco")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a giraffe next to a traffic light | giraffe, traffic light\n")
+    out = tmp_path / "coco"
+    assert generate_main(_args(model, out, prompts, "--label-set", "coco")) == 0
+    ids = _check_dataset(out, 1, 81)
+    cap = read_capture(str(out / "captures" / f"{ids[0]}.safetensors"), label_set=coco)
+    nonzero = {k for k in range(81) if cap.class_attention[k].abs().sum() > 0}
+    assert nonzero == {0, coco.index("giraffe"), coco.index("traffic light")}
+
+    ls_file = tmp_path / "garden.json"
+    ls_file.write_text(json.dumps({"name": "garden", "classes": ["background", "zucchini", "traffic cone", "dog"]}))
+    prompts.write_text("a zucchini next to a traffic cone | zucchini, traffic cone\na dog | dog\n")
+    out = tmp_path / "garden"
+    assert generate_main(_args(model, out, prompts, "--label-set", str(ls_file))) == 0
+    ids = _check_dataset(out, 2, 4)
+    cap = read_capture(str(out / "captures" / "1.safetensors"), label_set=get_label_set(str(ls_file)))
+    ca = cap.class_attention
+    assert ca[0].abs().sum() > 0 and ca[1].abs().sum() > 0 and ca[2].abs().sum() > 0  # "traffic cone": 2+ tokens
+    assert not ca[3].any()
+
+
+def test_guidance_distilled_schnell_end_to_end(tmp_path):
+    """FLUX.1-schnell style: one step, guidance 0, no guidance batch: features from the only half."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat on a sofa | cat, sofa\na person riding a horse | person, horse\n")
+    out = tmp_path / "o"
+    assert generate_main(_args("tiny-flux-schnell", out, prompts, guidance="0", steps="1")) == 0
+    ids = _check_dataset(out, 2, 21)
+    cap = read_capture(str(out / "captures" / f"{ids[0]}.safetensors"), label_set=get_label_set("voc"))
+    heads, default_blocks = 4, 1  # tiny FLUX: 4 heads, 2 dual-stream blocks -> the later one
+    assert cap.features.shape[0] == 3 * heads * default_blocks  # one half only
+
+
+def test_feature_blocks_option(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat on a sofa | cat, sofa\n")
+    out = tmp_path / "o"
+    assert generate_main(_args("tiny-sd3", out, prompts, "--feature-blocks", "0-3")) == 0
+    ids = _check_dataset(out, 1, 21)
+    cap = read_capture(str(out / "captures" / f"{ids[0]}.safetensors"), label_set=get_label_set("voc"))
+    assert cap.features.shape[0] == 3 * 2 * 4 * 4  # 3 components x 2 halves x 4 heads x 4 blocks
+    assert json.loads((out / "run.json").read_text())["defining"]["feature_blocks"] == "0-3"
+    with pytest.raises(SystemExit) as exc:  # another block choice is another dataset
+        generate_main(_args("tiny-sd3", out, prompts, "--feature-blocks", "all"))
+    assert exc.value.code == 2
