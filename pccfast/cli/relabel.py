@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from pccfast.cli.labelers import add_labeler_arguments, labeler_choice_from_args
 from pccfast.cli.common import (
     add_device_arguments, add_run_arguments, check_scaleout_arguments, config_from_args, device_from_args, fail,
     label_set_from_args, one_line_errors, positive_int, run_and_report,
@@ -19,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label saved captures again (e.g. with other labeller settings) without running Stable "
         "Diffusion: CAPTURES/<id>.safetensors (+ IMAGES/<id>.jpg|.jpeg|.png for captures that hold no image) -> "
         "OUT/SegmentationClass/<id>.png (8-bit palette PNG, 255 = uncertain); with --as-dataset a complete dataset. "
+        "--labeler dd or fused needs captures that hold Dataset Diffusion's tensors (generate --save-captures with "
+        "--labeler dd, fused or --save-all-labelers). "
         "The label set is the one the captures record; captures that hold their decoded image (written by "
         "generate --save-captures since capture format_version 2) give generate's masks exactly. "
         "Re-running the same command resumes where it stopped. "
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--io-threads", type=int, default=2, metavar="N",
                    help="threads reading captures and images; with any, the next batch is read while this one is "
                    "labelled and masks are written behind it; 0 = all in line (default: %(default)s)")
+    add_labeler_arguments(p)
     add_run_arguments(p, "captures (in id order)")
     return p
 
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         label_set = None if args.label_set is None else label_set_from_args(args)
         cfg, device = config_from_args(args), device_from_args(args)
+        labeling = labeler_choice_from_args(args)
         if args.workers is not None and args.ray is None:  # what --workers meant before the run engine
             print(f"warning: --workers without --ray sets the reader threads, which are --io-threads now; "
                   f"use --io-threads {args.workers} (--workers is the number of Ray workers with --ray)", file=sys.stderr)
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_and_report(lambda: relabel_dir(
         args.captures, args.images, args.out, cfg, batch=args.batch, device=device, save_blocky=args.save_blocky,
         label_set=label_set, as_dataset=args.as_dataset, limit=args.limit, overwrite=args.overwrite,
-        workers=args.io_threads, shard=shard, ray=args.ray, ray_workers=args.workers, progress=not args.no_progress),
+        workers=args.io_threads, shard=shard, ray=args.ray, ray_workers=args.workers, progress=not args.no_progress,
+        labeling=labeling),
         "samples" if args.as_dataset else "masks", args.out)
 
 

@@ -364,8 +364,8 @@ def run_labeler(
     if choice.needs_pcc:
         if features is None or class_attention is None:
             raise ValueError(f"the {choice.labeler!r} labeller needs `features` and `class_attention` (PCC's inputs)")
-        res = label_images(features, class_attention, images, cfg, return_blocky=return_blocky, generator=generator,
-                           cache=cache)
+        more = {} if generator is None else {"generator": generator}
+        res = label_images(features, class_attention, images, cfg, return_blocky=return_blocky, cache=cache, **more)
         pcc, blocky = res.mask, res.blocky_full
     if choice.needs_dd:
         if dd_affinity is None or dd_class_attention is None:

@@ -104,6 +104,10 @@ class GenerateStep:
         self.cache = SeedingCache()  # k-means++ draws kept across the run's batches (same results, less work)
         self.pipe = pipe if pipe is not None else load_pipeline(settings.model, device=settings.device,
                                                                 dtype=settings.torch_dtype, label_set=label_set)
+        if pipe is None:  # the family's size rule (SDXL: multiples of 16) once, not per batch
+            from pccfast.diffusion.adapters import adapter_for
+
+            adapter_for(self.pipe).check_size(settings.height, settings.width)
 
     @classmethod
     def factory(cls, settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer: SampleWriter,
@@ -125,6 +129,7 @@ class GenerateStep:
         cap = generate_with_capture(
             self.pipe, [e.prompt for e in entries], [list(e.classes) for e in entries], self.label_set, seeds,
             steps=s.steps, guidance=s.guidance, height=s.height, width=s.width, cfg=self.cfg, compile=self.compile,
+            scheduler=s.scheduler, negative_prompt=negative_prompts(entries, s),
             dd=self.labeling.dd if self.labeling.needs_dd else None,
             feature_blocks=s.feature_blocks,
         )
@@ -158,7 +163,7 @@ class GenerateStep:
                 captures = [
                     dict(features=cap.features[i].cpu(), class_attention=cap.class_attention[i].cpu(),
                          label_set=self.label_set, prompt=e.prompt, classes=list(e.classes), seed=seeds[i],
-                         model=s.model, steps=s.steps, image=cap.images[i].cpu(),
+                         model=s.model, steps=s.steps, image=cap.images[i].cpu(), halves=cap.halves,
                          **({} if cap.dd_affinity is None else dict(
                              dd_affinity=cap.dd_affinity[i].cpu(), dd_class_attention=cap.dd_class_attention[i].cpu())))
                     for i, e in enumerate(entries)
@@ -186,10 +191,25 @@ class GenerateStep:
 EXECUTION_FIELDS = frozenset({"kmeans_backend", "components_backend", "cleanup_backend", "kmeans_check_every"})
 
 
+def negative_prompts(entries: list, settings: GenerationConfig):
+    """The batch's negative prompts: each entry's own (prompt files' ``negative_prompt``), else
+    the run's ``--negative-prompt``; None when no entry has one (the pipeline's empty prompt),
+    else one text per entry ("" for those without)."""
+    texts = [e.negative_prompt if getattr(e, "negative_prompt", None) is not None else settings.negative_prompt
+             for e in entries]
+    return None if all(t is None for t in texts) else ["" if t is None else t for t in texts]
+
+
 def sample_record(entry, settings: GenerationConfig) -> dict:
-    """What defines one sample, as its manifest record carries it (and resume compares)."""
+    """What defines one sample, as its manifest record carries it (and resume compares). The
+    scheduler and negative prompt appear only when set, so older datasets' records still match."""
+    negative = getattr(entry, "negative_prompt", None)
+    negative = settings.negative_prompt if negative is None else negative
+    extra = {} if settings.scheduler is None else {"scheduler": settings.scheduler}
+    if negative is not None:
+        extra["negative_prompt"] = negative
     return dict(prompt=entry.prompt, classes=list(entry.classes), seed=settings.seed + entry.index,
-                model=settings.model, steps=settings.steps, height=settings.height, width=settings.width)
+                model=settings.model, steps=settings.steps, height=settings.height, width=settings.width, **extra)
 
 
 def defining_settings(settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, prompts: str,
@@ -204,7 +224,8 @@ def defining_settings(settings: GenerationConfig, cfg: PCCConfig, label_set: Lab
     if append_classes:
         labeller = dict(labeller, append_classes=True)
     return dict(model=settings.model, dtype=settings.dtype, height=settings.height, width=settings.width,
-                steps=settings.steps, guidance=settings.guidance, scheduler="the model's own",
+                steps=settings.steps, guidance=settings.guidance, scheduler=settings.scheduler or "the model's own",
+                **({} if settings.negative_prompt is None else {"negative_prompt": settings.negative_prompt}),
                 seed=f"{settings.seed} + prompt index", label_set=label_set.to_json(), labeller=labeller,
                 jpeg_quality=jpeg_quality, prompts=prompts,
                 **({} if settings.feature_blocks is None else {"feature_blocks": settings.feature_blocks}))

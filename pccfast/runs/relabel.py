@@ -12,7 +12,13 @@ it (resume) unless ``overwrite``. A bad input (missing or unreadable image, an i
 is not a multiple of the capture grid, a broken capture) is reported as one line naming the
 file and the run goes on. Locally or on Ray, sharded or not: :func:`relabel_dir`.
 
-In memory there is nothing to wrap: call :func:`pccfast.core.labeller.label_images` directly.
+``labeling`` (:class:`~pccfast.core.dd.LabelerChoice`) chooses the labeller: PCC (default),
+Dataset Diffusion's rule (``dd``) or both fused (``fused``), from captures that hold Dataset
+Diffusion's tensors (written by ``generate --labeler dd|fused`` or ``--save-all-labelers``
+with ``--save-captures``); ``save_all`` also writes both labellers' own masks.
+
+In memory there is nothing to wrap: call :func:`pccfast.core.labeller.label_images` (or
+:func:`pccfast.core.dd.run_labeler`) directly.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from pccfast.core.config import PCCConfig
+from pccfast.core.dd import LabelerChoice, present_classes
 from pccfast.core.labelset import LabelSet
 from pccfast.core.seeding import SeedingCache
 from pccfast.data.labelsets import get_label_set
@@ -47,6 +54,9 @@ class _Group:
     features: torch.Tensor  # (B, D, h, w) float32
     class_attention: torch.Tensor  # (B, K, h, w) float32
     images: torch.Tensor  # (B, 3, H, W) uint8
+    classes: list  # per item, its prompt's class names (Dataset Diffusion's candidates)
+    dd_affinity: "torch.Tensor | None" = None  # (B, N2, N2) float32
+    dd_class_attention: "torch.Tensor | None" = None  # (B, K, h4, w4) float32
 
 
 @dataclass
@@ -69,6 +79,16 @@ def _record(entry: InputPair, pair: Pair) -> dict:
                 height=int(height), width=int(width))
 
 
+def _stack_dd(pairs: list[Pair], name: str) -> "torch.Tensor | None":
+    first = getattr(pairs[0], name)
+    if first is None:
+        return None
+    out = np.empty((len(pairs),) + first.shape, first.dtype)
+    for i, p in enumerate(pairs):
+        np.copyto(out[i], getattr(p, name))
+    return torch.from_numpy(out)
+
+
 def _stack(pairs: list[Pair]) -> _Group:
     """One batch array per input (NumPy copies: torch.stack was 5-10x slower here)."""
     first = pairs[0]
@@ -82,7 +102,8 @@ def _stack(pairs: list[Pair]) -> _Group:
         np.copyto(class_attention[i], p.class_attention)
         np.copyto(images[i], p.image.transpose(2, 0, 1))  # (3, H, W) from (H, W, 3)
     return _Group([p.id for p in pairs], torch.from_numpy(features), torch.from_numpy(class_attention),
-                  torch.from_numpy(images))
+                  torch.from_numpy(images), [list(p.metadata.get("classes") or []) for p in pairs],
+                  _stack_dd(pairs, "dd_affinity"), _stack_dd(pairs, "dd_class_attention"))
 
 
 class RelabelStep:
@@ -92,16 +113,18 @@ class RelabelStep:
     name = "relabel"
 
     def __init__(self, cfg: PCCConfig, label_set: LabelSet, images_dir: str | None, writer: MaskWriter, *,
-                 device: str = "cpu", save_blocky: bool = False, readers: int = 2):
+                 device: str = "cpu", save_blocky: bool = False, readers: int = 2,
+                 labeling: LabelerChoice | None = None):
         self.cfg, self.label_set, self.images_dir, self.writer = cfg, label_set, images_dir, writer
+        self.labeling = labeling or LabelerChoice()
         self.device, self.save_blocky = torch.device(device), save_blocky
         self.cache = SeedingCache()  # k-means++ draws kept across the run's batches (same results, less work)
         self.pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pccfast-relabel-read") if readers else None
 
     @classmethod
-    def factory(cls, cfg, label_set, images_dir, writer, *, save_blocky=False, readers=2):
+    def factory(cls, cfg, label_set, images_dir, writer, *, save_blocky=False, readers=2, labeling=None):
         """``make_step(device)`` for the run engine (picklable, for Ray)."""
-        return functools.partial(_build, cls, cfg, label_set, images_dir, writer, save_blocky, readers)
+        return functools.partial(_build, cls, cfg, label_set, images_dir, writer, save_blocky, readers, labeling)
 
     def failure(self, entry: InputPair, exc: BaseException) -> str:
         first = next((x.strip() for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
@@ -124,33 +147,52 @@ class RelabelStep:
             if isinstance(pair, Exception):
                 failures.append((entry.id, str(pair)))
                 continue
+            if self.labeling.needs_dd and pair.dd_affinity is None:
+                failures.append((entry.id, f"{entry.capture}: holds no Dataset Diffusion tensors (dd_affinity, "
+                                           f"dd_class_attention), which --labeler {self.labeling.labeler}"
+                                           f"{' --save-all-labelers' if self.labeling.save_all else ''} needs; "
+                                           "generate writes them with --save-captures and --labeler dd, fused or "
+                                           "--save-all-labelers"))
+                continue
             ok.append(entry)
-            key = (pair.features.shape, pair.class_attention.shape, pair.image.shape)
+            dd_key = None if pair.dd_affinity is None else (pair.dd_affinity.shape, pair.dd_class_attention.shape)
+            key = (pair.features.shape, pair.class_attention.shape, pair.image.shape, dd_key)
             by_shape.setdefault(key, []).append(pair)
             records[entry.id] = _record(entry, pair)
             images[entry.id] = self.writer.dataset_image(pair)
         return Prepared(ok, _Batch([_stack(g) for g in by_shape.values()], records, images), failures)
 
     def process(self, prepared: Prepared) -> dict:
-        from pccfast.core.labeller import label_images
+        from pccfast.core.dd import run_labeler
 
         out = {}
         d = self.device
+        lab = self.labeling
         for g in prepared.data.groups:
-            res = label_images(g.features.to(d), g.class_attention.to(d), g.images.to(d), self.cfg,
-                               return_blocky=self.save_blocky, cache=self.cache)
+            present = present_classes(g.classes, self.label_set, d)  # (B, K)
+            res = run_labeler(lab, g.images.to(d), present, features=g.features.to(d),
+                              class_attention=g.class_attention.to(d),
+                              dd_affinity=None if g.dd_affinity is None else g.dd_affinity.to(d),
+                              dd_class_attention=None if g.dd_class_attention is None else g.dd_class_attention.to(d),
+                              cfg=self.cfg, return_blocky=self.save_blocky, cache=self.cache)
             masks = res.mask.to("cpu", torch.uint8).numpy()  # (B, H, W)
-            blocky = res.blocky_full.to("cpu", torch.uint8).numpy() if self.save_blocky else None  # (B, H, W)
+            blocky = None
+            if self.save_blocky and res.blocky_full is not None:
+                blocky = res.blocky_full.to("cpu", torch.uint8).numpy()  # (B, H, W)
+            extra = None
+            if lab.save_all:
+                extra = {"mask_pcc": res.pcc.to("cpu", torch.uint8).numpy(), "mask_dd": res.dd.to("cpu", torch.uint8).numpy()}
             for i, sid in enumerate(g.ids):
-                out[sid] = (masks[i], None if blocky is None else blocky[i])
+                out[sid] = (masks[i], None if blocky is None else blocky[i],
+                            None if extra is None else {k: v[i] for k, v in extra.items()})
         return out
 
     def write(self, prepared: Prepared, result: dict) -> tuple[list[dict], list]:
         records, failures = [], []
         for e in prepared.items:
-            mask, blocky = result[e.id]
+            mask, blocky, extra = result[e.id]
             try:
-                self.writer.write(e.id, mask, blocky, prepared.data.images[e.id])
+                self.writer.write(e.id, mask, blocky, prepared.data.images[e.id], extra_masks=extra)
             except OSError as exc:
                 what = "files" if self.writer.images else "mask"
                 failures.append((e.id, f"{os.path.join(self.writer.out, e.id)}: cannot write its {what}: "
@@ -160,8 +202,9 @@ class RelabelStep:
         return records, failures
 
 
-def _build(cls, cfg, label_set, images_dir, writer, save_blocky, readers, device):
-    return cls(cfg, label_set, images_dir, writer, device=device, save_blocky=save_blocky, readers=readers)
+def _build(cls, cfg, label_set, images_dir, writer, save_blocky, readers, labeling, device):
+    return cls(cfg, label_set, images_dir, writer, device=device, save_blocky=save_blocky, readers=readers,
+               labeling=labeling)
 
 
 def relabel_dir(
@@ -182,6 +225,7 @@ def relabel_dir(
     ray: str | None = None,
     ray_workers: int | None = None,
     progress: bool = False,
+    labeling: LabelerChoice | None = None,
 ) -> RunReport:
     """Label every capture in ``captures`` (with its own image, else its image from ``images``) into ``out``.
 
@@ -210,6 +254,9 @@ def relabel_dir(
         shard: (I, N): only the captures at positions I, I + N, ... in id order.
         ray: None runs here; "local", "auto" or an address runs on Ray with ``ray_workers``.
         progress: show the progress bar on stderr. Failures are printed as ``error:`` lines.
+        labeling: the labeller (``core.dd.LabelerChoice``: pcc, dd or fused, and ``save_all``:
+            also ``SegmentationClassPCC/`` and ``SegmentationClassDD/``); None: PCC. Captures
+            without Dataset Diffusion's tensors fail one by one when it needs them.
     Returns:
         The :class:`~pccfast.runs.report.RunReport`; bad inputs are in ``failures``, never raised.
     Raises:
@@ -217,6 +264,10 @@ def relabel_dir(
             different label sets, or ``images`` is None and a capture holds no image.
     """
     cfg = PCCConfig() if cfg is None else cfg
+    labeling = labeling or LabelerChoice()
+    if save_blocky and not labeling.needs_pcc:
+        raise ValueError("`save_blocky` writes PCC's blocky mask, which --labeler dd does not make (add "
+                         "--save-all-labelers to run PCC as well)")
     for name, value in (("batch", batch), ("limit", limit)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` has to be a positive int but is {value!r}")
@@ -252,7 +303,7 @@ def relabel_dir(
     writer = MaskWriter(os.path.abspath(out) if ray is not None else out, ls, images=as_dataset)
     images_dir = os.path.abspath(images) if ray is not None and images is not None else images
     make_step = RelabelStep.factory(cfg, ls, images_dir, writer,
-                                    save_blocky=save_blocky, readers=workers)
+                                    save_blocky=save_blocky, readers=workers, labeling=labeling)
     if ray is None:
         return run_local(make_step, inputs, store, batch=batch, device=device, io_threads=min(workers, 1),
                          progress=progress, desc="relabel")
