@@ -35,8 +35,8 @@ def gap_lines(report: MergeReport) -> list[str]:
     for shard, ids in sorted(report.missing_by_shard.items(), key=lambda kv: tuple(map(int, kv[0].split("/")))):
         lines += [f"missing {i} shard {shard}" for i in ids]
     planned_missing = set(report.missing)
-    lines += [f"incomplete {i} (manifest record without its image or mask)" for i in report.incomplete
-              if i not in planned_missing]
+    what = "its image or mask" if report.layout == "voc" else "its sample in the tar it names"
+    lines += [f"incomplete {i} (manifest record without {what})" for i in report.incomplete if i not in planned_missing]
     return lines
 
 
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pccfast.merge",
         description="Merge the output of sharded 'python -m pccfast.generate --shard I/N' runs: rebuild "
-        "manifest.jsonl and ImageSets/Segmentation/train.txt and report gaps (exit status 1 if any, one line "
-        "per missing id or shard on stdout).",
+        "manifest.jsonl and ImageSets/Segmentation/train.txt (webdataset outputs: manifest.jsonl and the shard "
+        "index shards.json) and report gaps (exit status 1 if any, one line per missing id or shard on stdout).",
     )
     p.add_argument("dirs", nargs="+", metavar="DIR", help="dataset directories the shards wrote into (one shared "
                    "directory is merged in place)")
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in gaps:
         print(line)
     if not args.quiet:
-        print(f"{len(report.ids)} samples -> {target} (train.txt, manifest.jsonl); "
+        files = "train.txt" if report.layout == "voc" else "shards.json"
+        print(f"{len(report.ids)} samples -> {target} ({files}, manifest.jsonl); "
               f"{f'{len(gaps)} gaps' if gaps else 'no gaps'}", file=sys.stderr)
     if not report.ids and not gaps:
         return report_error(f"no finished samples (no manifest records) in {', '.join(args.dirs)}", 1)

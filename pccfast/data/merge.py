@@ -5,6 +5,13 @@ an ``--out`` that is a file or one of several inputs, label sets or defining run
 (``run.json``, see :mod:`pccfast.data.provenance`) that differ, and ids with different records in two inputs are refused before any file is
 touched. Records compare on every field except timings (keys named ``seconds``), so the same
 sample reached twice (a shared folder, a re-run shard) is merged once.
+
+WebDataset datasets (``generate --format webdataset``) merge the same way: a record is complete
+when the tar it names holds its sample; the merge writes ``manifest.jsonl`` and the shard
+index ``shards.json`` (no ``train.txt``). In place the tars stay as the shard runs left them
+(each run repairs its own); into ``--out`` each tar is hard-linked (or copied), or copied
+without the samples that did not make it into the merge, and renamed if two inputs used one
+name; tars of an earlier merge into ``--out`` that no record names are removed.
 """
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ import os
 from dataclasses import dataclass, field
 
 from pccfast.data.fileio import atomic_link_or_copy, atomic_write_bytes, check_id, check_writable, read_jsonl
-from pccfast.data.layout import LABELSET, MANIFEST, RUN_FILE, SHARDS, parse_shard_file, sample_paths
+from pccfast.data.layout import (LABELSET, MANIFEST, RUN_FILE, SHARDS, TAR_EXT, TARS, detect_layout, numbered_name,
+                                 parse_numbered_name, parse_shard_file, sample_paths)
 from pccfast.data.manifest import dedup_records, record_order, write_split
 from pccfast.data.provenance import first_difference
 
@@ -32,6 +40,7 @@ class MergeReport:
     incomplete: list[str] = field(default_factory=list)  # manifest record without its files
     missing_by_shard: dict[str, list[str]] = field(default_factory=dict)  # "I/N" -> its missing ids
     dropped: dict[str, list[str]] = field(default_factory=dict)  # keep-first: id -> inputs whose other record was dropped
+    layout: str = "voc"  # of the inputs: voc or webdataset
 
 
 @dataclass
@@ -53,6 +62,7 @@ def merge_datasets(dirs: list[str], out: str | None = None, *, on_conflict: str 
     Every check runs before anything is written; I/O failures raise ``OSError``.
     """
     target = _check_dirs(dirs, out, on_conflict)
+    tars = _layout_tars(dirs)  # webdataset inputs: dir -> tar name -> the keys it holds; None for VOC
     outside = [] if any(_same_path(target, d) for d in dirs) else [target]  # an existing --out is checked too
     labelset = _agreed_file(dirs + outside, LABELSET, _labelset_difference)
     run = _agreed_file(dirs + outside, RUN_FILE, _run_difference, "defining")
@@ -60,13 +70,17 @@ def merge_datasets(dirs: list[str], out: str | None = None, *, on_conflict: str 
     for d in dirs:
         sources += _read_sources(d)
         planned.update(_read_plans(d, counts))
-    report = MergeReport()
+    report = MergeReport(layout="voc" if tars is None else "webdataset")
     merged = _resolve(sources, on_conflict, report)
     report.missing_shards = [f"{i}/{n}" for n in sorted(counts) for i in range(n) if f"{i}/{n}" not in planned]
     final = []
     for r, src_dir in sorted(merged, key=lambda rd: record_order(rd[0])):
         src = sample_paths(src_dir, r["id"])
-        if os.path.exists(src["image"]) and os.path.exists(src["mask"]):
+        if tars is not None:
+            complete = r["id"] in tars[src_dir].get(str(r.get("shard")), ())
+        else:
+            complete = os.path.exists(src["image"]) and os.path.exists(src["mask"])
+        if complete:
             final.append((r, src_dir))
         else:
             report.incomplete.append(r["id"])
@@ -81,7 +95,9 @@ def merge_datasets(dirs: list[str], out: str | None = None, *, on_conflict: str 
     # every check has passed: write
     check_writable(target)  # a read-only or full --out fails here, before a first file
     elsewhere = {d for d in dirs if not _same_path(d, target)}
-    for r, src_dir in final:
+    if tars is not None:
+        final = _place_tars(final, elsewhere, target)
+    for r, src_dir in final if tars is None else ():
         if src_dir in elsewhere:
             src, dst = sample_paths(src_dir, r["id"]), sample_paths(target, r["id"])
             for key in ("image", "mask", "blocky", "capture"):
@@ -94,8 +110,71 @@ def merge_datasets(dirs: list[str], out: str | None = None, *, on_conflict: str 
         os.path.join(target, MANIFEST), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r, _ in final).encode()
     )
     report.ids = [r["id"] for r, _ in final]
-    write_split(target, report.ids)
+    if tars is None:
+        write_split(target, report.ids)
+    else:
+        from pccfast.data.shards import write_index
+
+        write_index(target, [r for r, _ in final])
     return report
+
+
+def _layout_tars(dirs: list[str]) -> dict | None:
+    """None if the inputs are VOC datasets; for webdataset inputs, dir -> tar -> keys it holds.
+    ValueError for parquet inputs or a mix of layouts."""
+    layouts = {}
+    for d in dirs:
+        try:
+            layouts[d] = detect_layout(d)
+        except ValueError:
+            layouts[d] = "voc"  # a shard folder with no sample yet
+    if "parquet" in layouts.values():
+        d = next(d for d, lay in layouts.items() if lay == "parquet")
+        raise ValueError(f"{d}: a parquet dataset; merge reads voc and webdataset datasets (export parquet from the "
+                         "merged one)")
+    if len(set(layouts.values())) > 1:
+        raise ValueError(f"{', '.join(dirs)}: mix voc and webdataset datasets; merge inputs of one layout "
+                         "(python -m pccfast.export converts)")
+    if "webdataset" not in layouts.values():
+        return None
+    from pccfast.data.shards import group_samples, read_members
+
+    found = {}
+    for d in dirs:
+        folder = os.path.join(d, TARS)
+        names = [n for n in sorted(os.listdir(folder)) if parse_numbered_name(n, TAR_EXT)] if os.path.isdir(folder) else []
+        found[d] = {n: {k for k, _ in group_samples(read_members(os.path.join(folder, n)))} for n in names}
+    return found
+
+
+def _place_tars(final: list, elsewhere: set, target: str) -> list:
+    """Link or copy the tars of inputs other than ``target`` into it (without the samples the
+    merge left out; renamed where two inputs used one name), remove ``target``'s tars that no
+    record names, and return the records with their tar names in ``target``."""
+    from pccfast.data.shards import copy_tar
+
+    groups: dict[tuple[str, str], set] = {}
+    for r, d in final:
+        if d in elsewhere:
+            groups.setdefault((d, str(r["shard"])), set()).add(r["id"])
+    names, taken = {}, {str(r["shard"]) for r, d in final if d not in elsewhere}
+    for d, name in sorted(groups):
+        new = name
+        if new in taken:
+            prefix, _ = parse_numbered_name(name, TAR_EXT)
+            number = 1 + max((p[1] for p in map(lambda n: parse_numbered_name(n, TAR_EXT), taken | {name})
+                              if p is not None and p[0] == prefix), default=-1)
+            new = numbered_name(prefix, number, TAR_EXT)
+        taken.add(new)
+        names[(d, name)] = new
+        os.makedirs(os.path.join(target, TARS), exist_ok=True)
+        copy_tar(os.path.join(d, TARS, name), os.path.join(target, TARS, new), groups[(d, name)])
+    folder = os.path.join(target, TARS)
+    if os.path.isdir(folder) and elsewhere:
+        for n in os.listdir(folder):
+            if parse_numbered_name(n, TAR_EXT) and n not in taken:
+                os.unlink(os.path.join(folder, n))  # an earlier merge's: its samples are in the tars above
+    return [(dict(r, shard=names[(d, str(r["shard"]))]) if d in elsewhere else r, d) for r, d in final]
 
 
 def _check_dirs(dirs: list[str], out: str | None, on_conflict: str) -> str:

@@ -40,14 +40,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from pccfast.core.labelset import LabelSet
-from pccfast.data.fileio import FILE_MODE, atomic_write, atomic_write_bytes, check_id, encode_image, encode_mask_png
+from pccfast.data.fileio import (FILE_MODE, atomic_link_or_copy, atomic_write, atomic_write_bytes, check_id, encode_image,
+                                 encode_mask_png)
 from pccfast.data.layout import (FORMATS, LOCATION_KEYS, MEMBERS, TAR_EXT, TAR_INDEX, TARS, detect_layout, file_prefix,
                                  numbered_name, output_dirs, parse_numbered_name)
 from pccfast.data.manifest import Manifest, all_records, check_output_folder, dedup_records, make_output_folder, \
     record_order
 from pccfast.data.provenance import check_run_file, write_run_file
 
-__all__ = ["ShardWriter", "ShardStore", "check_format", "TarMember", "read_members", "group_samples", "repair_tar", "check_tar_id",
+__all__ = ["ShardWriter", "ShardStore", "check_format", "TarMember", "read_members", "group_samples", "repair_tar", "copy_tar", "check_tar_id",
            "write_index", "read_index", "tar_member_bytes", "DEFAULT_SHARD_SIZE"]
 
 DEFAULT_SHARD_SIZE = 1000  # samples per tar (img2dataset and DataComp use 1k-30k)
@@ -147,14 +148,45 @@ def group_samples(members: list[TarMember]) -> list[tuple[str, list[TarMember]]]
     return groups
 
 
+def _chosen(groups: list, keep: set[str]) -> list[int]:
+    """Positions of the samples to keep: keys in ``keep``, the last copy of each."""
+    last = {key: i for i, (key, _) in enumerate(groups)}
+    return [i for i, (key, _) in enumerate(groups) if key in keep and last[key] == i]
+
+
+def _write_samples(src: str, kept: list, dst: str) -> None:
+    """``dst`` := the members of ``kept`` samples of tar ``src`` and the end marker, atomically."""
+    with open(src, "rb") as f, atomic_write(dst) as out:
+        for _, ms in kept:
+            f.seek(ms[0].start)
+            out.write(f.read(ms[-1].end - ms[0].start))
+        out.write(END_OF_ARCHIVE)
+
+
+def copy_tar(src: str, dst: str, keep: set[str]) -> list[str]:
+    """Put at ``dst`` a tar of the samples of ``src`` whose keys are in ``keep`` (``merge``):
+    a hard link (or copy) when ``src`` holds exactly them, else a filtered copy; atomically.
+    ``src`` is never changed. Returns the keys in ``dst``, in order."""
+    groups = group_samples(read_members(src))
+    chosen = _chosen(groups, keep)
+    if not chosen:
+        return []
+    kept = [groups[i] for i in chosen]
+    whole = len(chosen) == len(groups) and os.path.getsize(src) == kept[-1][1][-1].end + len(END_OF_ARCHIVE)
+    if whole:
+        atomic_link_or_copy(src, dst)
+    else:
+        _write_samples(src, kept, dst)
+    return [k for k, _ in kept]
+
+
 def repair_tar(path: str, keep: set[str]) -> list[str]:
     """Make ``path`` a valid tar holding exactly the samples whose keys are in ``keep`` (one
     copy each, the last one written), ending in the end-of-archive marker; removes it if none
     is left. Cuts the file back when the kept samples come first (the usual case after a kill),
     rewrites it atomically otherwise. Returns the kept keys in order."""
     groups = group_samples(read_members(path))
-    last = {key: i for i, (key, _) in enumerate(groups)}
-    chosen = [i for i, (key, _) in enumerate(groups) if key in keep and last[key] == i]
+    chosen = _chosen(groups, keep)
     kept = [groups[i] for i in chosen]
     if not kept:
         os.unlink(path)
@@ -170,11 +202,7 @@ def repair_tar(path: str, keep: set[str]) -> list[str]:
                 f.flush()
                 os.fsync(f.fileno())
     else:
-        with open(path, "rb") as src, atomic_write(path) as dst:
-            for _, ms in kept:
-                src.seek(ms[0].start)
-                dst.write(src.read(ms[-1].end - ms[0].start))
-            dst.write(END_OF_ARCHIVE)
+        _write_samples(path, kept, path)
     return [k for k, _ in kept]
 
 
