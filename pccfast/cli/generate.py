@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "redo the samples whose records differ; without it such a run is refused with the first difference")
     add_label_set_argument(p)
     m = p.add_argument_group("model and diffusion")
-    m.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x checkpoint: hub id or "
-                   "local folder, or 'tiny' for the built-in random test model (default: %(default)s)")
+    m.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x, SD3/SD3.5 or FLUX.1 "
+                   "checkpoint: hub id or local folder, or 'tiny' (SD 2.1 topology), 'tiny-sd3', 'tiny-flux' or "
+                   "'tiny-flux-schnell' for the built-in random test models (default: %(default)s)")
     m.add_argument("--steps", type=int, default=80, help="denoising steps (default: %(default)s)")
     m.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale, above 1 (default: %(default)s)")
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the UNet (default backend: inductor; 'eager' checks the graphs without "
                    "code generation); the capture compiles three graphs once, not one per step")
+    m.add_argument("--feature-blocks", default=None, metavar="BLOCKS",
+                   help="SD3/FLUX only: the transformer blocks whose image tokens give the head-wise features and the "
+                   "class maps: 'default' (the later half of the joint (SD3) or dual-stream (FLUX) blocks), 'all', or "
+                   "commas of block indexes, ranges a-b and names (FLUX: dual-stream blocks first, then single-stream; "
+                   "e.g. 9-18 or transformer_blocks.12) (default: default)")
     m.add_argument("--append-classes", action="store_true",
                    help="append '; ' and the prompt's class names to each image prompt, as Dataset Diffusion does "
                    "('a black cat laying on the floor; cat'); the prompt used is the one recorded in the manifest, "
@@ -88,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         label_set, cfg, device = run_settings(args)
         dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
         settings = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance, height=args.height,
-                                    width=args.width, seed=args.seed, device=str(device), dtype=dtype)
+                                    width=args.width, seed=args.seed, device=str(device), dtype=dtype,
+                                    feature_blocks=args.feature_blocks)
         settings.check_labeller(cfg.pca_components)
         labeling = labeler_choice_from_args(args)
+        if args.save_blocky and not labeling.needs_pcc:
+            raise ValueError("`--save-blocky` writes PCC's blocky mask, which --labeler dd does not make (add "
+                             "--save-all-labelers to run PCC as well)")
         if args.save_blocky and not labeling.needs_pcc:
             raise ValueError("`--save-blocky` writes PCC's blocky mask, which --labeler dd does not make (add "
                              "--save-all-labelers to run PCC as well)")
