@@ -8,9 +8,11 @@ sequence of text then image tokens), return the same outputs, and hand two thing
 
 * **head-wise features** (last denoising call only): the per-head attention output of the
   image tokens, ``softmax(Q K^T / sqrt(d)) V`` over the whole joint sequence, before the heads
-  are merged, (N_b, heads, N, d); reduced after the call by the batched head-wise PCA
-  (``core.pca.grouped_headwise_features``, 3 components per head) on the image-token grid,
-  both guidance halves (unconditional heads first) where the batch has them;
+  are merged, (N_b, heads, N, d); reduced block by block, as each block runs, by the batched
+  head-wise PCA (``core.pca.grouped_headwise_features``, 3 components per head, all images
+  and heads of the block at once) on the image-token grid, both guidance halves
+  (unconditional heads first) where the batch has them. Only one block's per-head outputs
+  are alive at a time (a 1024x1024 image: tens of MB, not the chosen blocks' GBs);
 * **open-vocabulary class maps** (every call), option (a) of the design, the direct analogue
   of OVAM in a UNet: the class text (:mod:`pccfast.diffusion.dit_text`) is embedded by the
   pipeline's own text encoders and the transformer's ``context_embedder``, giving ``E``
@@ -306,8 +308,7 @@ class JointAttentionCapture:
         self.blocks = list(blocks)
         self.temb: Optional[Tensor] = None  # (N_b, C) of the current call, from the pre-hook
         self.class_maps: dict[str, Tensor] = {}  # block -> (B, T, h, w), summed over calls and heads
-        self.head_inputs: dict[str, Tensor] = {}  # block -> (N_b, heads, N, d), last call, until reduced
-        self.head_features: dict[str, Tensor] = {}  # block -> (B, halves*heads*c, h, w)
+        self.head_features: dict[str, Tensor] = {}  # block -> (B, halves*heads*c, h, w), last call
         self._saved, self._hook = None, None
 
     @property
@@ -315,10 +316,8 @@ class JointAttentionCapture:
         return self.step == self.num_steps - 1
 
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
-        """``callback_on_step_end``: call i is done; after the last, the features are reduced."""
+        """``callback_on_step_end``: call i is done, the next one is i + 1."""
         self.step = i + 1
-        if self.step == self.num_steps:
-            self.reduce_head_features()
         return callback_kwargs
 
     # --- installation
@@ -367,7 +366,7 @@ class JointAttentionCapture:
         """query, per_head: (N_b, heads, N, d) of the image tokens of block ``name``.
 
         Adds the class-token probabilities, summed over heads, to ``class_maps[name]``
-        (B, T, h, w); at the last call keeps ``per_head`` for the PCA."""
+        (B, T, h, w); at the last call reduces ``per_head`` (``reduce_block``)."""
         q = self._first_half(query)  # (B, heads, N, d)
         if self.temb is None:
             raise RuntimeError("the block conditioning (temb) was not seen before the attention")
@@ -379,7 +378,7 @@ class JointAttentionCapture:
         else:
             self.class_maps[name] = maps
         if self.is_last_step:
-            self.head_inputs[name] = per_head
+            self.reduce_block(name, per_head)
 
     def _halves_side_by_side(self, per_head: Tensor) -> Tensor:
         """(N_b, heads, N, d) -> (B, halves*heads, N, d), unconditional heads first."""
@@ -387,20 +386,16 @@ class JointAttentionCapture:
         x = per_head.view(self.halves, self.batch, heads, n, d).transpose(0, 1)  # (B, halves, heads, N, d)
         return x.reshape(self.batch, self.halves * heads, n, d)
 
-    def reduce_head_features(self) -> None:
-        """``head_inputs`` -> ``head_features`` (B, halves*heads*c, h, w), all blocks and images in
-        one ``grouped_headwise_features`` call."""
-        if not self.head_inputs:
-            return
-        names = [n for n in self.blocks if n in self.head_inputs]
-        xs = [self._halves_side_by_side(self.head_inputs[n]) for n in names]
-        self.head_features.update(zip(names, grouped_headwise_features(xs, self.grid_hw[0], self.cfg)))
-        self.head_inputs = {}
+    def reduce_block(self, name: str, per_head: Tensor) -> None:
+        """per_head (N_b, heads, N, d) of block ``name`` at the last call -> ``head_features[name]``
+        (B, halves*heads*c, h, w): one batched PCA over the block's images and heads (per item
+        a generator seeded with ``cfg.pca_seed``, so an image's features do not depend on its batch)."""
+        x = self._halves_side_by_side(per_head)  # (B, halves*heads, N, d)
+        self.head_features[name] = grouped_headwise_features([x], self.grid_hw, self.cfg)[0]
 
     # --- after the loop
     def features(self) -> Tensor:
         """(B, D, h, w): the chosen blocks' features in forward order, D = 3 * halves * sum(heads)."""
-        self.reduce_head_features()
         missing = [n for n in self.blocks if n not in self.head_features]
         if missing:
             raise RuntimeError(f"no last-step features were captured for {len(missing)} blocks (e.g. {missing[0]}); "

@@ -131,10 +131,10 @@ class _Recorder:
 class _KeepHeads(JointAttentionCapture):
     """Keeps a copy of the last call's per-head image outputs before the PCA reduces them."""
 
-    def reduce_head_features(self):
-        if self.head_inputs:
-            self.kept = {n: x.detach().clone() for n, x in self.head_inputs.items()}
-        super().reduce_head_features()
+    def reduce_block(self, name, per_head):
+        self.kept = getattr(self, "kept", {})
+        self.kept[name] = per_head.detach().clone()
+        super().reduce_block(name, per_head)
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +281,20 @@ def test_exceptions():
         generate_with_capture_dit(pipe, PROMPTS[:1], CLASSES[:1], "voc", SEEDS[:1], steps=1, height=120, width=120)
     with pytest.raises(ValueError, match="same length"):
         generate_with_capture_dit(pipe, PROMPTS[:2], CLASSES[:1], "voc", SEEDS[:1], steps=1, height=SIZE, width=SIZE)
+
+
+def test_capture_memory_flat_in_steps():
+    pipe = build_tiny_dit_pipeline("tiny-sd3")
+    embeds, mask, _ = encode_dit_class_texts(pipe, CLASSES[:2], "voc")
+    sizes = []
+    for steps in (1, 3):
+        cap = JointAttentionCapture(pipe.transformer, embeds, mask, steps, (SIZE // 16, SIZE // 16), 2,
+                                    dit_blocks(pipe.transformer))
+        with cap:
+            pipe(PROMPTS[:2], height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=4.0,
+                 generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]], output_type="latent",
+                 callback_on_step_end=cap.on_step_end)
+        held = list(cap.class_maps.values()) + list(cap.head_features.values())
+        sizes.append(sum(t.numel() * t.element_size() for t in held))
+        assert len(cap.head_features) == len(dit_blocks(pipe.transformer))
+    assert sizes[0] == sizes[1] > 0
