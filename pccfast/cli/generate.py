@@ -12,6 +12,7 @@ from pccfast.cli.common import (
     run_and_report, run_settings,
 )
 from pccfast.cli.labelers import add_labeler_arguments, labeler_choice_from_args
+from pccfast.diffusion.schedulers import scheduler_names
 from pccfast.diffusion.settings import DEFAULT_MODEL, GenerationConfig
 
 __all__ = ["build_parser", "main"]
@@ -45,16 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "redo the samples whose records differ; without it such a run is refused with the first difference")
     add_label_set_argument(p)
     m = p.add_argument_group("model and diffusion")
-    m.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x, SD3/SD3.5 or FLUX.1 "
-                   "checkpoint: hub id or local folder, or 'tiny' (SD 2.1 topology), 'tiny-sd3', 'tiny-flux' or "
+    m.add_argument("--model", default=DEFAULT_MODEL, help="diffusers Stable Diffusion 1.x/2.x, SD-Turbo, SDXL, "
+                   "SDXL-Turbo, SD3/SD3.5 or FLUX.1 checkpoint (the family is read from its model_index.json): hub id "
+                   "or local folder, or 'tiny' (SD 2.1 topology), 'tiny-sdxl', 'tiny-turbo' (SD-Turbo's scheduler; run "
+                   "it with --guidance 0), 'tiny-lcm' (a guidance-distilled UNet), 'tiny-sd3', 'tiny-flux' or "
                    "'tiny-flux-schnell' for the built-in random test models (default: %(default)s)")
     m.add_argument("--steps", type=int, default=80, help="denoising steps (default: %(default)s)")
     m.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale, above 1 (default: %(default)s)")
+                   help="classifier-free guidance scale, at least 0: above 1 the UNet sees two halves (the class "
+                   "maps use the unconditional one, the features both); at or below 1 (turbo models: 0) one half, "
+                   "as with a guidance-distilled model whatever the scale (default: %(default)s)")
     m.add_argument("--height", type=int, default=512,
-                   help="image height, a multiple of 8 equal to --width (default: %(default)s)")
+                   help="image height, a multiple of 8 (of 16 for SDXL); it may differ from --width (default: %(default)s)")
     m.add_argument("--width", type=int, default=512,
-                   help="image width, a multiple of 8 equal to --height (default: %(default)s)")
+                   help="image width, a multiple of 8 (of 16 for SDXL) (default: %(default)s)")
+    m.add_argument("--scheduler", default=None, choices=scheduler_names(), metavar="NAME",
+                   help="sampler built from the checkpoint's own scheduler configuration (its noise schedule kept): "
+                   f"{', '.join(scheduler_names())}; the capture counts the UNet calls from it (default: the "
+                   "checkpoint's own scheduler)")
+    m.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="negative prompt of every image (the unconditional half, with guidance only); a prompt "
+                   "file's 'negative_prompt' field overrides it per prompt (default: none, the empty prompt)")
     m.add_argument("--seed", type=int, default=2024, help="prompt i gets seed + i, whatever the batch (default: %(default)s)")
     m.add_argument("--batch", type=int, default=8, help="prompts per UNet call (default: %(default)s)")
     m.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
@@ -95,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
         settings = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance, height=args.height,
                                     width=args.width, seed=args.seed, device=str(device), dtype=dtype,
-                                    feature_blocks=args.feature_blocks)
+                                    feature_blocks=args.feature_blocks, scheduler=args.scheduler,
+                                    negative_prompt=args.negative_prompt)
         settings.check_labeller(cfg.pca_components)
         labeling = labeler_choice_from_args(args)
         if args.save_blocky and not labeling.needs_pcc:
