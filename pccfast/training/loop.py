@@ -351,7 +351,16 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
                 if stop.requested:
                     between_steps = True
                     raise KeyboardInterrupt
-                image, mask = next(batches)
+                try:
+                    image, mask = next(batches)
+                except Exception as e:  # noqa: BLE001
+                    if stop.requested:  # Ctrl-C reached the loader's workers too: stop between steps
+                        between_steps = True
+                        raise KeyboardInterrupt from None
+                    if isinstance(e, ValueError):  # a bad mask or image, named by the worker
+                        last = str(e).strip().splitlines()[-1]
+                        raise ValueError(last[len("ValueError: "):] if last.startswith("ValueError: ") else last) from None
+                    raise
                 image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
                 lr = cfg.lr_at(it)
                 for g in opt.param_groups:

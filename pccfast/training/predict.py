@@ -46,7 +46,7 @@ def find_images(images: str) -> list[ImageItem]:
             names[stem] = name
     if not names:
         raise ValueError(f"`IMAGES` {folder!r} holds no image (.jpg, .jpeg or .png)")
-    return [ImageItem(check_id(s), i, os.path.join(folder, n)) for i, s in enumerate(sorted(names))]
+    return [ImageItem(check_id(s), i, os.path.join(folder, names[s])) for i, s in enumerate(sorted(names))]
 
 
 class PredictStep:
