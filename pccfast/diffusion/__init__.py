@@ -11,7 +11,11 @@ all use ``pccfast.core`` only):
 * ``processors``: the attention math and the diffusers-style processors;
 * ``tokens``: class texts, their tokens, and their encoding with the pipeline's text encoder;
 * ``capture``: ``AttentionCapture`` (buffers, steps) and the class-attention assembly;
-* ``generation``: ``generate_with_capture`` and ``CaptureOutput``.
+* ``generation``: ``generate_with_capture`` and ``CaptureOutput``;
+* diffusion transformers (SD3/SD3.5, FLUX.1): ``dit_adapters`` (their adapters, which hand the
+  run to ``dit_generation.generate_with_capture_dit``), ``joint_capture`` (the joint-attention
+  processors and ``JointAttentionCapture``), ``dit_text`` (their class-text encoding) and
+  ``tiny_dit`` (``tiny-sd3``, ``tiny-flux``, ``tiny-flux-schnell``).
 
 The names below load lazily (diffusers and transformers only when a pipeline is built).
 """
@@ -31,6 +35,8 @@ _LAZY = {
     "load_pipeline": "pccfast.diffusion.pipeline",
     "ModelLoadError": "pccfast.diffusion.pipeline",
     "build_tiny_pipeline": "pccfast.diffusion.tiny",
+    "generate_with_capture_dit": "pccfast.diffusion.dit_generation",
+    "build_tiny_dit_pipeline": "pccfast.diffusion.tiny_dit",
 }
 
 __all__ = list(_LAZY)
