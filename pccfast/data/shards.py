@@ -112,10 +112,53 @@ class TarMember:
         return base.split(".", 1)[1] if "." in base else ""
 
 
+def _ustar_header(block: bytes) -> tuple[str, int, bytes] | None:
+    """(name, size, type flag) of a plain ustar header block; None for anything else (a zero
+    block, a bad checksum, an extended header): the caller then asks :mod:`tarfile`."""
+    try:
+        checksum = int(block[148:156].strip(b"\0 ") or b"-1", 8)
+        size = int(block[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(block[:148]) + 256 + sum(block[156:]):
+        return None
+    kind = block[156:157]
+    if kind not in (b"0", b"\0", b"5") or block[257:262] != b"ustar":
+        return None
+    name = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0]
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape"), size, kind
+
+
 def read_members(path: str) -> list[TarMember]:
     """The complete regular-file members of a tar, in order, up to its end marker or to the
-    first torn or unreadable header (what a killed writer leaves behind is not listed)."""
+    first torn or unreadable header (what a killed writer leaves behind is not listed).
+    Plain ustar headers (what :class:`ShardWriter` writes for names up to 100 bytes) are read
+    directly; a tar with any other header is read with :mod:`tarfile`."""
     size = os.path.getsize(path)
+    found, pos = [], 0
+    with open(path, "rb") as f:
+        while pos + BLOCK <= size:
+            block = f.read(BLOCK)
+            if block == bytes(BLOCK):
+                return found  # the end marker
+            header = _ustar_header(block)
+            if header is None:
+                break
+            name, length, kind = header
+            end = pos + BLOCK + length + (-length % BLOCK)
+            if end > size:
+                return found  # data cut short
+            if kind != b"5":
+                found.append(TarMember(name, pos, pos + BLOCK, length, end))
+            pos = end
+            f.seek(pos)
+        else:
+            return found  # the file ends at a member boundary (no marker yet) or in a header
+    return _read_members_tarfile(path, size)
+
+
+def _read_members_tarfile(path: str, size: int) -> list[TarMember]:
     found = []
     with open(path, "rb") as f:
         try:
