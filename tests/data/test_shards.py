@@ -213,3 +213,34 @@ def test_shard_size_and_format_are_checked(tmp_path):
     with pytest.raises(ValueError, match="holds a voc dataset, not webdataset"):
         check_format(str(tmp_path), "webdataset")
     check_format(str(tmp_path), "voc")
+
+
+def test_long_ids_get_pax_headers_and_are_read_back(tmp_path):
+    """Names over 100 bytes need a PAX header, which the direct header reader hands to tarfile."""
+    from pccfast.data.shards import _read_members_tarfile
+
+    store = ShardStore(str(tmp_path), VOC)
+    writer = ShardWriter(str(tmp_path), VOC)
+    long_id = "x" * 150
+    _write_batch(store, writer, ["0"])
+    image, mask = _sample(1)
+    store.commit(writer.write_files(long_id, image, mask, record={"id": long_id}))
+    writer.end_batch()
+    path = str(tmp_path / "shards" / "train-000000.tar")
+    members = read_members(path)
+    assert [m.key for m in members] == ["0"] * 3 + [long_id] * 3
+    assert members == _read_members_tarfile(path, os.path.getsize(path))
+    assert store.finalize() == ["0", long_id]
+    with tarfile.open(path) as t:
+        assert t.getnames()[-1] == f"{long_id}.json"
+
+
+def test_direct_header_reader_agrees_with_tarfile(tmp_path):
+    from pccfast.data.shards import _read_members_tarfile
+
+    store = ShardStore(str(tmp_path), VOC)
+    writer = ShardWriter(str(tmp_path), VOC)
+    _write_batch(store, writer, [str(i) for i in range(6)])
+    path = str(tmp_path / "shards" / "train-000000.tar")
+    assert read_members(path) == _read_members_tarfile(path, os.path.getsize(path))
+    assert len(read_members(path)) == 18
