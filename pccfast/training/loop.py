@@ -221,8 +221,7 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
             torch.cuda.set_device(device)
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.batch // dist.world < 2:
-        raise ValueError(f"`batch` {cfg.batch} leaves {cfg.batch // dist.world} image per rank; batch norm needs 2")
+    # (one image per rank is enough under DDP: batch norm is synchronised over the global batch)
     say = log if dist.main else (lambda *_: None)
     classes, ignore = list(label_set.classes), int(label_set.ignore_index)
     ls_json = label_set.to_json()
