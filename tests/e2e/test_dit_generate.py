@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from pccfast.cli.generate import main as generate_main
+from pccfast.cli.relabel import main as relabel_main
 from pccfast.data.captures import read_capture
 from pccfast.data.labelsets import get_label_set
 
@@ -82,6 +83,12 @@ def test_guidance_distilled_schnell_end_to_end(tmp_path):
     cap = read_capture(str(out / "captures" / f"{ids[0]}.safetensors"), label_set=get_label_set("voc"))
     heads, default_blocks = 4, 1  # tiny FLUX: 4 heads, 2 dual-stream blocks -> the later one
     assert cap.features.shape[0] == 3 * heads * default_blocks  # one half only
+    # relabelling the captures gives generate's masks bit for bit
+    rel = tmp_path / "rel"
+    assert relabel_main(["--captures", str(out / "captures"), "--out", str(rel), "--no-progress"]) == 0
+    for i in ids:
+        a, b = (np.asarray(Image.open(d / "SegmentationClass" / f"{i}.png")) for d in (out, rel))
+        assert np.array_equal(a, b)
 
 
 def test_feature_blocks_option(tmp_path):
