@@ -221,7 +221,8 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
             torch.cuda.set_device(device)
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # (one image per rank is enough under DDP: batch norm is synchronised over the global batch)
+    if device.type != "cuda" and cfg.batch // dist.world < 2:  # on GPUs batch norm is synchronised: 1 is enough
+        raise ValueError(f"`batch` {cfg.batch} leaves 1 image per CPU rank; batch norm needs 2")
     say = log if dist.main else (lambda *_: None)
     classes, ignore = list(label_set.classes), int(label_set.ignore_index)
     ls_json = label_set.to_json()
@@ -288,7 +289,10 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
         atomic_write_bytes(paths["info"], (json.dumps(info_json, indent=1) + "\n").encode())
     net = model
     if dist.world > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: the same parameters and buffers
+        else:
+            say("batch norm statistics are per rank: SyncBatchNorm needs GPUs, so CPU ranks do not match one process")
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = ema if ema is not None else model
 
