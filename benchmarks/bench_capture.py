@@ -95,7 +95,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--memory-steps", default="2,5,10,20", help="step counts for the memory table")
     p.add_argument("--json", default=None, help="also write the results as JSON")
+    p.add_argument("--families", default="", help="instead, time the capture per UNet call of these tiny UNet "
+                   "families against the plain UNet in the same run, comma-separated: tiny, tiny-sdxl, tiny-turbo, "
+                   "tiny-lcm (default: none)")
+    p.add_argument("--family-size", default="512x512", help="image HxW of the family tables (default %(default)s)")
     args = p.parse_args(argv)
+    if args.families:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _bench_families(args, torch.device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -196,6 +204,117 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"seconds_per_step": med, "all": times, "memory_bytes": memory, "latent": args.latent,
                        "steps": args.steps, "threads": torch.get_num_threads()}, f, indent=1)
+    return 0
+
+
+# --- UNet families (SD 1/2, SDXL, turbo, guidance-distilled): the adapters' capture -------------------
+
+_FAMILY_GUIDANCE = {"tiny": 7.5, "tiny-sdxl": 7.5, "tiny-turbo": 0.0, "tiny-lcm": 7.5}  # as each is run
+
+
+def _bench_families(args, device) -> int:
+    """Per UNet call of each tiny family's UNet, in one run: plain (diffusers' default
+    processors) vs the capture its adapter installs (steps before the last; the whole run with
+    the last step's PCA; projected to 80 steps and, for a guidance-free family, a 1-step run),
+    and the capture's memory (class maps + features) against the number of steps."""
+    from pccfast.diffusion.adapters import adapter_for
+    from pccfast.diffusion.pipeline import load_pipeline
+
+    height, width = (int(v) for v in args.family_size.lower().split("x"))
+    gen = torch.Generator().manual_seed(0)
+    results = {}
+    for name in [f.strip() for f in args.families.split(",") if f.strip()]:
+        if name not in _FAMILY_GUIDANCE:
+            raise SystemExit(f"error: --families has to name {', '.join(_FAMILY_GUIDANCE)} but names {name!r}")
+        pipe = load_pipeline(name, device=device)
+        adapter = adapter_for(pipe)
+        unet = adapter.denoiser
+        adapter.check_size(height, width)
+        halves = adapter.halves(_FAMILY_GUIDANCE[name])
+        latent_hw, grid_hw = adapter.latent_hw(height, width), adapter.grid_hw(height, width)
+        cfg_unet = unet.config
+        lat = torch.randn(halves, cfg_unet.in_channels, *latent_hw, generator=gen).to(device)  # (halves*B, 4, h, w), B = 1
+        ctx = torch.randn(halves, 77, cfg_unet.cross_attention_dim, generator=gen).to(device)
+        extra = {}
+        if cfg_unet.addition_embed_type == "text_time":  # SDXL: pooled text embedding and the 6 size ids
+            pooled = cfg_unet.projection_class_embeddings_input_dim - 6 * cfg_unet.addition_time_embed_dim
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(halves, pooled, generator=gen).to(device),
+                                          "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * halves,
+                                                                   dtype=torch.float32, device=device)}
+        if cfg_unet.time_cond_proj_dim is not None:  # guidance embedding
+            extra["timestep_cond"] = torch.randn(halves, cfg_unet.time_cond_proj_dim, generator=gen).to(device)
+        class_embeds = torch.randn(1, args.tokens, cfg_unet.cross_attention_dim, generator=gen).to(device)
+        class_mask = torch.ones(1, args.tokens, dtype=torch.bool, device=device)
+        ts = torch.linspace(999, 1, args.steps).long()
+
+        def call(i, unet=unet, lat=lat, ctx=ctx, extra=extra, ts=ts):
+            unet(lat, ts[i % len(ts)].to(device), encoder_hidden_states=ctx, **extra)
+
+        def run_plain(steps=args.steps, call=call):
+            for i in range(steps):
+                call(i)
+
+        def run_capture(steps=args.steps, total=None, call=call, unet=unet, adapter=adapter, halves=halves,
+                        latent_hw=latent_hw, grid_hw=grid_hw, class_embeds=class_embeds, class_mask=class_mask):
+            cap = AttentionCapture(unet, class_embeds, class_mask, total or steps, latent_hw, adapter=adapter,
+                                   halves=halves, grid_hw=grid_hw)
+            with cap:
+                for i in range(steps):
+                    call(i)
+                    cap.on_step_end(None, i, None, {})
+            return cap
+
+        variants = {"plain": run_plain,
+                    "capture (steps before the last)": lambda run_capture=run_capture: run_capture(args.steps,
+                                                                                                  args.steps + 1),
+                    "capture (whole run, last step included)": run_capture}
+        times = {k: [] for k in variants}
+        one_step = {"plain": [], "capture": []}
+        with torch.no_grad():
+            for fn in variants.values():  # warm-up
+                fn()
+            for _ in range(args.repeats):
+                for k, fn in variants.items():  # interleaved, so load changes hit all variants alike
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[k].append((time.perf_counter() - t0) / args.steps)
+                for k, fn in (("plain", lambda run_plain=run_plain: run_plain(1)),
+                              ("capture", lambda run_capture=run_capture: run_capture(1))):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    one_step[k].append(time.perf_counter() - t0)
+            memory = []
+            for s in [int(x) for x in args.memory_steps.split(",")]:
+                cap = run_capture(s)
+                memory.append((s, _nbytes(cap.class_maps) + _nbytes(cap.head_features), int(cap.features().shape[1])))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        low = {k: min(v) for k, v in times.items()}  # the fastest runs: what a loaded machine distorts least
+        for d in (med, low):
+            mid = d["capture (steps before the last)"]
+            d["capture (80-step run, projected)"] = mid + (d["capture (whole run, last step included)"] - mid) * args.steps / 80
+        one = {k: min(v) for k, v in one_step.items()}
+        print(f"\n{name} ({adapter.family}): {height}x{width} image, latent {latent_hw[0]}x{latent_hw[1]}, grid "
+              f"{grid_hw[0]}x{grid_hw[1]}, UNet batch {halves} (B = 1), {len(adapter.feature_layers())} feature layers, "
+              f"{len(adapter.class_map_layers())} class-map layers, D = {memory[0][2]}, {args.steps} calls, device "
+              f"{device}, torch threads {torch.get_num_threads()}, median of {args.repeats}\n")
+        print("| variant | s / UNet call (median) | ratio to plain | fastest run | ratio, fastest runs |")
+        print("| --- | --- | --- | --- | --- |")
+        for k in med:
+            print(f"| {k} | {med[k]:.4f} | {med[k] / med['plain']:.3f}x | {low[k]:.4f} | {low[k] / low['plain']:.3f}x |")
+        print(f"| capture, 1-step run (PCA included) | | | {one['capture']:.4f} | {one['capture'] / one['plain']:.3f}x |")
+        print("\n| steps | capture MiB |")
+        print("| --- | --- |")
+        for s, nb, _ in memory:
+            print(f"| {s} | {nb / 2**20:.3f} |")
+        results[name] = {"seconds_per_call": med, "fastest": low, "one_step": one, "all": times, "memory_bytes": memory,
+                         "halves": halves, "grid": grid_hw, "size": [height, width]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"families": results, "steps": args.steps, "threads": torch.get_num_threads()}, f, indent=1)
     return 0
 
 
