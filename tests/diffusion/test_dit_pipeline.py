@@ -50,3 +50,23 @@ def test_missing_dit_folder_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError) as exc:
         load_pipeline(str(folder))
     assert len(str(exc.value).splitlines()) == 1 and "could not be loaded" in str(exc.value)
+
+
+def test_generate_with_capture_routes_by_family(tiny_pipe):
+    """SD3/FLUX pipelines take the joint-attention path through generate_with_capture (same
+    result as generate_with_capture_dit); UNet pipelines refuse feature_blocks; the DiT path
+    refuses UNet-only options by name."""
+    from pccfast.diffusion.dit_generation import generate_with_capture_dit
+    from pccfast.diffusion.generation import generate_with_capture
+
+    flux = load_pipeline("tiny-flux-schnell")
+    args = (["a cat"], [["cat"]], "voc", [3])
+    kw = dict(steps=1, guidance=0.0, height=64, width=64)
+    a = generate_with_capture(flux, *args, feature_blocks="all", **kw)
+    b = generate_with_capture_dit(flux, *args, feature_blocks="all", **kw)
+    assert torch.equal(a.images, b.images) and torch.equal(a.features, b.features)
+    assert torch.equal(a.class_attention, b.class_attention) and a.halves == 1
+    with pytest.raises(ValueError, match="`scheduler` is not supported for a flux model .* but is 'ddim'"):
+        generate_with_capture(flux, *args, scheduler="ddim", **kw)
+    with pytest.raises(ValueError, match="`feature_blocks` chooses blocks of a diffusion transformer .* for a sd model"):
+        generate_with_capture(tiny_pipe, *args, feature_blocks="all", steps=1, guidance=7.5, height=64, width=64)
