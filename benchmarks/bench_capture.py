@@ -18,6 +18,7 @@ width) at 64x64 latents (a 512x512 image), batch 1 prompt (UNet batch 2, CFG).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -99,11 +100,20 @@ def main(argv=None) -> int:
                    "families against the plain UNet in the same run, comma-separated: tiny, tiny-sdxl, tiny-turbo, "
                    "tiny-lcm (default: none)")
     p.add_argument("--family-size", default="512x512", help="image HxW of the family tables (default %(default)s)")
+    p.add_argument("--dit", default="", help="also (or with --dit-only, only) time the joint-attention capture per "
+                   "transformer call of these DiT families, comma-separated: sd3, flux (default: none)")
+    p.add_argument("--dit-only", action="store_true", help="skip the UNet tables (with --dit)")
+    p.add_argument("--dit-size", type=int, default=512, help="image side of the DiT tables (image tokens (side/16)^2; "
+                   "default %(default)s)")
     args = p.parse_args(argv)
     if args.families:
         if args.threads:
             torch.set_num_threads(args.threads)
         return _bench_families(args, torch.device(args.device))
+    if args.dit_only:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _bench_dit(args, torch.device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -204,6 +214,161 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"seconds_per_step": med, "all": times, "memory_bytes": memory, "latent": args.latent,
                        "steps": args.steps, "threads": torch.get_num_threads()}, f, indent=1)
+    if args.dit:
+        return _bench_dit(args, device)
+    return 0
+
+
+# --- diffusion transformers (SD3, FLUX): the joint-attention capture ------------------------------
+
+# Benchmark-size transformers: the real models' head width (64 for SD3, 128 for FLUX) and block
+# proportions (SD3: joint blocks, default capture = their later half; FLUX: 1 dual-stream block per
+# 2 single-stream ones, default capture = the later half of the dual-stream blocks), fewer heads
+# and blocks so that a CPU runs them; text length as the pipelines' (SD3 77 CLIP + 256 T5, FLUX 512).
+_DIT_BENCH = {
+    "sd3": dict(sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=4,
+                joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=64, out_channels=16,
+                pos_embed_max_size=96, qk_norm="rms_norm"),
+    "flux": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+                 num_attention_heads=2, joint_attention_dim=256, pooled_projection_dim=64, axes_dims_rope=(16, 56, 56),
+                 guidance_embeds=True),
+}
+_DIT_TEXT = {"sd3": 77 + 256, "flux": 512}
+
+
+def _bench_dit(args, device) -> int:
+    """Per transformer call: plain (diffusers' default processors) vs the joint capture (steps
+    before the last; whole run with the last step's per-head outputs and PCA), and the capture's
+    memory (class maps + features) against the number of steps."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from pccfast.diffusion.joint_capture import JointAttentionCapture, default_feature_blocks
+
+    results = {}
+    gen = torch.Generator().manual_seed(0)
+    grid = args.dit_size // 16
+    for family in [f.strip() for f in args.dit.split(",") if f.strip()]:
+        if family not in _DIT_BENCH:
+            raise SystemExit(f"error: --dit has to name sd3 or flux but names {family!r}")
+        torch.manual_seed(0)
+        cfg = _DIT_BENCH[family]
+        model = (SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel)(**cfg).eval().to(device)
+        halves = 2 if family == "sd3" else 1  # SD3 with CFG; FLUX: no guidance batch
+        n_txt = _DIT_TEXT[family]
+        ctx = torch.randn(halves, n_txt, cfg["joint_attention_dim"], generator=gen).to(device)
+        pooled = torch.randn(halves, cfg["pooled_projection_dim"], generator=gen).to(device)
+        if family == "sd3":
+            lat = torch.randn(halves, 16, 2 * grid, 2 * grid, generator=gen).to(device)  # (2B, 16, h, w)
+
+            def call(t, lat=lat, ctx=ctx, pooled=pooled, model=model):
+                model(hidden_states=lat, encoder_hidden_states=ctx, pooled_projections=pooled,
+                      timestep=torch.full((halves,), float(t), device=device), return_dict=False)
+        else:
+            lat = torch.randn(1, grid * grid, 64, generator=gen).to(device)  # (B, N, 64) packed
+            ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+            img_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).float().to(device)
+            txt_ids = torch.zeros(n_txt, 3, device=device)
+
+            def call(t, lat=lat, ctx=ctx, pooled=pooled, model=model, img_ids=img_ids, txt_ids=txt_ids):
+                model(hidden_states=lat, encoder_hidden_states=ctx, pooled_projections=pooled,
+                      timestep=torch.full((1,), float(t) / 1000, device=device), img_ids=img_ids, txt_ids=txt_ids,
+                      guidance=torch.full((1,), 3.5, device=device), return_dict=False)
+        width = model.inner_dim if family == "flux" else cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        class_embeds = torch.randn(1, args.tokens, width, generator=gen).to(device)
+        class_mask = torch.ones(1, args.tokens, dtype=torch.bool, device=device)
+        blocks = default_feature_blocks(model)
+        ts = torch.linspace(999, 1, args.steps)
+
+        def run_plain(steps=args.steps):
+            for i in range(steps):
+                call(ts[i % len(ts)])
+
+        def run_capture(steps=args.steps, total=None):
+            cap = JointAttentionCapture(model, class_embeds, class_mask, total or steps, (grid, grid), halves, blocks)
+            with cap:
+                for i in range(steps):
+                    call(ts[i % len(ts)])
+                    cap.on_step_end(None, i, None, {})
+            return cap
+
+        variants = {"plain": run_plain, "capture (steps before the last)": lambda: run_capture(args.steps, args.steps + 1),
+                    "capture (whole run, last step included)": run_capture}
+
+        class _Keep(JointAttentionCapture):  # keeps one call's processor hand-overs, to time them alone
+            seen: list = []
+
+            def observe(self, *a):
+                if len(self.seen) < len(blocks):
+                    self.seen.append(a)
+                super().observe(*a)
+        times = {k: [] for k in variants}
+        with torch.no_grad():
+            for fn in variants.values():
+                fn()
+            for _ in range(args.repeats):
+                for name, fn in variants.items():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[name].append((time.perf_counter() - t0) / args.steps)
+            memory = []
+            for s in [int(x) for x in args.memory_steps.split(",")]:
+                cap = run_capture(s)
+                memory.append((s, _nbytes(cap.class_maps) + _nbytes(cap.head_features)))
+            # paired calls: plain and capture (a call before the last) back to back, order alternating,
+            # the ratio per pair; its median is robust to load that drifts slower than one pair
+            paired, cap = [], JointAttentionCapture(model, class_embeds, class_mask, 10**9, (grid, grid), halves, blocks)
+            for r in range(args.repeats * args.steps):
+                pair = {}
+                for which in (("plain", "capture") if r % 2 == 0 else ("capture", "plain")):
+                    ctx_mgr = cap if which == "capture" else contextlib.nullcontext()
+                    with ctx_mgr:
+                        sync(device)
+                        t0 = time.perf_counter()
+                        call(ts[r % len(ts)])
+                        sync(device)
+                        pair[which] = time.perf_counter() - t0
+                paired.append(pair["capture"] / pair["plain"])
+            # the capture's own work in one call before the last (class keys, scores, accumulation), alone
+            keep = _Keep(model, class_embeds, class_mask, 2, (grid, grid), halves, blocks)
+            keep.seen = []
+            with keep:
+                call(ts[0])
+                own = []
+                for _ in range(args.repeats):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for a in keep.seen:
+                        keep.observe(*a)
+                    sync(device)
+                    own.append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        low = {k: min(v) for k, v in times.items()}
+        print(f"\nDiT {family}: {len(blocks)} of {len(model.attn_processors)} attention blocks captured, "
+              f"{args.dit_size}x{args.dit_size} image ({grid * grid} image tokens, {n_txt} text tokens), "
+              f"transformer batch {halves}, {args.steps} calls, device {device}, median of {args.repeats}\n")
+        print("| variant | s / transformer call (median) | ratio to plain | fastest run | ratio, fastest runs |")
+        print("| --- | --- | --- | --- | --- |")
+        for k in med:
+            print(f"| {k} | {med[k]:.4f} | {med[k] / med['plain']:.3f}x | {low[k]:.4f} | {low[k] / low['plain']:.3f}x |")
+        own_s = statistics.median(own)
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        print(f"\npaired calls (capture / plain, back to back, {len(paired)} pairs): median {statistics.median(paired):.3f}x, "
+              f"quartiles {q[0]:.3f}x-{q[2]:.3f}x")
+        print(f"\ncapture work alone per call before the last (class keys, scores, accumulation; {len(blocks)} blocks): "
+              f"{own_s:.4f} s = {own_s / low['plain']:.3f} of the fastest plain call")
+        print("\n| steps | capture MiB |")
+        print("| --- | --- |")
+        for s, nb in memory:
+            print(f"| {s} | {nb / 2**20:.3f} |")
+        results[family] = {"seconds_per_call": med, "fastest": low, "all": times, "memory_bytes": memory,
+                           "capture_work_per_call": own_s, "paired_ratios": paired}
+    if args.json:
+        path = args.json if args.dit_only else args.json.rsplit(".", 1)[0] + "_dit.json"
+        with open(path, "w") as f:
+            json.dump({"dit": results, "size": args.dit_size, "steps": args.steps,
+                       "threads": torch.get_num_threads()}, f, indent=1)
     return 0
 
 
