@@ -235,7 +235,7 @@ def test_guidance_halves(model):
     assert dit_halves(pipe, 1.0) == 1
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux-schnell"])
+@pytest.mark.parametrize("name", MODELS)
 def test_batch_1_and_4_same_images_and_blocky_masks(name):
     pipe = build_tiny_dit_pipeline(name)
     kw = dict(steps=STEPS, guidance=GUIDANCE[name], height=SIZE, width=SIZE)
