@@ -456,6 +456,16 @@ def _bench_families(args, device) -> int:
             for s in [int(x) for x in args.memory_steps.split(",")]:
                 cap = run_capture(s)
                 memory.append((s, _nbytes(cap.class_maps) + _nbytes(cap.head_features), int(cap.features().shape[1])))
+            # counted FLOPs (matmuls, convolutions, attention; not eigh): what a loaded machine cannot distort
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counted = {}
+            for k, fn in (("plain", lambda run_plain=run_plain: run_plain(1)),
+                          ("capture, a call before the last", lambda run_capture=run_capture: run_capture(1, 2)),
+                          ("capture, the last call (PCA included)", lambda run_capture=run_capture: run_capture(1))):
+                with FlopCounterMode(display=False) as fc:
+                    fn()
+                counted[k] = fc.get_total_flops()
         med = {k: statistics.median(v) for k, v in times.items()}
         low = {k: min(v) for k, v in times.items()}  # the fastest runs: what a loaded machine distorts least
         for d in (med, low):
@@ -471,11 +481,15 @@ def _bench_families(args, device) -> int:
         for k in med:
             print(f"| {k} | {med[k]:.4f} | {med[k] / med['plain']:.3f}x | {low[k]:.4f} | {low[k] / low['plain']:.3f}x |")
         print(f"| capture, 1-step run (PCA included) | | | {one['capture']:.4f} | {one['capture'] / one['plain']:.3f}x |")
+        print("\n| one UNet call | GFLOP (counted) | ratio to plain |")
+        print("| --- | --- | --- |")
+        for k, v in counted.items():
+            print(f"| {k} | {v / 1e9:.3f} | {v / counted['plain']:.4f}x |")
         print("\n| steps | capture MiB |")
         print("| --- | --- |")
         for s, nb, _ in memory:
             print(f"| {s} | {nb / 2**20:.3f} |")
-        results[name] = {"seconds_per_call": med, "fastest": low, "one_step": one, "all": times, "memory_bytes": memory,
+        results[name] = {"seconds_per_call": med, "fastest": low, "one_step": one, "flops": counted, "all": times, "memory_bytes": memory,
                          "halves": halves, "grid": grid_hw, "size": [height, width]}
     if args.json:
         with open(args.json, "w") as f:
