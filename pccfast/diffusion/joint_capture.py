@@ -41,6 +41,7 @@ documented ``nn.Module`` hook, removed on exit; ``forward`` is not replaced).
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -57,6 +58,7 @@ __all__ = [
     "dit_blocks",
     "default_feature_blocks",
     "parse_feature_blocks",
+    "check_feature_blocks",
     "class_keys",
     "class_scores",
 ]
@@ -85,6 +87,25 @@ def default_feature_blocks(transformer) -> list[str]:
     (SD 3.5 large: blocks 19-37 of 38; FLUX.1: 9-18 of 19)."""
     n = len(transformer.transformer_blocks)
     return [f"transformer_blocks.{i}" for i in range(n // 2, n)]
+
+
+_BLOCK_NAME = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+$")
+_BLOCK_RANGE = re.compile(r"^\d+(-\d+)?$")
+
+
+def check_feature_blocks(spec) -> None:
+    """The form of a ``--feature-blocks`` value, before any model is loaded (whether its indexes
+    exist is checked against the transformer by ``parse_feature_blocks``)."""
+    if spec is None or spec.strip() in ("default", "all"):
+        return
+    for p in spec.split(","):
+        p = p.strip()
+        if not (_BLOCK_NAME.match(p) or _BLOCK_RANGE.match(p)):
+            raise ValueError(f"`feature_blocks` has to be 'default', 'all' or commas of block indexes, ranges a-b and "
+                             f"block names (transformer_blocks.I, single_transformer_blocks.J) but holds {p!r}")
+        lo, _, hi = p.partition("-")
+        if hi and lo.isdigit() and int(hi) < int(lo):
+            raise ValueError(f"`feature_blocks` has to hold ranges a-b with a <= b but holds {p!r}")
 
 
 def parse_feature_blocks(spec, transformer) -> list[str]:

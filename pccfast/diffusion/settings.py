@@ -51,6 +51,10 @@ class GenerationConfig:
         check_scheduler(self.scheduler)
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise TypeError(f"`negative_prompt` has to be a text or None but is {type(self.negative_prompt).__name__}")
+        if self.feature_blocks is not None:
+            from pccfast.diffusion.joint_capture import check_feature_blocks
+
+            check_feature_blocks(self.feature_blocks)
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"`dtype` has to be float32, float16 or bfloat16 but is {self.dtype!r}")
         if self.dtype == "float16" and torch.device(self.device).type == "cpu":

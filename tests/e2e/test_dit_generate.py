@@ -103,3 +103,15 @@ def test_feature_blocks_option(tmp_path):
     with pytest.raises(SystemExit) as exc:  # another block choice is another dataset
         generate_main(_args("tiny-sd3", out, prompts, "--feature-blocks", "all"))
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("spec", ["9-1B", "3-1", "blocks.2"])
+def test_bad_feature_blocks_is_one_line_before_loading(tmp_path, capsys, spec):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat | cat\n")
+    with pytest.raises(SystemExit) as exc:
+        generate_main(_args("tiny-flux", tmp_path / "o", prompts, "--feature-blocks", spec))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`feature_blocks` has to" in err[0] and repr(spec) in err[0]
+    assert not (tmp_path / "o").exists()
