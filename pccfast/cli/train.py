@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and output")
     g.add_argument("dataset", nargs="?", default=None, metavar="DATASET",
                    help="training folder: ROOT/JPEGImages/<id>.jpg + ROOT/SegmentationClass/<id>.png (ids of "
-                   "ImageSets/Segmentation/train.txt when present, else every mask); ROOT/VOCdevkit/VOC2012 is found")
+                   "ImageSets/Segmentation/train.txt when present, else every mask; ROOT/VOCdevkit/VOC2012 is found), "
+                   "or a pccfast dataset in the webdataset or parquet layout (all its committed samples)")
     g.add_argument("--val", default=None, metavar="DIR",
                    help="validation folder: a VOC2012 folder (JPEGImages, SegmentationClass, "
-                   "ImageSets/Segmentation/val.txt) or any pccfast dataset (all its masks); default: no evaluation")
+                   "ImageSets/Segmentation/val.txt) or any pccfast dataset, VOC, webdataset or parquet layout (all its "
+                   "samples); default: no evaluation")
     g.add_argument("--out", required=True, metavar="DIR",
                    help="run folder (last.pt, best.pt, log.jsonl, curves.png, train.json); with --predict the "
                    "masks' dataset folder (SegmentationClass/<id>.png, labelset.json)")
@@ -143,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset is None:
             raise ValueError("DATASET is missing: python -m pccfast.train DATASET [--val VOC2012] --out RUN_DIR")
         cfg = _recipe(args)
-        from pccfast.tools.evaluate import default_label_set
-        from pccfast.training.datasets import dataset_root
+        from pccfast.training.datasets import dataset_label_set
         from pccfast.training.loop import train
 
-        label_set = get_label_set(args.label_set or default_label_set(dataset_root(args.dataset)))
+        label_set = get_label_set(args.label_set or dataset_label_set(args.dataset))
         result = train(args.dataset, args.out, cfg, label_set, val=args.val, backbone_weights=args.backbone_weights,
                        device=device, workers=args.workers, progress=not args.no_progress,
                        implementation=args.implementation, log=lambda line: print(line, file=sys.stderr))

@@ -4,7 +4,9 @@ Folders read (names from :mod:`pccfast.data.layout`): ``ROOT/JPEGImages/<id>.jpg
 with ``ROOT/SegmentationClass/<id>.png``, which is both a pccfast dataset (generate, relabel
 --as-dataset, merge) and a real Pascal VOC2012 folder; ``ROOT/VOCdevkit/VOC2012`` (the
 torchvision nesting) is found from ``ROOT``. The ids are those of
-``ImageSets/Segmentation/<split>.txt`` when that file exists, else every mask's.
+``ImageSets/Segmentation/<split>.txt`` when that file exists, else every mask's. pccfast's
+other layouts (WebDataset tars, Parquet files) are read through
+:func:`pccfast.data.readers.open_source`: all their committed samples.
 
 Sample ``p`` of a run (``p = iteration * batch + slot``) is a pure function of ``(seed, p)``:
 the data order is a fresh permutation per pass over the data, seeded by ``(seed, pass)``, and
@@ -13,6 +15,7 @@ any worker and a resumed run all see exactly the same samples.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -21,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from pccfast.data.fileio import load_image, load_mask
-from pccfast.data.layout import IMAGE_EXTS, IMAGES, MASKS
+from pccfast.data.layout import IMAGE_EXTS, IMAGES, LABELSET, MASKS, detect_layout
 
-__all__ = ["Pair", "dataset_root", "find_pairs", "normalize", "augment", "TrainSamples", "EvalSamples",
+__all__ = ["Pair", "dataset_root", "find_pairs", "dataset_label_set", "normalize", "augment", "TrainSamples", "EvalSamples",
            "MEAN", "STD", "sample_seed"]
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (torchvision's backbones were trained with them)
@@ -36,8 +39,10 @@ class Pair:
     """One image and its mask."""
 
     id: str
-    image: str  # path of the image file
-    mask: str  # path of the palette/greyscale PNG mask
+    image: str  # path of the image file (VOC layout), or where it is stored
+    mask: str  # path of the palette/greyscale PNG mask (VOC layout), or where it is stored
+    source: object = None  # tars and parquet files: the opened source (data.readers.Source) ...
+    locator: object = None  # ... and the sample's place in it (data.readers.Locator)
 
 
 def dataset_root(path: str, option: str = "DATASET") -> str:
@@ -65,11 +70,47 @@ def _by_stem(folder: str, exts: tuple[str, ...]) -> dict[str, str]:
     return {s: n for s, (_, n) in found.items()}
 
 
+def _other_layout(path: str) -> str | None:
+    try:
+        layout = detect_layout(path)
+    except ValueError:
+        return None
+    return layout if layout in ("webdataset", "parquet") else None
+
+
+def dataset_label_set(path: str) -> "str | dict":
+    """What the dataset ``path`` says its classes are: its ``labelset.json`` (a parquet
+    dataset's label set from its metadata), else ``"voc"``."""
+    for root in (path, *(os.path.join(path, sub) for sub in _NESTINGS if sub)):
+        if os.path.isfile(os.path.join(root, LABELSET)):
+            return os.path.join(root, LABELSET)
+    if _other_layout(path) == "parquet":
+        from pccfast.data.readers import open_source
+
+        return open_source(path).label_set or "voc"
+    return "voc"
+
+
+def _source_pairs(path: str, option: str) -> list[Pair]:
+    from pccfast.data.readers import open_source
+
+    try:
+        source = open_source(path)
+    except ImportError as e:  # parquet without pyarrow
+        raise ValueError(f"`{option}` {path!r}: {e}") from None
+    if not source.items:
+        raise ValueError(f"`{option}` {path!r} holds no committed sample ({source.layout} layout)")
+    where = os.path.join(path, source.layout)
+    return [Pair(it.id, where, where, source, it) for it in sorted(source.items, key=lambda it: it.id)]
+
+
 def find_pairs(path: str, split: str, option: str = "DATASET") -> list[Pair]:
     """The image/mask pairs of ``path`` (see the module docstring), sorted by id.
 
     Raises ValueError (one line) for a folder that is no dataset, ids of the split file without
     an image or a mask, or no pair at all."""
+    if os.path.isdir(path) and _other_layout(path):
+        return _source_pairs(path, option)
     root = dataset_root(path, option)
     images = _by_stem(os.path.join(root, IMAGES), IMAGE_EXTS)
     masks = _by_stem(os.path.join(root, MASKS), (".png",))
@@ -136,8 +177,18 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 def _read(pair: Pair, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image = torch.from_numpy(np.array(load_image(pair.image))).permute(2, 0, 1)  # (3, H, W) uint8
-    mask = load_mask(pair.mask)  # (H, W) uint8
+    if pair.locator is not None:
+        from pccfast.data.readers import read_encoded
+
+        files = read_encoded(pair.source, [pair.locator])[0].files
+        image_file, mask_file = io.BytesIO(files["image"]), io.BytesIO(files["mask"])
+    else:
+        image_file, mask_file = pair.image, pair.mask
+    image = torch.from_numpy(np.array(load_image(image_file))).permute(2, 0, 1)  # (3, H, W) uint8
+    try:
+        mask = load_mask(mask_file)  # (H, W) uint8
+    except ValueError as e:
+        raise ValueError(f"{pair.mask}: {str(e).split(': ', 1)[-1]}") from None
     if mask.shape != tuple(image.shape[1:]):
         raise ValueError(f"{pair.mask}: the mask is {mask.shape[0]}x{mask.shape[1]} but its image {pair.image} is "
                          f"{image.shape[1]}x{image.shape[2]} (height x width)")

@@ -110,7 +110,7 @@ def _stop_after_checkpoint(cmd, sig, extra_wait: float = 0.0):
 def _state(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     flat = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    flat.update({f"ema.{k}": v for k, v in ckpt["ema"].items()})
+    flat.update({f"ema.{k}": v for k, v in (ckpt["ema"] or {}).items()})
     for i, s in ckpt["optimizer"]["state"].items():
         flat.update({f"opt.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
     return ckpt["iteration"], flat
@@ -198,3 +198,27 @@ def test_errors_are_one_line(planted, tmp_path, capsys, argv, line):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(fill(line)), err
+
+
+def test_webdataset_layout_trains_like_its_voc_folder(planted, tmp_path):
+    """DATASET and --val in pccfast's webdataset layout (export --to webdataset) give the run of the VOC folder
+    they were exported from, to the bit."""
+    from pccfast.cli.export import main as export
+
+    train, voc = planted
+    small = str(tmp_path / "voc-small")
+    write_planted(small, range(8), size=40)
+    wds, wds_val = str(tmp_path / "wds"), str(tmp_path / "wds-val")
+    val_root = os.path.join(voc, "VOCdevkit", "VOC2012")
+    assert export([small, "--to", "webdataset", wds, "--no-progress"]) == 0
+    assert export([val_root, "--to", "webdataset", wds_val, "--no-progress"]) == 0
+    runs = []
+    for data, val in ((small, voc), (wds, wds_val)):
+        out = str(tmp_path / f"run{len(runs)}")
+        assert main([data, "--val", val, "--out", out, *SMALL, "--iters", "2", "--batch", "2", "--crop", "32",
+                     "--eval-every", "2", "--workers", "0"]) == 0
+        runs.append(out)
+    a, b = (_state(os.path.join(r, "last.pt"))[1] for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ev = [[r["val_miou"] for r in _log(run) if "val_miou" in r] for run in runs]
+    assert ev[0] == ev[1] and len(ev[0]) == 1
