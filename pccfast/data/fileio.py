@@ -118,9 +118,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def append_line(path: str, line: str) -> None:
-    """Append one line (with fsync). A kill mid-write can leave at most one torn last line,
-    which readers skip (see ``read_jsonl``)."""
+def append_line(path: str, line: str, *, fsync: bool = True) -> None:
+    """Append one line (with fsync unless ``fsync=False``). A kill mid-write can leave at most
+    one torn last line, which readers skip (see ``read_jsonl``)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     with open(path, "ab+") as f:
@@ -130,7 +130,8 @@ def append_line(path: str, line: str) -> None:
                 data = b"\n" + data
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
 
 
 def read_jsonl(path: str) -> list[dict]:

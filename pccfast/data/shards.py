@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pccfast.core.labelset import LabelSet
-from pccfast.data.fileio import (FILE_MODE, atomic_link_or_copy, atomic_write, atomic_write_bytes, check_id, encode_image,
-                                 encode_mask_png)
+from pccfast.data.fileio import (FILE_MODE, append_line, atomic_link_or_copy, atomic_write, atomic_write_bytes, check_id,
+                                 encode_image, encode_mask_png)
 from pccfast.data.layout import (FORMATS, LOCATION_KEYS, MEMBERS, TAR_EXT, TAR_INDEX, TARS, detect_layout, file_prefix,
                                  numbered_name, output_dirs, parse_numbered_name)
 from pccfast.data.manifest import Manifest, all_records, check_output_folder, dedup_records, make_output_folder, \
@@ -436,6 +436,13 @@ class ShardStore(Manifest):
             elif os.path.exists(os.path.join(self.folder, name)):
                 done.add(sid)
         return done
+
+    def commit(self, record: dict) -> None:
+        """Append the record's manifest line, without an fsync of its own: the tar holding the
+        sample was fsync'ed before (:meth:`ShardWriter.end_batch`), so a line lost in a power
+        cut only means that sample is cut from its tar and made again; ``kill -9`` loses no
+        written line. (One fsync per line was most of the time of writing a shard.)"""
+        append_line(self.manifest_path, json.dumps(record, ensure_ascii=False), fsync=False)
 
     def paths(self, sample_id: str) -> list[str]:
         return []  # no file per sample: a dead worker's half-written members are cut off by repair
