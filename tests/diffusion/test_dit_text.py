@@ -78,3 +78,12 @@ def test_flux_class_text_t5_only_end_token_is_background(flux):
     ref = flux.transformer.context_embedder(flux.text_encoder_2(ids)[0])[0]
     assert torch.allclose(embeds[1], ref, atol=1e-6)
     assert embeds.shape == (2, 4, flux.transformer.inner_dim)
+
+
+def test_sd3_without_t5_uses_the_clip_part_only():
+    pipe = build_tiny_dit_pipeline("tiny-sd3")
+    full, _, tok_full = encode_dit_class_texts(pipe, [["cat"]], VOC)
+    pipe.text_encoder_3 = None  # SD3 can run without its T5 encoder (it then feeds zeros)
+    clip, mask, tok = encode_dit_class_texts(pipe, [["cat"]], VOC)
+    assert tok.classes[0].tolist() == [0, 8, DROP] and mask.sum() == 3
+    assert torch.allclose(clip[0], full[0, :3]) and tok_full.classes[0].tolist() == [0, 8, DROP, 8, DROP]
