@@ -7,7 +7,7 @@ every ATen op, for a labelled batch of SD-sized synthetic scenes
 (``pccfast.testing.synthetic.make_scene(seed, grid=64, image_size=512)``) on the torch path
 (``PCCFAST_NATIVE=0``, every backend "torch"), per stage:
 
-1. PCA: ``scene_features`` (head-wise PCA of the attention layers);
+1. PCA: ``grouped_headwise_features`` (head-wise PCA of all attention layers, as the capture runs it);
 2. section-2 k-means: ``kmeans`` (and its shared ``clustering_points``) inside ``blocky_mask``;
 3. components: every ``connected_components`` (blocky pieces and refinement pieces);
 4. blocky vote: the rest of ``blocky_mask`` (class maps, IoU labels, the vote);
@@ -75,6 +75,19 @@ def _wrap(counter: OpCounter, module, attr: str, name: str, patched: list) -> No
     patched.append((module, attr, fn))
 
 
+def _features(layers: list, grid: int, cfg) -> torch.Tensor:
+    """The head-wise PCA features as the capture computes them at the last step (one batched
+    call for every layer: ``grouped_headwise_features``), or, in trees without it, per layer."""
+    from pccfast.core import pca
+
+    grouped = getattr(pca, "grouped_headwise_features", None)
+    if grouped is None:
+        from pccfast.testing.synthetic import scene_features
+
+        return scene_features(layers, grid, cfg)
+    return torch.cat(grouped(layers, grid, cfg), dim=1)  # (B, D, h, w)
+
+
 def count(scenes: int, image_size: int, grid: int, check_every: int | None, device: str = "cpu",
           paths: str = "native") -> dict:
     """Label ``scenes`` synthetic scenes in one batch on ``device`` under the counter -> counts per stage.
@@ -85,7 +98,7 @@ def count(scenes: int, image_size: int, grid: int, check_every: int | None, devi
     import pccfast
     from pccfast.core import blocky, labeller, refine
     from pccfast.core.config import PCCConfig
-    from pccfast.testing.synthetic import make_scene, scene_features
+    from pccfast.testing.synthetic import make_scene
 
     sc = [make_scene(seed, grid=grid, image_size=image_size) for seed in range(scenes)]
     layers = [torch.stack([s.layers[i] for s in sc]).to(device)
@@ -96,7 +109,8 @@ def count(scenes: int, image_size: int, grid: int, check_every: int | None, devi
     if check_every is not None and "kmeans_check_every" in PCCConfig.field_names():
         cfg = cfg.replace(kmeans_check_every=check_every)
     counter, patched = OpCounter(), []
-    for module, attr, name in ((blocky, "kmeans", STAGES[1]), (blocky, "clustering_points", STAGES[1]),
+    for module, attr, name in ((blocky, "kmeans", STAGES[1]), (blocky, "kmeans_many", STAGES[1]),
+                               (blocky, "clustering_points", STAGES[1]),
                                (blocky, "connected_components", STAGES[2]), (refine, "kmeans", STAGES[4]),
                                (refine, "connected_components", STAGES[2]), (labeller, "blocky_mask", STAGES[3]),
                                (labeller, "refine_mask", STAGES[5]), (labeller, "resize", STAGES[5])):
@@ -112,7 +126,7 @@ def count(scenes: int, image_size: int, grid: int, check_every: int | None, devi
     try:
         with counter, (emulate() if paths == "device" else contextlib.nullcontext()):
             with counter.stage(STAGES[0]):
-                feats = scene_features(layers, grid, cfg)  # (B, D, h, w)
+                feats = _features(layers, grid, cfg)  # (B, D, h, w)
             result = pccfast.label_images(feats, cls, images, cfg)
         if device != "cpu":
             torch.cuda.synchronize()

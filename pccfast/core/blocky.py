@@ -17,7 +17,7 @@ from pccfast.core.checks import check_tensor, local_generator
 from pccfast.core.components import connected_components
 from pccfast.core.config import PCCConfig
 from pccfast.core.features import assemble_features, clustering_points
-from pccfast.core.kmeans import NARROW_D, PreparedPoints, kmeans, prepare_points
+from pccfast.core.kmeans import NARROW_D, PreparedPoints, kmeans, kmeans_many, prepare_points
 from pccfast.core.seeding import SeedingCache
 
 __all__ = ["normalise_class_maps", "binary_class_maps", "piece_iou_labels", "vote", "cluster_pieces",
@@ -119,23 +119,28 @@ def cluster_pieces(
     ``features.clustering_points``) shared by every k; cache: optional ``SeedingCache`` for
     k-means++ -> (B, len(ks), h*w) long piece ids 1..N
     """
-    out = []
     # centring, norms and variance once for all k (one initialisation, not cuML)
     backend = resolve("kmeans", cfg.kmeans_backend, feats, fits=feats.dtype != torch.float64)
     if prepared is None and backend != "cuml" and cfg.kmeans_n_init == 1:
         work = feats.float() if backend == "native" or feats.dtype != torch.float64 else feats
         # the C kernel takes wide points as rows: no transpose
         prepared = prepare_points(work, transpose=backend == "torch" or feats.shape[-1] <= NARROW_D)
-    for k in cfg.cluster_ks:  # a handful of k values; batched over images inside
-        gen_k = local_generator(generator, cfg.kmeans_seed, feats.device)  # fresh seed per k, as the reference
-        labels, _ = kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=gen_k,
-                           n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=backend,
-                           check_every=cfg.kmeans_check_every,
-                           prepared=prepared, cache=cache)
-        pieces = connected_components(labels.view(-1, h, w), cfg.connectivity,
-                                      backend=cfg.components_backend)  # (B, h, w)
-        out.append(pieces.view(-1, h * w))
-    return torch.stack(out, dim=1)  # (B, len(ks), h*w)
+    b = feats.shape[0]
+    # a fresh seed per k, as the reference
+    gens = [local_generator(generator, cfg.kmeans_seed, feats.device) for _ in cfg.cluster_ks]
+    if cfg.kmeans_n_init == 1:  # the torch backend runs the k-means of every k in one loop
+        labels = kmeans_many(feats, cfg.cluster_ks, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol,
+                             generators=gens, seed=cfg.kmeans_seed, backend=backend, prepared=prepared,
+                             cache=cache, check_every=cfg.kmeans_check_every)
+    else:
+        labels = [kmeans(feats, k, max_iter=cfg.kmeans_max_iter, tol=cfg.kmeans_tol, generator=g,
+                         n_init=cfg.kmeans_n_init, seed=cfg.kmeans_seed, backend=backend,
+                         check_every=cfg.kmeans_check_every, prepared=prepared, cache=cache)[0]
+                  for k, g in zip(cfg.cluster_ks, gens)]
+    # the pieces of every clustering in one call: (len(ks)*B, h, w), clustering-major
+    pieces = connected_components(torch.cat(labels, 0).view(-1, h, w), cfg.connectivity,
+                                  backend=cfg.components_backend)
+    return pieces.view(len(labels), b, h * w).transpose(0, 1)  # (B, len(ks), h*w)
 
 
 def blocky_mask(

@@ -28,7 +28,7 @@ class PCCConfig:
     kmeans_tol: float = 1e-4  # relative tolerance, scaled by the mean feature variance (scikit-learn)
     kmeans_seed: int = 0  # seed of k-means++ (the reference uses random_state=0)
     kmeans_n_init: int = 1  # k-means++ restarts, best inertia kept (the reference: 1)
-    kmeans_check_every: int = 8  # the torch Lloyd loop reads convergence on the host every this many iterations
+    kmeans_check_every: int = 4  # the torch Lloyd loop reads convergence on the host every this many iterations
     kmeans_backend: str = "auto"  # "auto" (C kernel on the CPU if it builds, else torch), "torch", "native", "cuml"
     connectivity: int = 8  # 8 as the reference code (3x3 structure); the paper says 4
     components_backend: str = "auto"  # "auto" (C kernel on the CPU if it builds, else torch), "torch", "native", "cupy"

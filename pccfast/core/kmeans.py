@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pccfast.backends import kernels, rapids, resolve
@@ -23,7 +24,7 @@ from pccfast.backends.kernels import NARROW_D
 from pccfast.core.checks import check_tensor, cpu_tuned, local_generator
 from pccfast.core.seeding import SeedingCache, _chunk, _rows, kmeans_plusplus, kmeans_plusplus_native
 
-__all__ = ["kmeans", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "PreparedPoints",
+__all__ = ["kmeans", "kmeans_many", "kmeans_plusplus", "kmeans_inertia", "assign", "prepare_points", "PreparedPoints",
            "SeedingCache", "NARROW_D"]
 
 
@@ -54,28 +55,38 @@ def _argmin_rows(scores: Tensor, weight: Optional[Tensor] = None) -> tuple[Tenso
     return best[:, 0], first
 
 
-def _assign_t(xt: Tensor, centers: Tensor, x_sq: Tensor, weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Nearest centres with points in columns.
+def _assign_t(xt: Tensor, centers: Tensor, x_sq: Tensor, weight: Optional[Tensor] = None,
+              pad: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Nearest centres with points in columns, for P clusterings of the same points at once.
 
-    xt: (B, D, N) contiguous, centers: (B, k, D), x_sq: (B, N), weight: optional
-    ``_argmin_weight(k)`` -> labels (B, N), sq. distance (B, N)
+    xt: (B, D, N) contiguous, centers: (B, k, D) or (B, P, k, D) (P problems on the same
+    points, e.g. k-means with several k, padded to one k), x_sq: (B, N), weight: optional
+    ``_argmin_weight(k)``, pad: optional (P, k) with 0 for real and +inf for padding centres
+    (never nearest) -> labels (B, N) or (B, P, N), sq. distance (B, N) or (B, P, N)
     """
     b, _, n = xt.shape
-    k = centers.shape[1]
+    many = centers.dim() == 4
+    p, k = (centers.shape[1], centers.shape[2]) if many else (1, centers.shape[1])
+    flat = centers.reshape(b, p * k, -1)  # (B, P*k, D), a view
     if weight is None and cpu_tuned(xt.device):
         weight = _argmin_weight(k, xt.device)  # (1, k, 1), shared by the chunks
-    c_sq = (centers * centers).sum(-1)[..., None]  # (B, k, 1)
-    step = _chunk(n, k, b, xt.device)
+    c_sq = (flat * flat).sum(-1)  # (B, P*k)
+    if pad is not None:
+        c_sq = c_sq + pad.reshape(1, p * k)  # padding centres at infinity
+    c_sq = c_sq[..., None]  # (B, P*k, 1)
+    step = _chunk(n, p * k, b, xt.device)
     labels, dist = [], []
     for start in range(0, n, step):  # chunks along the points keep the scores small
         part = xt if step >= n else xt[:, :, start:start + step]  # (B, D, n')
-        scores = torch.baddbmm(c_sq, centers, part, alpha=-2.0)  # (B, k, n')
-        best, idx = _argmin_rows(scores, weight)
+        scores = torch.baddbmm(c_sq, flat, part, alpha=-2.0)  # (B, P*k, n')
+        best, idx = _argmin_rows(scores.view(b * p, k, -1), weight)  # (B*P, n') each
         labels.append(idx)
         dist.append(best)
-    labels_t = torch.cat(labels, dim=1) if len(labels) > 1 else labels[0]  # (B, N)
-    best_t = torch.cat(dist, dim=1) if len(dist) > 1 else dist[0]  # (B, N)
-    return labels_t, (best_t + x_sq).clamp_min_(0)
+    labels_t = torch.cat(labels, dim=1) if len(labels) > 1 else labels[0]  # (B*P, N)
+    best_t = torch.cat(dist, dim=1) if len(dist) > 1 else dist[0]  # (B*P, N)
+    shape = (b, p, n) if many else (b, n)
+    x_sq = x_sq[:, None] if many else x_sq  # (B, 1, N) or (B, N)
+    return labels_t.view(shape), (best_t.view(shape) + x_sq).clamp_min_(0)
 
 
 def assign(x: Tensor, centers: Tensor, x_sq: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -101,21 +112,22 @@ def kmeans_inertia(x: Tensor, labels: Tensor, centers: Tensor) -> Tensor:
 class _Sums(NamedTuple):
     """What every M-step of one k-means shares (``_sums_setup``)."""
 
-    offset: Tensor  # (B, 1) long, b * k: item-major cluster ids
+    offset: Tensor  # (P, B, 1) long, (b * P + p) * k: item-major cluster ids of problem p
     slot: Optional[Tensor]  # (N,) long, (j % S) * k, narrow points only
     pts: Tensor  # narrow: (B, D', N) x^T; wide: (B*N, D') x; D' = D + 1 with a ones feature
     ones: bool  # the last feature is ones, whose sums are the counts (exact below 2^24 points)
 
 
-def _sums_setup(x: Tensor, k: int, xt: Optional[Tensor] = None) -> _Sums:
+def _sums_setup(x: Tensor, k: int, xt: Optional[Tensor] = None, problems: int = 1) -> _Sums:
     """Index offsets and the points of the M-step's sums, with a ones feature whose sum per
     cluster is its count when N < 2^24 (float32 counts up to there are exact).
 
-    x: (B, N, D), xt: optional (B, D, N) -> ``_Sums``
+    x: (B, N, D), xt: optional (B, D, N), problems: P clusterings of these points -> ``_Sums``
     """
     b, n, d = x.shape
     ones = n < 1 << 24
-    offset = torch.arange(b, device=x.device)[:, None] * k  # (B, 1)
+    item = torch.arange(b, device=x.device)[None, :, None] * problems  # (1, B, 1)
+    offset = (item + torch.arange(problems, device=x.device)[:, None, None]) * k  # (P, B, 1)
     if d <= 16:
         xt = x.transpose(1, 2) if xt is None else xt  # (B, D, N)
         pts = torch.cat([xt, xt.new_ones(b, 1, n)], dim=1) if ones else xt.contiguous()  # (B, D', N)
@@ -126,7 +138,7 @@ def _sums_setup(x: Tensor, k: int, xt: Optional[Tensor] = None) -> _Sums:
 
 
 def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt: Optional[Tensor] = None,
-            keep: Optional[Tensor] = None, shared: Optional[_Sums] = None) -> Tensor:
+            keep: Optional[Tensor] = None, shared: Optional[_Sums] = None, valid: Optional[Tensor] = None) -> Tensor:
     """Lloyd M-step with scikit-learn's empty-cluster relocation, without a host synchronisation.
 
     An empty cluster takes one of the points farthest from their centres (the j-th empty
@@ -135,52 +147,77 @@ def _update(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, xt
     empty cluster adds zero rows: a no-op), so nothing is read back on the host. Counts are
     the sums of a ones feature, or a scatter of ones (no ``bincount``).
 
-    x: (B, N, D), labels: (B, N), min_dist: (B, N), old: (B, k, D), xt: optional (B, D, N)
-    contiguous transpose of x, keep: optional (B,) bool, False keeps an item's ``old``
-    centres, shared: optional ``_sums_setup(x, k, xt)`` -> (B, k, D)
+    x: (B, N, D); labels, min_dist: (B, N) (or (B, P, N): P clusterings of the same points);
+    old: (B, k, D) (or (B, P, k, D)); xt: optional (B, D, N) contiguous transpose of x; keep:
+    optional (B,) (or (B, P)) bool, False keeps an item's ``old`` centres; shared: optional
+    ``_sums_setup(x, k, xt, P)``; valid: optional (P, k) bool, False for padding centres
+    (never relocated into) -> (B, k, D) (or (B, P, k, D))
     """
+    many = labels.dim() == 3
+    if not many:
+        labels, min_dist, old = labels[:, None], min_dist[:, None], old[:, None]
+        keep = keep[:, None] if keep is not None else None
     b, n, d = x.shape
-    shared = _sums_setup(x, k, xt) if shared is None else shared
+    p = labels.shape[1]
+    shared = _sums_setup(x, k, xt, p) if shared is None else shared
     dd = shared.pts.shape[1] if shared.slot is not None else shared.pts.shape[-1]  # D or D + 1
-    flat = (labels + shared.offset).reshape(-1)  # (B*N,) item-major ids
     if shared.slot is not None:  # few long rows: sum along the contiguous point axis of x^T
         # point j adds into slot j % S of its cluster: consecutive points never wait on one
         # accumulator (3x faster on the CPU), and S partial sums lose less to float32 rounding
         # than one running sum
-        idx = (labels + shared.slot)[:, None, :].expand(b, dd, n)  # (B, D', N) in [0, S*k)
-        sums = torch.zeros(b, dd, _SLOTS * k, device=x.device, dtype=x.dtype).scatter_add_(2, idx, shared.pts)
-        sums = sums.view(b, dd, _SLOTS, k).sum(2).transpose(1, 2)  # (B, k, D')
-    else:  # wide points: whole rows at once
-        sums = torch.zeros(b * k, dd, device=x.device, dtype=x.dtype).index_add_(0, flat, shared.pts)
-        sums = sums.view(b, k, dd)  # (B, k, D')
-    if shared.ones:
-        sums, counts = sums[..., :d], sums[..., d]  # (B, k, D), (B, k)
-    else:  # exact integer counts by a scatter (bincount reads its maximum back on the host)
-        counts = torch.zeros(b * k, device=x.device, dtype=torch.long).scatter_add_(
-            0, flat, flat.new_ones(()).expand(b * n)).view(b, k).to(x.dtype)  # (B, k)
-    return _relocate(x, labels, min_dist, old, k, sums, counts, keep)
+        parts = []
+        for j in range(p):  # the clusterings (one per k), not clusters
+            idx = (labels[:, j] + shared.slot)[:, None, :].expand(b, dd, n)  # (B, D', N) in [0, S*k)
+            part = torch.zeros(b, dd, _SLOTS * k, device=x.device, dtype=x.dtype).scatter_add_(2, idx, shared.pts)
+            parts.append(part.view(b, dd, _SLOTS, k).sum(2).transpose(1, 2))  # (B, k, D')
+        sums = torch.stack(parts, dim=1) if p > 1 else parts[0][:, None]  # (B, P, k, D')
+    else:  # wide points: whole rows at once, every clustering into its own rows
+        sums = torch.zeros(b * p * k, dd, device=x.device, dtype=x.dtype)
+        for j in range(p):  # the clusterings (one per k), not clusters
+            sums.index_add_(0, (labels[:, j] + shared.offset[j]).reshape(-1), shared.pts)
+        sums = sums.view(b, p, k, dd)  # (B, P, k, D')
+    if not shared.ones:  # exact integer counts by a scatter (bincount reads its maximum back on the host)
+        flat = (labels + shared.offset.permute(1, 0, 2)).reshape(-1)  # (B*P*N,) item-major ids
+        counts = torch.zeros(b * p * k, device=x.device, dtype=torch.long).scatter_add_(
+            0, flat, flat.new_ones(()).expand(b * p * n)).view(b, p, k).to(x.dtype)  # (B, P, k)
+        sums = torch.cat([sums, counts[..., None]], dim=-1)  # (B, P, k, D + 1)
+    new = _relocate(x, shared, labels, min_dist, old, sums, keep, valid)
+    return new if many else new[:, 0]
 
 
-def _relocate(x: Tensor, labels: Tensor, min_dist: Tensor, old: Tensor, k: int, sums: Tensor, counts: Tensor,
-              keep: Optional[Tensor]) -> Tensor:
-    """Empty clusters take the farthest points, then the means. sums: (B, k, D), counts: (B, k)
-    float; the rest as ``_update`` -> (B, k, D)"""
-    d = x.shape[-1]
-    empty = counts == 0  # (B, k)
-    empty3 = empty[..., None]  # (B, k, 1)
-    emptyf = empty.to(counts.dtype)  # (B, k)
-    far = min_dist.topk(k, dim=-1).indices  # (B, k) farthest points first
-    rank = (torch.cumsum(emptyf, dim=-1) - 1).clamp_min(0).long()  # (B, k), exact small integers
-    point = torch.gather(far, 1, rank)  # (B, k): the point an empty cluster takes
-    px = _rows(x, point) * empty3  # (B, k, D), zero rows for non-empty clusters
-    src = torch.gather(labels, 1, point)  # (B, k) the cluster that point leaves
-    sums = sums.scatter_add(1, src[..., None].expand(-1, -1, d), -px)  # adding -0.0 changes nothing
-    sums = torch.where(empty3, px, sums)
-    # an empty cluster is never a point's cluster, so it is never a `src`: its count becomes 1
-    counts = counts.scatter_add(1, src, -emptyf) + emptyf  # (B, k)
-    new = sums / counts[..., None]  # (B, k, D); a count of 0 keeps the old centre below
-    use = counts > 0 if keep is None else (counts > 0) & keep[:, None]  # (B, k)
-    return torch.where(use[..., None], new, old)
+def _relocate(x: Tensor, shared: _Sums, labels: Tensor, min_dist: Tensor, old: Tensor, sums: Tensor,
+              keep: Optional[Tensor], valid: Optional[Tensor]) -> Tensor:
+    """Empty clusters take the farthest points, then the means.
+
+    sums: (B, P, k, D + 1), the last feature the counts; labels, min_dist: (B, P, N); old:
+    (B, P, k, D); keep: optional (B, P); valid: optional (P, k) -> (B, P, k, D)
+    """
+    b, p, k, d1 = sums.shape
+    n = labels.shape[-1]
+    empty = sums[..., -1] == 0  # (B, P, k)
+    if valid is not None:
+        empty = empty & valid  # padding centres stay empty
+    far = min_dist.topk(k, dim=-1).indices  # (B, P, k) farthest points first
+    # the j-th empty cluster takes the j-th farthest point; a non-empty one gets an index in
+    # range that it does not use (its row is zeroed below)
+    rank = empty.cumsum(-1) - empty.long()  # (B, P, k) long in [0, k)
+    point = torch.gather(far, 2, rank)  # (B, P, k): the point an empty cluster takes
+    if shared.slot is not None:  # (B, D', N): its columns, then rows
+        dp = shared.pts.shape[1]
+        px = torch.gather(shared.pts, 2, point.view(b, 1, p * k).expand(b, dp, p * k)).transpose(1, 2)
+    else:  # (B*N, D') rows
+        px = _rows(shared.pts.view(b, n, -1), point.view(b, p * k))  # (B, P*k, D')
+    if not shared.ones:
+        px = torch.cat([px, px.new_ones(b, p * k, 1)], dim=-1)
+    px = px.view(b, p, k, d1) * empty[..., None]  # zero rows for non-empty clusters; ones column 1 if empty
+    src = torch.gather(labels, 2, point)  # (B, P, k) the cluster that point leaves
+    # the point (and its count of 1) leaves `src` (adding -0.0 changes nothing) and becomes the
+    # empty cluster's only member: an empty cluster is never a point's cluster, so never a `src`
+    sums = torch.where(empty[..., None], px, sums.scatter_add(2, src[..., None].expand(-1, -1, -1, d1), -px))
+    counts = sums[..., -1:]  # (B, P, k, 1)
+    new = sums[..., :-1] / counts  # (B, P, k, D); a count of 0 keeps the old centre below
+    use = counts > 0 if keep is None else (counts > 0) & keep[..., None, None]  # (B, P, k, 1)
+    return torch.where(use, new, old)
 
 
 class PreparedPoints(NamedTuple):
@@ -223,43 +260,80 @@ def prepare_points(x: Tensor, transpose: bool = True, norms: bool = True) -> Pre
 def _kmeans_torch(
     x: Tensor, k: int, max_iter: int, tol: float, generator: torch.Generator, streams: int = 1,
     init: Optional[Tensor] = None, prepared: Optional[PreparedPoints] = None, cache: Optional[SeedingCache] = None,
-    check_every: int = 8,
+    check_every: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The torch path: k-means++ then Lloyd without host synchronisations between checks.
-
-    Converged items stay in the batch, masked: their centres are frozen (further iterations
-    are no-ops for them), so no iteration reads a mask back to compact the batch. Whether every
-    item has converged is read on the host once every ``check_every`` iterations.
+    """The torch path for one k: k-means++ then :func:`_lloyd`.
 
     x: (B, N, D) float, init: optional (B, k, D), prepared: optional ``prepare_points(x)``
     with the transpose and norms -> labels (B, N), centers (B, k, D), inertia (B,)
     """
-    x, mean, xt, x_sq, var = prepared if prepared is not None else prepare_points(x)
-    tol_abs = tol * var  # (B,)
+    prepared = prepared if prepared is not None else prepare_points(x)
     if init is None:
-        centers = kmeans_plusplus(x, k, generator, x_sq, streams, xt, cache)  # (B, k, D)
+        centers = kmeans_plusplus(prepared.x, k, generator, prepared.x_sq, streams, prepared.xt, cache)  # (B, k, D)
     else:
-        centers = init.to(x.dtype) - mean
+        centers = init.to(prepared.x.dtype) - prepared.mean
+    labels, centers, inertia = _lloyd(prepared, centers[:, None], None, max_iter, tol, check_every)
+    return labels[:, 0], centers[:, 0], inertia[:, 0]
+
+
+def _lloyd(prepared: PreparedPoints, centers: Tensor, pad: Optional[Tensor], max_iter: int, tol: float,
+           check_every: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Lloyd iterations for P clusterings of the same points at once, without host
+    synchronisations between checks.
+
+    Converged clusterings stay in the batch, masked: their centres are frozen (further
+    iterations are no-ops for them), so no iteration reads a mask back to compact the batch.
+    Whether every one has converged is read on the host once every ``check_every`` iterations.
+    Each clustering gets exactly the iterations it would get alone, so its result does not
+    depend on the others.
+
+    prepared: ``prepare_points`` of x (B, N, D) with the transpose and norms; centers: (B, P,
+    k, D) centred initial centres (padding rows zero); pad: optional (P, k), 0 for real and
+    +inf for padding centres -> labels (B, P, N), centers (B, P, k, D) (not centred), inertia (B, P)
+    """
+    x, mean, xt, x_sq, var = prepared
+    b, p, k, _ = centers.shape
+    tol_abs = (tol * var)[:, None]  # (B, 1)
     weight = _argmin_weight(k, x.device) if cpu_tuned(x.device) else None  # (1, k, 1)
-    shared = _sums_setup(x, k, xt)
-    running = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (B,) items not yet converged
+    shared = _sums_setup(x, k, xt, p)
+    valid = None if pad is None else pad == 0  # (P, k)
+    running = torch.ones(b, p, dtype=torch.bool, device=x.device)  # (B, P) clusterings not yet converged
     prev = None
     for it in range(max_iter):
-        labels, min_dist = _assign_t(xt, centers, x_sq, weight)  # (B, N), (B, N)
-        # converged items keep their centres (and then their shift is 0)
-        new = _update(x, labels, min_dist, centers, k, xt, running, shared)  # (B, k, D)
-        shift = ((new - centers) ** 2).sum(dim=(1, 2))  # (B,)
-        # strict convergence (labels unchanged) leaves `new` equal to `centers`
-        done = shift <= tol_abs  # (B,)
+        labels, min_dist = _assign_t(xt, centers, x_sq, weight, pad)  # (B, P, N), (B, P, N)
+        # converged clusterings keep their centres (and then their shift is 0)
+        new = _update(x, labels, min_dist, centers, k, xt, running, shared, valid)  # (B, P, k, D)
+        shift = F.mse_loss(new, centers, reduction="none").sum(dim=(2, 3))  # (B, P): (new - centers)^2 in one op
+        # converged: a small shift, or (strict convergence) labels unchanged, which leaves
+        # `new` equal to `centers`
+        running = running & (shift > tol_abs)
         if prev is not None:
-            done |= (labels == prev).all(-1)
+            running = running & (labels != prev).any(-1)
         centers = new
-        running = running & ~done
         prev = labels
         if (it + 1) % check_every == 0 and it + 1 < max_iter and not bool(running.any()):
             break  # the one host read, every `check_every` iterations
-    labels, min_dist = _assign_t(xt, centers, x_sq, weight)  # final E-step, as scikit-learn
-    return labels, centers + mean, min_dist.sum(-1)
+    labels, min_dist = _assign_t(xt, centers, x_sq, weight, pad)  # final E-step, as scikit-learn
+    return labels, centers + mean[:, None], min_dist.sum(-1)
+
+
+def _kmeans_torch_many(
+    prepared: PreparedPoints, ks: tuple, generators: list, max_iter: int, tol: float,
+    cache: Optional[SeedingCache], check_every: int,
+) -> list:
+    """k-means of the same points for every k in ``ks`` in one Lloyd loop (padded to the
+    largest k): each k-means++ seeding as alone, in order, then one E-step per iteration for
+    all of them -> labels (B, N) per k"""
+    x, xt, x_sq = prepared.x, prepared.xt, prepared.x_sq
+    kmax = max(ks)
+    inits, pads = [], []
+    for k, gen in zip(ks, generators):  # a handful of k values, each seeded exactly as alone
+        c = kmeans_plusplus(x, k, gen, x_sq, 1, xt, cache)  # (B, k, D)
+        inits.append(torch.cat([c, c.new_zeros(c.shape[0], kmax - k, c.shape[2])], 1) if k < kmax else c)
+        pads.append(torch.cat([x.new_zeros(k), x.new_full((kmax - k,), float("inf"))]))
+    pad = torch.stack(pads) if any(k < kmax for k in ks) else None  # (P, kmax)
+    labels, _, _ = _lloyd(prepared, torch.stack(inits, dim=1), pad, max_iter, tol, check_every)  # (B, P, N)
+    return list(labels.unbind(1))
 
 
 def _kmeans_native(
@@ -301,7 +375,7 @@ def kmeans(
     init: Optional[Tensor] = None,
     prepared: Optional[PreparedPoints] = None,
     cache: Optional[SeedingCache] = None,
-    check_every: int = 8,
+    check_every: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """k-means of every batch item: greedy k-means++ then Lloyd (scikit-learn 1.4 semantics).
 
@@ -379,3 +453,60 @@ def kmeans(
         best = inertia.view(b, n_init).argmin(dim=1) + torch.arange(b, device=x.device) * n_init  # (B,)
         labels, centers = labels[best], centers[best]
     return labels, centers
+
+
+def kmeans_many(
+    x: Tensor,
+    ks,
+    *,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    generators: Optional[list] = None,
+    seed: int = 0,
+    backend: str = "auto",
+    prepared: Optional[PreparedPoints] = None,
+    cache: Optional[SeedingCache] = None,
+    check_every: int = 4,
+) -> list:
+    """``kmeans(x, k, ...)`` for every k in ``ks`` (one initialisation each), same results.
+
+    The torch backend runs the Lloyd iterations of all of them in one loop (centres padded to
+    the largest k): an iteration costs one E-step for every k, and the loop runs as long as
+    the slowest k-means, not as long as all of them one after the other. Other backends run
+    them one by one.
+
+    Args:
+        x: (B, N, D) points; ks: the cluster counts (each in [1, N]).
+        generators: one k-means++ generator per k (default: each seeded with ``seed``, as a
+            fresh ``kmeans`` call would be).
+        the rest: as :func:`kmeans`.
+
+    Returns:
+        labels (B, N) long per k, in the order of ``ks``.
+    """
+    check_tensor(x, "x", 3, floating=True)
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("`ks` has to hold at least one cluster count but is empty")
+    if generators is not None and len(generators) != len(ks):
+        raise ValueError(f"`generators` has to hold one generator per k ({len(ks)}) but holds {len(generators)}")
+    n = x.shape[1]
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"every k in `ks` has to be an integer in [1, N] = [1, {n}] but one is {k!r}")
+    gens = list(generators) if generators is not None else [local_generator(None, seed, x.device) for _ in ks]
+    impl = resolve("kmeans", backend, x, fits=x.dtype != torch.float64)
+    if impl != "torch" or len(ks) == 1:
+        return [kmeans(x, k, max_iter=max_iter, tol=tol, generator=g, seed=seed, backend=backend,
+                       prepared=prepared, cache=cache, check_every=check_every)[0] for k, g in zip(ks, gens)]
+    if max_iter < 1:
+        raise ValueError(f"`max_iter` has to be at least 1 but is {max_iter}")
+    if tol < 0:
+        raise ValueError(f"`tol` has to be >= 0 but is {tol}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"`check_every` has to be an integer of at least 1 but is {check_every!r}")
+    work = x if x.dtype == torch.float64 else x.float()
+    if (prepared is None or prepared.x.shape != work.shape or prepared.x.dtype != work.dtype
+            or prepared.xt is None or prepared.x_sq is None):
+        prepared = prepare_points(work)
+    return _kmeans_torch_many(prepared, ks, gens, max_iter, tol, cache, check_every)

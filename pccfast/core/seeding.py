@@ -87,14 +87,49 @@ class _Record:
     before it, the kept indices (T, m) ascending, their exponentials (T, m) and tau (T,).
     ``generator`` stands after the last drawn step (in a cache, every drawn step is recorded)."""
 
-    def __init__(self, seed: int, gen_device: torch.device, device: torch.device) -> None:
+    def __init__(self, seed: int, gen_device: torch.device, device: torch.device,
+                 ahead: Optional[tuple[int, int, int]] = None) -> None:
         self.generator = torch.Generator(device=gen_device).manual_seed(seed)
-        self.first = _random(self.generator, (1,), "uniform").to(device)  # (1,) float64
         self.states: list[Tensor] = []
         self.idx: list[Tensor] = []
         self.val: list[Tensor] = []
         self.tau: list[Tensor] = []
-        self.drawn = 0  # steps ``generator`` has drawn
+        self.ahead: Optional[Tensor] = None  # (S, T, N) exponentials of steps ahead_from.., on ``device``
+        self.ahead_from = 0
+        self.plan = ahead  # (steps, trials, n) to draw ahead, or None
+        if ahead is None:
+            self.first = _random(self.generator, (1,), "uniform").to(device)  # (1,) float64
+            self.drawn = 0  # steps ``generator`` has drawn
+            return
+        self.drawn = 0
+        self.first = self._block(device, with_first=True)
+
+    def _block(self, device: torch.device, with_first: bool = False) -> Optional[Tensor]:
+        """Draw the next steps' numbers at once, at most ``_AHEAD`` numbers (and before them
+        the first uniform), the same numbers as drawn one step at a time (the generator fills
+        in order), moved to the device in one copy. Returns the first uniform (1,) or None."""
+        steps, trials, n = self.plan
+        count = min(steps - self.drawn, max(1, _AHEAD // (trials * n)))  # steps in this block
+        head = 1 if with_first else 0
+        numbers = _random(self.generator, (head + count * trials * n,), "uniform")  # (head + S*T*N,)
+        numbers[head:].neg_().log1p_().neg_().clamp_min_(torch.finfo(torch.float64).tiny)  # as _random's exponentials
+        numbers = numbers.to(device)  # one copy
+        self.ahead, self.ahead_from = numbers[head:].view(count, trials, n), self.drawn
+        self.drawn += count
+        return numbers[:1] if with_first else None
+
+    def drawn_ahead(self, step: int, device: torch.device) -> Optional[Tensor]:
+        """Step ``step``'s (T, N) exponentials when this record draws ahead, else None."""
+        if self.plan is None or step >= self.plan[0]:
+            return None
+        if step >= self.ahead_from + self.ahead.shape[0]:
+            if step != self.drawn:
+                raise RuntimeError(f"k-means++ stream asked for step {step} after drawing {self.drawn} steps")
+            self._block(device)
+        return self.ahead[step - self.ahead_from]
+
+
+_AHEAD = 1 << 25  # random numbers drawn ahead at once (256 MB of float64)
 
 
 class _RaceStream:
@@ -102,13 +137,15 @@ class _RaceStream:
     (and recorded in ``cache`` when there is one)."""
 
     def __init__(self, seed: int, n: int, trials: int, gen_device: torch.device, device: torch.device,
-                 cache: Optional[SeedingCache]) -> None:
+                 cache: Optional[SeedingCache], steps_ahead: int = 0) -> None:
         self.gen_device, self.shape, self.device, self.cache = gen_device, (trials, n), device, cache
         self.keep = n if n <= 256 else max(256, n // 64)  # kept exponentials per trial
         key = (seed, n, trials, str(gen_device), str(device))
         self.record = cache._get(key) if cache is not None else None
         if self.record is None:  # first call with this seed: draw, and remember if there is a cache
-            self.record = _Record(seed, gen_device, device)
+            # without a cache, the call's numbers are drawn in blocks (``steps_ahead`` steps)
+            ahead = (steps_ahead, trials, n) if cache is None and steps_ahead > 0 else None
+            self.record = _Record(seed, gen_device, device, ahead)
             if cache is not None:
                 cache._put(key, self.record)
 
@@ -127,6 +164,9 @@ class _RaceStream:
         """All (T, n) exponentials of a step: drawn again from the saved state, or drawn next
         (and recorded when there is a cache)."""
         r = self.record
+        ahead = r.drawn_ahead(step, self.device)
+        if ahead is not None:
+            return ahead
         if step < len(r.states):  # drawn again from the saved state
             g = torch.Generator(device=self.gen_device)
             g.set_state(r.states[step])
@@ -198,7 +238,8 @@ def _race(streams: list[_RaceStream], step: int, weights: Tensor) -> Tensor:
         bound = weights.amax(dim=-1).double()[:, None] / tau  # (B, T) the best any other point reaches
         if bool((best > bound).all()):
             return torch.gather(idx, 2, arg[..., None]).squeeze(-1)  # (B, T)
-    race = torch.stack([s.full(step) for s in streams])  # (streams, T, N)
+    race = streams[0].full(step)[None] if len(streams) == 1 else torch.stack(
+        [s.full(step) for s in streams])  # (streams, T, N)
     race = race.expand(b, *race.shape[1:]) if len(streams) == 1 else race[
         torch.arange(b, device=weights.device) % len(streams)]  # (B, T, N)
     return _d2_sample(weights, race)
@@ -212,10 +253,17 @@ def _stream_seeds(generator: torch.Generator, streams: int) -> list[int]:
 
 def _race_setup(x: Tensor, k: int, generator: torch.Generator, streams: int,
                 cache: Optional[SeedingCache]) -> tuple[list[_RaceStream], Tensor]:
-    """Random streams of k-means++ and each item's first centre. x: (B, N, D) -> races, (B, 1) long"""
+    """Random streams of k-means++ and each item's first centre. x: (B, N, D) -> races, (B, 1) long
+
+    Off the CPU paths the cache is not used (its kept numbers need a host read to decide a
+    race) and each stream's numbers for all k - 1 steps are drawn at once and moved to the
+    device in one copy (the same numbers: one generator fills them in order)."""
     b, n, _ = x.shape
     trials = 2 + int(math.log(k))
-    races = [_RaceStream(seed, n, trials, generator.device, x.device, cache)
+    ahead = 0
+    if not cpu_tuned(x.device):
+        cache, ahead = None, k - 1
+    races = [_RaceStream(seed, n, trials, generator.device, x.device, cache, ahead)
              for seed in _stream_seeds(generator, streams)]
     first = torch.stack([r.first() for r in races])  # (streams, 1) float64 uniforms
     first = first.expand(b, 1) if streams == 1 else first[torch.arange(b, device=x.device) % streams]

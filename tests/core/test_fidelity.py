@@ -155,7 +155,13 @@ def test_exact_given_the_reference_kmeans(monkeypatch):
             return torch.from_numpy(np.stack(labels)).long(), None
         return kmeans
 
+    def fake_many(x, ks, *, max_iter, tol, generators=None, seed=0, backend="torch", prepared=None, cache=None,
+                  check_every=8):  # blocky runs every k in one call
+        one = fake("blocky")
+        return [one(x, k, max_iter=max_iter, tol=tol, prepared=prepared)[0] for k in ks]
+
     monkeypatch.setattr(pccfast.core.blocky, "kmeans", fake("blocky"))
+    monkeypatch.setattr(pccfast.core.blocky, "kmeans_many", fake_many)
     monkeypatch.setattr(pccfast.core.refine, "kmeans", fake("refine"))
     feats = torch.stack([torch.from_numpy(r["feats"].T.reshape(-1, grid, grid).copy()) for r in runs])  # (B, D, h, w)
     ca = torch.stack([s.class_attention for s in scenes])

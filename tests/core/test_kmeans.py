@@ -519,3 +519,56 @@ def test_check_every_exception():
 
     with pytest.raises(ValueError, match="`kmeans_check_every` has to be at least 1 but is 0"):
         PCCConfig(kmeans_check_every=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [3, 40])
+def test_kmeans_many_equals_one_kmeans_per_k(dtype, d):
+    """Regression for the joint Lloyd loop: the k-means of several k in one loop (centres padded
+    to the largest k) give, for each k, exactly the labels of a ``kmeans`` call of its own,
+    including clusterings that converge many iterations before the others and empty clusters."""
+    from pccfast.core.kmeans import kmeans_many
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 900, d, generator=g, dtype=torch.float64).to(dtype)
+    x[:, :300] *= 1e-3  # a tight blob: empty clusters get relocated
+    x[1, 600:] += 4.0
+    ks = (4, 7, 10, 2)
+    many = kmeans_many(x, ks, backend="torch", seed=3, check_every=3)
+    for k, labels in zip(ks, many):
+        alone, _ = kmeans(x, k, backend="torch", seed=3, check_every=3)
+        assert torch.equal(labels, alone), k
+
+
+def test_kmeans_many_uses_the_callers_generator_in_order():
+    """With one generator for every k (as blocky_mask with a caller's generator), the seedings
+    draw from it one after the other, as consecutive ``kmeans`` calls do."""
+    from pccfast.core.kmeans import kmeans_many
+
+    x = torch.randn(2, 400, 5, generator=torch.Generator().manual_seed(1))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    many = kmeans_many(x, (3, 6), generators=[g1, g1], backend="torch")
+    one = [kmeans(x, k, generator=g2, backend="torch")[0] for k in (3, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(many, one))
+
+
+@pytest.mark.skipif(not __import__("pccfast.backends.native", fromlist=["x"]).available("kmeans"),
+                    reason="the C kernel could not be built (no compiler)")
+def test_kmeans_many_other_backends_run_each_k():
+    from pccfast.core.kmeans import kmeans_many
+
+    x = torch.randn(2, 500, 6, generator=torch.Generator().manual_seed(2))
+    many = kmeans_many(x, (4, 7), backend="native", seed=1)
+    assert all(torch.equal(a, kmeans(x, k, backend="native", seed=1)[0]) for a, k in zip(many, (4, 7)))
+
+
+def test_kmeans_many_exceptions():
+    from pccfast.core.kmeans import kmeans_many
+
+    x = torch.zeros(1, 5, 2)
+    with pytest.raises(ValueError, match="`ks` has to hold at least one cluster count but is empty"):
+        kmeans_many(x, ())
+    with pytest.raises(ValueError, match=r"every k in `ks` has to be an integer in \[1, N\] = \[1, 5\] but one is 6"):
+        kmeans_many(x, (2, 6))
+    with pytest.raises(ValueError, match="`generators` has to hold one generator per k \\(2\\) but holds 1"):
+        kmeans_many(x, (2, 3), generators=[torch.Generator()])
