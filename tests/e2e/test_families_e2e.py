@@ -64,6 +64,13 @@ def test_generate_end_to_end(run, tmp_path):
         assert '"negative_prompt": "blurry"' in text and all(r["negative_prompt"] == "blurry" for r in records)
     else:
         assert "the model's own" in text and all("scheduler" not in r for r in records)
+    if run == "tiny-sdxl-64x96":  # relabel from non-square SDXL captures gives generate's masks bit for bit
+        from pccfast.cli.relabel import main as relabel_main
+
+        assert relabel_main(["--captures", str(out / "captures"), "--out", str(tmp_path / "rl"), "--no-progress"]) == 0
+        for i in ids:
+            assert np.array_equal(np.asarray(Image.open(out / "SegmentationClass" / f"{i}.png")),
+                                  np.asarray(Image.open(tmp_path / "rl" / "SegmentationClass" / f"{i}.png")))
     if run == "tiny-64x96":  # inspect reads a non-square dataset
         assert inspect_main([str(out), "--out", str(tmp_path / "sheet.png")]) == 0
         with Image.open(tmp_path / "sheet.png") as sheet:
