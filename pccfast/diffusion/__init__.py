@@ -4,9 +4,14 @@ Modules (imports go downward: generation -> capture, adapters -> processors, lay
 all use ``pccfast.core`` only):
 
 * ``pipeline``: ``load_pipeline`` and ``ModelLoadError``;
-* ``tiny``: the seeded offline test pipeline;
+* ``tiny``: the seeded offline test pipeline; ``tiny_variants``: ``tiny-sdxl``, ``tiny-turbo``
+  and ``tiny-lcm`` (``TINY_MODELS``: every tiny UNet model by name);
 * ``adapters``: one ``ModelAdapter`` per model family (layers, class-text encoding, sizes,
-  guidance halves), chosen from the pipeline's class by ``adapter_for``;
+  guidance halves), chosen from the pipeline's class by ``adapter_for``: SD 1.x/2.x and
+  SD-Turbo (``StableDiffusionAdapter``), SDXL and SDXL-Turbo (``StableDiffusionXLAdapter``);
+* ``schedulers``: ``--scheduler`` names, built from the checkpoint's scheduler config, and the
+  UNet calls a run makes;
+* ``settings``: ``GenerationConfig``, the diffusion settings of a run;
 * ``layers``: the UNet layer names the UNet adapters capture;
 * ``processors``: the attention math and the diffusers-style processors;
 * ``tokens``: class texts, their tokens, and their encoding with the pipeline's text encoder;
