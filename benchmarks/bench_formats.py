@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="samples (default: %(default)s)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=64, help="samples per batch (fsync) for webdataset (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="samples per batch (one fsync) for webdataset (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar / rows per parquet file "
                    "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per layout, the median is shown (default: %(default)s)")
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for layout, r in results.items():
         print(f"| {layout} | {r['write_s']:.2f} | {base['write_s'] / r['write_s']:.1f}x | {r['files']} | "
-              f"{r['bytes'] / 1e6:.1f} | {r['read_bytes_per_s']:.0f} | {r['read_bytes_per_s'] / base['read_bytes_per_s']:.1f}x | "
+              f"{r['bytes'] / 1e6:.1f} | {r['read_bytes_per_s']:.0f} | "
+              f"{r['read_bytes_per_s'] / base['read_bytes_per_s']:.1f}x | "
               f"{r['read_decoded_per_s']:.0f} | {r['read_decoded_per_s'] / base['read_decoded_per_s']:.1f}x |")
     if args.json:
         with open(args.json, "w") as f:

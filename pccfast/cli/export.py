@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pccfast.export",
         description="Copy a pccfast dataset into another layout: VOC folders (JPEGImages/, SegmentationClass/), "
-        "WebDataset tar shards (shards/*.tar, shards.json) or Parquet files for Hugging Face datasets (data/*.parquet). "
+        "WebDataset tar shards (shards/*.tar, shards.json) or Parquet files for Hugging Face datasets "
+        "(data/*.parquet). "
         "The source layout is detected. Images, masks and records are copied byte for byte (JPEGs are not "
         "re-encoded). Streaming, a batch at a time; re-running the same command resumes an interrupted export.",
     )

@@ -142,7 +142,8 @@ def _layout_tars(dirs: list[str]) -> dict | None:
     found = {}
     for d in dirs:
         folder = os.path.join(d, TARS)
-        names = [n for n in sorted(os.listdir(folder)) if parse_numbered_name(n, TAR_EXT)] if os.path.isdir(folder) else []
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        names = [n for n in names if parse_numbered_name(n, TAR_EXT)]
         found[d] = {n: {k for k, _ in group_samples(read_members(os.path.join(folder, n)))} for n in names}
     return found
 

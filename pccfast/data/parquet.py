@@ -118,7 +118,8 @@ class ParquetWriter:
         pa, pq = import_pyarrow()
         rows = [_row(check_id(sid), files, record) for sid, files, record in samples]
         name = self._next_name()
-        write_table(os.path.join(self.folder, name), pa.Table.from_pylist(rows, schema=schema(self.label_set, self.run)))
+        table = pa.Table.from_pylist(rows, schema=schema(self.label_set, self.run))
+        write_table(os.path.join(self.folder, name), table)
         return [dict({k: v for k, v in record.items() if k not in LOCATION_KEYS}, shard=name)
                 for _, _, record in samples]
 

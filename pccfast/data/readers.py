@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pccfast.data.fileio import load_image, load_mask, read_jsonl
+from pccfast.data.fileio import load_image, load_mask
 from pccfast.data.layout import (LABELSET, LOCATION_KEYS, MANIFEST, MASKS, MEMBERS, PARQUET_EXT, PARQUETS, RUN_FILE,
                                  SPLIT, TAR_EXT, TARS, detect_layout, parse_numbered_name, sample_paths)
 from pccfast.data.manifest import all_records, dedup_records, record_order

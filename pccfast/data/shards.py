@@ -40,16 +40,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from pccfast.core.labelset import LabelSet
-from pccfast.data.fileio import (FILE_MODE, append_line, atomic_link_or_copy, atomic_write, atomic_write_bytes, check_id,
-                                 encode_image, encode_mask_png)
+from pccfast.data.fileio import (FILE_MODE, append_line, atomic_link_or_copy, atomic_write, atomic_write_bytes,
+                                 check_id, encode_image, encode_mask_png)
 from pccfast.data.layout import (FORMATS, LOCATION_KEYS, MEMBERS, TAR_EXT, TAR_INDEX, TARS, detect_layout, file_prefix,
                                  numbered_name, output_dirs, parse_numbered_name)
 from pccfast.data.manifest import Manifest, all_records, check_output_folder, dedup_records, make_output_folder, \
     record_order
 from pccfast.data.provenance import check_run_file, write_run_file
 
-__all__ = ["ShardWriter", "ShardStore", "check_format", "TarMember", "read_members", "group_samples", "repair_tar", "copy_tar", "check_tar_id",
-           "write_index", "read_index", "tar_member_bytes", "DEFAULT_SHARD_SIZE"]
+__all__ = ["ShardWriter", "ShardStore", "check_format", "TarMember", "read_members", "group_samples", "repair_tar",
+           "copy_tar", "check_tar_id", "write_index", "read_index", "tar_member_bytes", "DEFAULT_SHARD_SIZE",
+           "END_OF_ARCHIVE"]
 
 DEFAULT_SHARD_SIZE = 1000  # samples per tar (img2dataset and DataComp use 1k-30k)
 BLOCK = 512
