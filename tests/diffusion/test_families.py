@@ -36,14 +36,26 @@ CASES = {
     "turbo": ("tiny-turbo", dict(height=64, width=64, guidance=0.0, steps=1), StableDiffusionAdapter, 1),
     "lcm-distilled": ("tiny-lcm", dict(height=64, width=64, guidance=7.5, steps=2), StableDiffusionAdapter, 1),
     "sd-64x96": ("tiny", dict(height=64, width=96, guidance=7.5, steps=2), StableDiffusionAdapter, 2),
+    "sd1-like": ("sd1-like", dict(height=64, width=64, guidance=7.5, steps=2), StableDiffusionAdapter, 2),
 }
 
 _PIPES: dict = {}
 
 
+def _sd1_like():
+    """SD 1.x's UNet shape in miniature: the same heads (8) at every level (SD 1's
+    ``attention_head_dim=8``) and convolutional projections around the transformers."""
+    from pccfast.diffusion.tiny import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, build_tiny_tokenizer, \
+        random_sd_pipeline
+
+    tok = build_tiny_tokenizer()
+    unet = dict(TINY_UNET_CONFIG, attention_head_dim=8, use_linear_projection=False)
+    return random_sd_pipeline(unet, TINY_VAE_CONFIG, dict(TINY_TEXT_CONFIG, vocab_size=len(tok)), tok, seed=1)
+
+
 def _pipe(model):
     if model not in _PIPES:
-        _PIPES[model] = load_pipeline(model)
+        _PIPES[model] = _sd1_like() if model == "sd1-like" else load_pipeline(model)
         _PIPES[model].set_progress_bar_config(disable=True)
     return _PIPES[model]
 
@@ -225,6 +237,8 @@ def test_features_equal_float64_svd(case):
         assert float(err[clear].max()) < 1e-4, name
         checked += int(clear.sum())
     assert offset == feats.shape[1]
+    if case["id"] == "sd1-like":  # 3 levels x 3 up-block layers x 8 heads, both halves: SD 1.x's D = 432
+        assert feats.shape[1] == 3 * 2 * 72 == 432
     assert checked > 0.8 * b * feats.shape[1] / 3
 
 
