@@ -1,6 +1,7 @@
-"""Which attention layers the capture hooks: the Stable Diffusion 1.x/2.x UNet specifics.
+"""Which attention layers the capture hooks in a diffusers UNet (SD 1.x/2.x, SDXL).
 
-Everything the capture knows about the SD-1/2 UNet lives here (reference section 1):
+What the UNet adapters (:mod:`pccfast.diffusion.adapters`) know about the UNet's layers lives
+here (reference section 1):
 
 * class maps come from every cross-attention (``attn2``) of the down and up blocks (not mid);
 * head-wise features come from every self-attention (``attn1``) of the up blocks, lowest
@@ -8,9 +9,10 @@ Everything the capture knows about the SD-1/2 UNet lives here (reference section
 * a UNet level with N tokens is the latent divided by 2^k (rounded up).
 
 The names are diffusers processor names (the keys of ``unet.attn_processors``, e.g.
-``up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor``). An adapter for another
-model family (SDXL, SD3, FLUX) replaces these three functions; nothing else in
-:mod:`pccfast.diffusion.capture` depends on the UNet's naming.
+``up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor``). SDXL's UNet has the same
+naming (several ``transformer_blocks`` per attention, a first level without attention), so its
+adapter uses these functions too; the diffusion-transformer adapters (SD3, FLUX) choose their
+own layers. Nothing in :mod:`pccfast.diffusion.capture` depends on the UNet's naming.
 """
 from __future__ import annotations
 
