@@ -63,12 +63,6 @@ class DiTAdapter(ModelAdapter):
     def grid_factor(self) -> int:
         return 2  # 2x2 latent patches per image token
 
-    def check_size(self, height: int, width: int) -> None:
-        super().check_size(height, width)
-        if height != width:
-            raise ValueError(f"`height` and `width` have to be equal for a {self.family} model (square image-token "
-                             f"grid) but are {height} and {width}")
-
     def level_hw(self, n_tokens: int, latent_hw) -> tuple:
         h, w = -(-int(latent_hw[0]) // 2), -(-int(latent_hw[1]) // 2)
         if h * w != n_tokens:

@@ -64,7 +64,7 @@ def generate_with_capture_dit(
         steps: denoising steps (flow-matching Euler: one transformer call each).
         guidance: SD3: classifier-free guidance scale (> 1: a guidance batch); FLUX.1-dev: the
             embedded guidance; FLUX.1-schnell: ignored.
-        height, width: equal multiples of 16.
+        height, width: multiples of 16 (not necessarily equal).
         cfg: PCA settings (reference defaults when None).
         feature_blocks: blocks whose image tokens give features and class maps
             (``joint_capture.parse_feature_blocks``; default: the later half of the joint or
@@ -85,10 +85,8 @@ def generate_with_capture_dit(
             f"`prompts`, `class_names` and `seeds` have to have the same length but have {b}, {len(class_names)} and {len(seeds)}"
         )
     factor = _grid_factor(pipe)
-    if height != width or height % factor or height < factor:
-        raise ValueError(
-            f"`height` and `width` have to be equal positive multiples of {factor} (square features) but are {height} and {width}"
-        )
+    if height % factor or width % factor or height < factor or width < factor:
+        raise ValueError(f"`height` and `width` have to be positive multiples of {factor} but are {height} and {width}")
     if steps < 1:
         raise ValueError(f"`steps` has to be at least 1 but is {steps}")
     ls = as_label_set(label_set)

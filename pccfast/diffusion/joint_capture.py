@@ -412,7 +412,7 @@ class JointAttentionCapture:
         (B, halves*heads*c, h, w): one batched PCA over the block's images and heads (per item
         a generator seeded with ``cfg.pca_seed``, so an image's features do not depend on its batch)."""
         x = self._halves_side_by_side(per_head)  # (B, halves*heads, N, d)
-        self.head_features[name] = grouped_headwise_features([x], self.grid_hw, self.cfg)[0]
+        self.head_features[name] = grouped_headwise_features([x], self.grid_hw, self.cfg, sizes=[self.grid_hw])[0]
 
     # --- after the loop
     def features(self) -> Tensor:

@@ -277,7 +277,7 @@ def test_features_shape_and_default_blocks():
 
 def test_exceptions():
     pipe = build_tiny_dit_pipeline("tiny-flux-schnell")
-    with pytest.raises(ValueError, match="multiples of 16 .* but are 120 and 120"):
+    with pytest.raises(ValueError, match="`height` and `width` have to be positive multiples of 16 but are 120 and 120"):
         generate_with_capture_dit(pipe, PROMPTS[:1], CLASSES[:1], "voc", SEEDS[:1], steps=1, height=120, width=120)
     with pytest.raises(ValueError, match="same length"):
         generate_with_capture_dit(pipe, PROMPTS[:2], CLASSES[:1], "voc", SEEDS[:1], steps=1, height=SIZE, width=SIZE)

@@ -115,3 +115,18 @@ def test_bad_feature_blocks_is_one_line_before_loading(tmp_path, capsys, spec):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "`feature_blocks` has to" in err[0] and repr(spec) in err[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_non_square_end_to_end(tmp_path, model):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat on a sofa | cat, sofa\n")
+    out = tmp_path / "o"
+    args = _args(model, out, prompts)
+    args[args.index("--width") + 1] = "192"
+    assert generate_main(args) == 0
+    ids = (out / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    mask = np.asarray(Image.open(out / "SegmentationClass" / f"{ids[0]}.png"))
+    assert mask.shape == (SIZE, 192)
+    cap = read_capture(str(out / "captures" / f"{ids[0]}.safetensors"), label_set=get_label_set("voc"))
+    assert cap.class_attention.shape == (21, SIZE // 16, 192 // 16) and cap.features.shape[-2:] == (8, 12)
