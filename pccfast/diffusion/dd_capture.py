@@ -26,9 +26,13 @@ How it hooks in: :class:`DDCapture` is a *listener* of the PCC
 :class:`~pccfast.diffusion.capture.AttentionCapture`, which hands it every call of the layers
 it captures (the up blocks' self-attention, the down and up blocks' cross-attention) and every
 step end; on the other self-attention layers (down and mid blocks) ``DDCapture`` installs its
-own processor, :class:`DDSelfAttentionProcessor`, whose output is computed exactly as the PCC
-processors compute theirs (``processors.attend_parts``, diffusers' ``AttnProcessor2_0``), so
-the images do not change. Use as ``with capture, dd_capture: pipe(...)``.
+own processor, :class:`DDSelfAttentionProcessor`. The probabilities are computed once: on a
+half-grid self-attention layer the conditional half's output is ``P @ V`` from the very
+probabilities P that are summed into the affinity (``processors.attend_parts`` with a
+``core``), the unconditional half's is diffusers' fused attention as before; on the up blocks
+:class:`DDFeatureProcessor` does so in place of PCC's processor for every step but the last
+(where PCC records its per-head outputs, and the listener path runs). The images are those of
+diffusers' processors up to float rounding (1e-5). Use as ``with capture, dd_capture: pipe(...)``.
 """
 from __future__ import annotations
 
@@ -36,11 +40,12 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pccfast.core.dd import DDConfig
 from pccfast.core.labelset import as_label_set
-from pccfast.diffusion.processors import attend_parts, class_token_probs
+from pccfast.diffusion.processors import HeadFeatureProcessor, attend_parts, class_token_probs
 from pccfast.diffusion.tokens import DROP, class_tokens
 
 __all__ = [
@@ -51,6 +56,7 @@ __all__ = [
     "encode_dd_class_prompt",
     "DDCapture",
     "DDSelfAttentionProcessor",
+    "DDFeatureProcessor",
     "dd_capture_for",
 ]
 
@@ -165,8 +171,8 @@ class DDCapture:
         self.n4 = self.quarter_hw[0] * self.quarter_hw[1]
         self.first, self.stop = self.cfg.step_window(num_steps)
         self.active = self.first == 0  # the next denoiser call counts (set between calls only)
-        listened = set(listened_layers)
-        self.own_layers = [n for n in unet.attn_processors if ".attn1." in n and n not in listened]
+        self.listened_layers = [n for n in unet.attn_processors if n in set(listened_layers)]
+        self.own_layers = [n for n in unet.attn_processors if ".attn1." in n and n not in set(listened_layers)]
         self.affinity_sum: Optional[Tensor] = None  # (B, N2, N2) float32
         self.affinity_count: Optional[Tensor] = None  # (1,) float32: layer calls added
         self.class_sum: Optional[Tensor] = None  # (B, T, N4) float32
@@ -174,22 +180,44 @@ class DDCapture:
         self._saved = None
 
     # --- installation
+    def _wrap(self, procs: dict) -> dict:
+        """PCC's non-recording feature processors (this capture their only listener) wrapped in
+        ``DDFeatureProcessor``; recording ones (the last step) and foreign ones left as they are."""
+        changes = {}
+        for n in self.listened_layers:
+            p = procs[n]
+            if (isinstance(p, HeadFeatureProcessor) and not p.record and tuple(p.capture.listeners) == (self,)):
+                changes[n] = DDFeatureProcessor(self, n, p)
+        return changes
+
     def __enter__(self) -> "DDCapture":
         procs = dict(self.unet.attn_processors)
         self._saved = {n: procs[n] for n in self.own_layers}
-        if self.own_layers:
-            self.unet.set_attn_processor({**procs, **{n: DDSelfAttentionProcessor(self, n) for n in self.own_layers}})
+        changes = {n: DDSelfAttentionProcessor(self, n) for n in self.own_layers}
+        changes.update(self._wrap(procs))
+        if changes:
+            self.unet.set_attn_processor({**procs, **changes})
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._saved:
-            self.unet.set_attn_processor({**dict(self.unet.attn_processors), **self._saved})
+        procs = dict(self.unet.attn_processors)
+        back = {n: p.inner for n, p in procs.items() if isinstance(p, DDFeatureProcessor) and p.capture is self}
+        back.update(self._saved or {})
+        if back:
+            self.unet.set_attn_processor({**procs, **back})
         self._saved = None
 
     # --- the listener interface of AttentionCapture
     def on_step_end(self, capture, step: int) -> None:
-        """``step`` denoiser calls are done: the next one counts if it is in the window."""
+        """``step`` denoiser calls are done: the next one counts if it is in the window. PCC's
+        capture may have installed new feature processors (its recording ones, for the last
+        step): the non-recording ones are wrapped again."""
         self.active = self.first <= step < self.stop
+        if self._saved is not None:
+            procs = dict(self.unet.attn_processors)
+            changes = self._wrap(procs)
+            if changes:
+                self.unet.set_attn_processor({**procs, **changes})
 
     def on_attention(self, capture, name: str, kind: str, attn, query: Tensor, key: Tensor, per_head: Tensor) -> None:
         if not self.active:
@@ -200,20 +228,50 @@ class DDCapture:
             self.add_class_scores(attn, query)
 
     # --- accumulation
+    def _buffer(self, b: int, device) -> Tensor:
+        if self.affinity_sum is None:
+            self.affinity_sum = torch.zeros(b, self.n2, self.n2, device=device, dtype=torch.float32)
+            self.affinity_count = torch.zeros(1, device=device, dtype=torch.float32)
+        return self.affinity_sum
+
+    def core(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None) -> Tensor:
+        """The attention of a half-grid self-attention layer (``attend_parts``' ``core``):
+        query, key, value (halves*B, heads, N2, d) -> per_head (halves*B, heads, N2, d). The
+        unconditional half by diffusers' fused attention; the conditional half as ``P @ V``
+        from its probabilities P, formed a few heads at a time and added into the affinity."""
+        if attention_mask is not None or self.halves != 2:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            self.add_affinity(None, query, key)
+            return out
+        b = self.batch
+        _conditional(query, b, self.halves)  # batch check
+        heads, d = query.shape[1], query.shape[-1]
+        uncond = F.scaled_dot_product_attention(query[:b], key[:b], value[:b])  # (B, heads, N2, d)
+        qc, kc, vc = query[b:], key[b:], value[b:]  # (B, heads, N2, d) each
+        acc = self._buffer(b, query.device)
+        cond = torch.empty_like(uncond)  # (B, heads, N2, d)
+        scale = d ** -0.5  # scaled_dot_product_attention's default, as diffusers calls it
+        chunk = max(1, min(heads, self.chunk_elements // (b * self.n2 * self.n2)))
+        for h0 in range(0, heads, chunk):  # (B, chunk, N2, N2) probabilities at most
+            p = ((qc[:, h0:h0 + chunk].float() @ kc[:, h0:h0 + chunk].float().transpose(-1, -2)) * scale).softmax(-1)
+            acc.add_(p.sum(dim=1), alpha=1.0 / heads)
+            cond[:, h0:h0 + chunk] = (p @ vc[:, h0:h0 + chunk].float()).to(cond.dtype)
+        self.affinity_count += 1
+        return torch.cat([uncond, cond])  # (2B, heads, N2, d)
+
     def add_affinity(self, attn, query: Tensor, key: Tensor) -> None:
         """query, key: (halves*B, heads, N, d) of a self-attention layer; added if N = N2."""
         if query.shape[2] != self.n2 or key.shape[2] != self.n2:
             return
         q = _conditional(query, self.batch, self.halves)  # (B, heads, N2, d)
         k = _conditional(key, self.batch, self.halves)  # (B, heads, N2, d)
-        b, heads = q.shape[:2]
-        if self.affinity_sum is None:
-            self.affinity_sum = torch.zeros(b, self.n2, self.n2, device=q.device, dtype=torch.float32)
-            self.affinity_count = torch.zeros(1, device=q.device, dtype=torch.float32)
+        b, heads, _, d = q.shape
+        acc = self._buffer(b, q.device)
+        scale = d ** -0.5 if attn is None else attn.scale
         chunk = max(1, min(heads, self.chunk_elements // (b * self.n2 * self.n2)))
         for h0 in range(0, heads, chunk):  # a few heads at a time: (B, chunk, N2, N2) at most
             s = q[:, h0:h0 + chunk].float() @ k[:, h0:h0 + chunk].float().transpose(-1, -2)  # (B, c, N2, N2)
-            self.affinity_sum.add_((s * attn.scale).softmax(dim=-1).sum(dim=1), alpha=1.0 / heads)
+            acc.add_((s * scale).softmax(dim=-1).sum(dim=1), alpha=1.0 / heads)
         self.affinity_count += 1
 
     def add_class_scores(self, attn, query: Tensor) -> None:
@@ -262,19 +320,42 @@ class DDCapture:
         return mean[:, :k].reshape(b, k, *self.quarter_hw)
 
 
+def _half_grid(capture: DDCapture, hidden_states: Tensor) -> bool:
+    """Whether a self-attention call (its input (N_b, L, C) or (N_b, C, h, w)) is at the half grid."""
+    n = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
+    return n == capture.n2
+
+
 class DDSelfAttentionProcessor:
-    """Processor of a self-attention layer that the PCC capture does not hook: the output of
-    diffusers' ``AttnProcessor2_0`` (``processors.attend_parts``), and the queries and keys to
-    ``capture.add_affinity`` while the steps window is open."""
+    """Processor of a self-attention layer that the PCC capture does not hook: diffusers'
+    ``AttnProcessor2_0`` output (``processors.attend_parts``); at the half grid, while the steps
+    window is open, with ``capture.core`` (the conditional half's probabilities computed once,
+    for the affinity and the output)."""
 
     def __init__(self, capture: DDCapture, name: str):
         self.capture, self.name = capture, name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        out, query, key, _ = attend_parts(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if self.capture.active:
-            self.capture.add_affinity(attn, query, key)
+        core = self.capture.core if self.capture.active and _half_grid(self.capture, hidden_states) else None
+        out, _, _, _ = attend_parts(attn, hidden_states, encoder_hidden_states, attention_mask, temb, core=core)
         return out
+
+
+class DDFeatureProcessor:
+    """In place of PCC's non-recording ``HeadFeatureProcessor`` ``inner`` (whose only listener
+    is ``capture``): at the half grid, while the steps window is open, the output with
+    ``capture.core``; otherwise ``inner`` itself. Such a call owes PCC nothing (it records at
+    the last step only, where ``inner`` is not wrapped)."""
+
+    def __init__(self, capture: DDCapture, name: str, inner: HeadFeatureProcessor):
+        self.capture, self.name, self.inner = capture, name, inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if self.capture.active and _half_grid(self.capture, hidden_states):
+            out, _, _, _ = attend_parts(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                        core=self.capture.core)
+            return out
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
 def dd_capture_for(adapter, class_names: list, label_set, num_steps: int, grid_hw, cfg: Optional[DDConfig],

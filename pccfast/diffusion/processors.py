@@ -44,9 +44,11 @@ def attend(attn, hidden_states: Tensor, encoder_hidden_states=None, attention_ma
     return out, query, per_head
 
 
-def attend_parts(attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None):
+def attend_parts(attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, core=None):
     """``attend`` that also returns the keys: (out, query, key, per_head), key (N_b, heads, L_k, d)
-    after ``to_k`` (and ``norm_k``)."""
+    after ``to_k`` (and ``norm_k``). ``core``, if given, replaces the attention itself:
+    ``core(query, key, value, attention_mask) -> per_head`` (Dataset Diffusion's capture computes
+    the conditional half's probabilities there once, for its affinity and for the output)."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -76,9 +78,12 @@ def attend_parts(attn, hidden_states: Tensor, encoder_hidden_states=None, attent
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    per_head = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-    )  # (N_b, heads, L, d)
+    if core is not None:
+        per_head = core(query, key, value, attention_mask)  # (N_b, heads, L, d)
+    else:
+        per_head = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )  # (N_b, heads, L, d)
     out = per_head.transpose(1, 2).reshape(n_b, -1, attn.heads * head_dim).to(query.dtype)  # (N_b, L, inner)
     out = attn.to_out[0](out)  # linear projection
     out = attn.to_out[1](out)  # dropout

@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from pccfast.core.dd import DDConfig, dd_masks
 from pccfast.data.labelsets import get_label_set
 from pccfast.diffusion.dd_capture import (
-    DDCapture, DDSelfAttentionProcessor, append_classes, dd_class_names, encode_dd_class_prompt,
+    DDCapture, DDFeatureProcessor, DDSelfAttentionProcessor, append_classes, dd_class_names, encode_dd_class_prompt,
 )
 from pccfast.diffusion.generation import generate_with_capture
 from pccfast.diffusion.tokens import DROP
@@ -106,7 +106,8 @@ def _expected(pipe, rec, cfg, num_calls):
 def test_capture_equals_float64_recomputation(tiny_pipe, recorded, cfg):
     rec, plain = recorded
     out = generate_with_capture(tiny_pipe, PROMPTS, CLASSES, VOC, SEEDS, steps=STEPS, height=SIZE, width=SIZE, dd=cfg)
-    assert torch.equal(out.images, (plain * 255).round().clamp(0, 255).to(torch.uint8))
+    want = (plain * 255).round().clamp(0, 255)
+    torch.testing.assert_close(out.images.float(), want, rtol=0, atol=1)  # float rounding may move a level
     aff, maps, n_aff, n_cls = _expected(tiny_pipe, rec, cfg, STEPS + 1)
     calls = 3 if cfg.step_start == 0 else 1  # calls 0..2, or call 2 alone (ceil(0.5 * 3) = 2)
     assert n_aff == 5 * calls and n_cls == 5 * calls  # 8x8: down_blocks.1 (2) and up_blocks.2 (3); 4x4: down_blocks.2 (2), up_blocks.1 (3)
@@ -122,8 +123,33 @@ def test_capture_equals_float64_recomputation(tiny_pipe, recorded, cfg):
     assert torch.equal(present, want)  # the classes of the prompt, and no background map
 
 
+def _captured_run(pipe, prompts, classes, seeds, chunk=1 << 24, watch=None, steps=STEPS):
+    """One run with the PCC capture and the DD capture installed; float images, the DD capture."""
+    from pccfast.diffusion.adapters import adapter_for
+    from pccfast.diffusion.capture import AttentionCapture
+    from pccfast.diffusion.tokens import encode_class_texts
+
+    adapter = adapter_for(pipe)
+    prompt = encode_dd_class_prompt(pipe, classes, VOC)
+    dd = DDCapture(pipe.unet, prompt, VOC.num_classes, steps + 1, (16, 16), DDConfig(),
+                   listened_layers=adapter.feature_layers(), chunk_elements=chunk)
+    embeds, mask, _ = encode_class_texts(pipe, classes, VOC)
+    cap = AttentionCapture(pipe.unet, embeds, mask, steps + 1, (16, 16), adapter=adapter,
+                           listeners=(dd,) if watch is None else (dd, watch))
+    with cap, dd:
+        installed = pipe.unet.attn_processors
+        assert all(isinstance(installed[n], DDSelfAttentionProcessor) for n in dd.own_layers)
+        assert len(dd.own_layers) == 7  # down-block and mid attn1 (every size; only 8x8 counts)
+        assert all(isinstance(installed[n], DDFeatureProcessor) for n in dd.listened_layers)  # up-block attn1
+        images = pipe(list(prompts), height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=7.5,
+                      generator=_generators(seeds), output_type="pt", callback_on_step_end=cap.on_step_end).images
+    return images, dd, cap
+
+
 def test_images_unchanged_against_diffusers_processors(tiny_pipe):
-    """The extra processors and listeners leave every output as diffusers' AttnProcessor2_0 gives it."""
+    """The DD processors compute the conditional half's output from the probabilities they add
+    into the affinity (P @ V): the images are diffusers' AttnProcessor2_0 images to 1e-5, and
+    every processor is restored afterwards (PCC's recording ones were installed for the last step)."""
     saved = dict(tiny_pipe.unet.attn_processors)
     tiny_pipe.unet.set_attn_processor(AttnProcessor2_0())
     try:
@@ -131,34 +157,20 @@ def test_images_unchanged_against_diffusers_processors(tiny_pipe):
     finally:
         tiny_pipe.unet.set_attn_processor(saved)
     before = dict(tiny_pipe.unet.attn_processors)
-    out = generate_with_capture(tiny_pipe, PROMPTS[:2], CLASSES[:2], VOC, SEEDS[:2], steps=STEPS, height=SIZE,
-                                width=SIZE, dd=DDConfig())
-    torch.testing.assert_close(out.images.float(), (plain * 255).round().clamp(0, 255), rtol=0, atol=1e-5)
+    images, dd, cap = _captured_run(tiny_pipe, PROMPTS[:2], CLASSES[:2], SEEDS[:2])
+    torch.testing.assert_close(images, plain, rtol=0, atol=1e-5)
+    assert cap.step == STEPS + 1 and len(cap.head_features) == 9  # PCC's last step recorded as before
     after = tiny_pipe.unet.attn_processors
     assert all(after[k] is before[k] for k in before)  # every processor restored
+    assert float(dd.affinity_count) == 5 * (STEPS + 1)
 
 
 def test_chunking_over_heads_changes_nothing(tiny_pipe):
-    """One head at a time (chunk_elements 1) gives the affinity of all heads at once."""
-    prompt = encode_dd_class_prompt(tiny_pipe, CLASSES, VOC)
-    results = []
-    for chunk in (1, 1 << 30):
-        from pccfast.diffusion.adapters import adapter_for
-        from pccfast.diffusion.capture import AttentionCapture
-        from pccfast.diffusion.tokens import encode_class_texts
-
-        adapter = adapter_for(tiny_pipe)
-        dd = DDCapture(tiny_pipe.unet, prompt, VOC.num_classes, STEPS + 1, (16, 16), DDConfig(),
-                       listened_layers=adapter.feature_layers(), chunk_elements=chunk)
-        embeds, mask, _ = encode_class_texts(tiny_pipe, CLASSES, VOC)
-        cap = AttentionCapture(tiny_pipe.unet, embeds, mask, STEPS + 1, (16, 16), adapter=adapter, listeners=(dd,))
-        with cap, dd:
-            installed = tiny_pipe.unet.attn_processors
-            assert all(isinstance(installed[n], DDSelfAttentionProcessor) for n in dd.own_layers)
-            assert len(dd.own_layers) == 7  # down-block and mid attn1 (every size; only 8x8 counts)
-            _run(tiny_pipe, PROMPTS, SEEDS, callback_on_step_end=cap.on_step_end)
-        results.append(dd.affinity())
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
+    """One head at a time (chunk_elements 1) gives the affinity and images of all heads at once."""
+    one = _captured_run(tiny_pipe, PROMPTS, CLASSES, SEEDS, chunk=1)
+    every = _captured_run(tiny_pipe, PROMPTS, CLASSES, SEEDS, chunk=1 << 30)
+    torch.testing.assert_close(one[1].affinity(), every[1].affinity(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(one[0], every[0], rtol=0, atol=1e-6)
 
 
 def test_buffers_do_not_grow_with_steps(tiny_pipe):
