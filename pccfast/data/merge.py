@@ -95,8 +95,9 @@ def merge_datasets(dirs: list[str], out: str | None = None, *, on_conflict: str 
     # every check has passed: write
     check_writable(target)  # a read-only or full --out fails here, before a first file
     elsewhere = {d for d in dirs if not _same_path(d, target)}
+    placed: set[str] = set()
     if tars is not None:
-        final = _place_tars(final, elsewhere, target)
+        final, placed = _place_tars(final, elsewhere, target)
     for r, src_dir in final if tars is None else ():
         if src_dir in elsewhere:
             src, dst = sample_paths(src_dir, r["id"]), sample_paths(target, r["id"])
@@ -115,7 +116,7 @@ def merge_datasets(dirs: list[str], out: str | None = None, *, on_conflict: str 
     else:
         from pccfast.data.shards import write_index
 
-        write_index(target, [r for r, _ in final])
+        write_index(target, [r for r, _ in final], verified=placed)
     return report
 
 
@@ -148,10 +149,11 @@ def _layout_tars(dirs: list[str]) -> dict | None:
     return found
 
 
-def _place_tars(final: list, elsewhere: set, target: str) -> list:
+def _place_tars(final: list, elsewhere: set, target: str) -> tuple[list, set]:
     """Link or copy the tars of inputs other than ``target`` into it (without the samples the
     merge left out; renamed where two inputs used one name), remove ``target``'s tars that no
-    record names, and return the records with their tar names in ``target``."""
+    record names, and return the records with their tar names in ``target`` and the names of
+    the tars placed (each holds exactly its records' samples)."""
     from pccfast.data.shards import copy_tar
 
     groups: dict[tuple[str, str], set] = {}
@@ -175,7 +177,8 @@ def _place_tars(final: list, elsewhere: set, target: str) -> list:
         for n in os.listdir(folder):
             if parse_numbered_name(n, TAR_EXT) and n not in taken:
                 os.unlink(os.path.join(folder, n))  # an earlier merge's: its samples are in the tars above
-    return [(dict(r, shard=names[(d, str(r["shard"]))]) if d in elsewhere else r, d) for r, d in final]
+    records = [(dict(r, shard=names[(d, str(r["shard"]))]) if d in elsewhere else r, d) for r, d in final]
+    return records, set(names.values())
 
 
 def _check_dirs(dirs: list[str], out: str | None, on_conflict: str) -> str:

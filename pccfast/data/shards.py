@@ -235,16 +235,18 @@ def repair_tar(path: str, keep: set[str]) -> list[str]:
     if not kept:
         os.unlink(path)
         return []
-    if chosen == list(range(len(chosen))):  # the kept samples come first: cut the rest off
-        end = kept[-1][1][-1].end
+    end = kept[-1][1][-1].end
+    if len(chosen) == len(groups) and os.path.getsize(path) == end + len(END_OF_ARCHIVE):
+        return [k for k, _ in kept]  # already exactly right: not opened for writing
+    # the kept samples come first: cut the rest off (in place, unless another name links the
+    # file: merge's hard links must not change under it)
+    if chosen == list(range(len(chosen))) and os.stat(path).st_nlink == 1:
         with open(path, "r+b") as f:
             f.seek(end)
-            if f.read(len(END_OF_ARCHIVE) + 1) != END_OF_ARCHIVE:  # not already exactly right
-                f.seek(end)
-                f.write(END_OF_ARCHIVE)
-                f.truncate()
-                f.flush()
-                os.fsync(f.fileno())
+            f.write(END_OF_ARCHIVE)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
     else:
         _write_samples(path, kept, path)
     return [k for k, _ in kept]
@@ -404,18 +406,27 @@ class ShardStore(Manifest):
         by_file: dict[str, set[str]] = {}
         for sid, r in self.committed().items():
             by_file.setdefault(str(r.get("shard")), set()).add(sid)
+        trusted = self.verified_files()
         kept = {}
         for name in self.own_files():
-            ids = self.repair_file(os.path.join(self.folder, name), by_file.get(name, set()))
+            path, keep = os.path.join(self.folder, name), by_file.get(name, set())
+            if keep and trusted.get(name) == (len(keep), os.path.getsize(path)):
+                kept[name] = keep  # checked when the index was written; tars are never appended to later
+                continue
+            ids = self.repair_file(path, keep)
             if ids:
                 kept[name] = set(ids)
         return kept
+
+    def verified_files(self) -> dict[str, tuple[int, int]]:
+        """name -> (samples, bytes) of the tars the index marks as checked (see :func:`write_index`)."""
+        return verified_entries(self.out)
 
     def repair_file(self, path: str, keep: set[str]) -> list[str]:
         return repair_tar(path, keep)
 
     def write_index(self, records: list[dict]) -> None:
-        write_index(self.out, records)
+        write_index(self.out, records, verified=set(self.kept))
 
     def write_plan(self, ids: list[str]) -> None:
         for sid in ids:
@@ -458,18 +469,38 @@ class ShardStore(Manifest):
         return [r["id"] for r in records]
 
 
-def write_index(out: str, records: list[dict]) -> dict:
+def write_index(out: str, records: list[dict], verified: set[str] = frozenset()) -> dict:
     """Write ``OUT/shards.json``: every tar of ``OUT/shards`` with its count of committed
-    ``records`` and its byte size, in name order, and the total. Returns the index."""
+    ``records`` and its byte size, in name order, and the total. Returns the index.
+
+    ``verified`` names tars just checked member by member (repaired, or copied exactly); they,
+    and tars the previous index marked so whose count and size are unchanged, get
+    ``"verified": true``, and the next run's repair trusts them without reading them again
+    (no writer appends to a tar after its run, so an unchanged size means unchanged content)."""
     counts: dict[str, int] = {}
     for r in records:
         counts[str(r.get("shard"))] = counts.get(str(r.get("shard")), 0) + 1
     d = os.path.join(out, TARS)
     names = sorted(n for n in os.listdir(d) if parse_numbered_name(n, TAR_EXT) is not None) if os.path.isdir(d) else []
-    shards = [dict(name=n, samples=counts.get(n, 0), bytes=os.path.getsize(os.path.join(d, n))) for n in names]
+    before = verified_entries(out)
+    shards = []
+    for n in names:
+        entry = dict(name=n, samples=counts.get(n, 0), bytes=os.path.getsize(os.path.join(d, n)))
+        entry["verified"] = n in verified or before.get(n) == (entry["samples"], entry["bytes"])
+        shards.append(entry)
     index = dict(format="webdataset", samples=sum(s["samples"] for s in shards), shards=shards)
     atomic_write_bytes(os.path.join(out, TAR_INDEX), (json.dumps(index, indent=1) + "\n").encode())
     return index
+
+
+def verified_entries(out: str) -> dict[str, tuple[int, int]]:
+    """name -> (samples, bytes) of the tars that ``OUT/shards.json`` marks verified ({} if none)."""
+    try:
+        index = read_index(out) or {}
+    except (OSError, ValueError):
+        return {}
+    return {s["name"]: (s.get("samples"), s.get("bytes")) for s in index.get("shards", [])
+            if isinstance(s, dict) and s.get("verified") is True and "name" in s}
 
 
 def read_index(out: str) -> dict | None:

@@ -244,3 +244,41 @@ def test_direct_header_reader_agrees_with_tarfile(tmp_path):
     path = str(tmp_path / "shards" / "train-000000.tar")
     assert read_members(path) == _read_members_tarfile(path, os.path.getsize(path))
     assert len(read_members(path)) == 18
+
+
+def test_tars_verified_by_the_index_are_not_read_again(tmp_path, monkeypatch):
+    """A finished run's index marks its tars verified; the next run trusts them while their
+    count and size are unchanged, and reads (and repairs) one that changed."""
+    from pccfast.data import shards
+
+    store = ShardStore(str(tmp_path), VOC)
+    writer = ShardWriter(str(tmp_path), VOC, shard_size=2)
+    _write_batch(store, writer, ["0", "1", "2"])
+    store.finalize()
+    index = json.loads((tmp_path / TAR_INDEX).read_text())
+    assert [s["verified"] for s in index["shards"]] == [True, True]
+    read = []
+    real = shards.read_members
+    monkeypatch.setattr(shards, "read_members", lambda path: read.append(os.path.basename(path)) or real(path))
+    assert ShardStore(str(tmp_path), VOC).done_ids() == {"0", "1", "2"}
+    assert read == []
+    with open(tmp_path / "shards" / "train-000001.tar", "ab") as f:  # a changed tar (should not happen)
+        f.write(tar_member_bytes("9.jpg", b"x"))
+    again = ShardStore(str(tmp_path), VOC)
+    assert read == ["train-000001.tar"] and again.done_ids() == {"0", "1", "2"}
+    with tarfile.open(tmp_path / "shards" / "train-000001.tar") as t:
+        assert t.getnames() == ["2.jpg", "2.png", "2.json"]
+    again.finalize()
+    assert all(s["verified"] for s in json.loads((tmp_path / TAR_INDEX).read_text())["shards"])
+
+
+def test_repair_never_changes_a_hard_linked_tar_in_place(tmp_path):
+    """merge links tars into its --out: cutting the source's tar must leave the link's content."""
+    path, link = tmp_path / "a-000000.tar", tmp_path / "b-000000.tar"
+    path.write_bytes(tar_member_bytes("a.json", b"{}") + tar_member_bytes("b.json", b"{}") + END_OF_ARCHIVE)
+    os.link(path, link)
+    assert repair_tar(str(path), {"a"}) == ["a"]
+    with tarfile.open(link) as t:
+        assert t.getnames() == ["a.json", "b.json"]
+    with tarfile.open(path) as t:
+        assert t.getnames() == ["a.json"]
