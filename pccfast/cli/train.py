@@ -33,6 +33,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        lo = hi = -1.0
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"has to be MIN,MAX with 0 < MIN <= MAX (e.g. 0.5,2.0) but is {text!r}")
+    return lo, hi
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pccfast.train",
@@ -80,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bn-momentum", type=_fraction, default=None, metavar="M",
                    help="momentum of every batch-norm layer's running statistics; 0.1 helps short runs of the "
                    "MobileNetV3 model, whose own 0.01 needs thousands of steps (default: the model's)")
+    r.add_argument("--scale-range", type=_range, default=None, metavar="MIN,MAX",
+                   help="random resize: each training image's short side becomes crop x U(MIN, MAX) before the "
+                   "crop (default: the preset's, 0.5,2.0 as mmsegmentation's ratio_range)")
     r.add_argument("--seed", type=int, default=None, metavar="N",
                    help="seed of the data order, augmentation, initialisation and dropout (default: 0)")
     r.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
@@ -116,6 +129,8 @@ def _recipe(args: argparse.Namespace):
     cfg = preset(args.preset, arch=args.arch, iters=args.iters, batch=args.batch, crop=args.crop, lr=args.lr,
                  max_pairs=args.max_pairs, ema_decay=args.ema_decay, bn_momentum=args.bn_momentum, seed=args.seed, eval_every=args.eval_every,
                  checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+    if args.scale_range is not None:
+        cfg = cfg.replace(scale_min=args.scale_range[0], scale_max=args.scale_range[1])
     if args.no_amp:
         cfg = cfg.replace(amp=False)
     if args.lr is not None and cfg.min_lr > cfg.lr:

@@ -248,8 +248,8 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
     torch.manual_seed(cfg.seed)
     model, info = build_model(cfg.arch, len(classes), "none" if ckpt else backbone_weights,
                               implementation=implementation)
-    say(f"model: {info.arch}, {info.implementation} implementation"
-        f"{'' if info.implementation == 'torchvision' else ' (torchvision does not import here)'}; "
+    why = " (torchvision does not import here)" if info.implementation != "torchvision" and implementation == "auto" else ""
+    say(f"model: {info.arch}, {info.implementation} implementation{why}; "
         f"weights: {'from ' + paths['last'] if ckpt else info.weights}")
     if cfg.bn_momentum is not None:
         for m in model.modules():
@@ -342,8 +342,8 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
     data = TrainSamples(pairs, len(classes), crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max), flip=cfg.flip,
                         seed=cfg.seed, ignore_index=ignore)
     batches = iter(_loader(data, list(_positions(start, cfg.iters, cfg.batch, dist)), workers, device.type == "cuda"))
-    bar = Progress(cfg.iters * cfg.batch, "train", enabled=progress and dist.main, skipped=0)
-    bar.bar.update(start * cfg.batch)  # done before this process started: not in the img/s
+    # counts images; those of the iterations done before a resume show as "already done"
+    bar = Progress((cfg.iters - start) * cfg.batch, "train", enabled=progress and dist.main, skipped=start * cfg.batch)
     net.train()
     running = torch.zeros((), device=device)
     t_log, n_log = time.perf_counter(), 0
