@@ -362,6 +362,16 @@ def _kmeans_native(
     return labels, centers + mean, min_dist.sum(-1)
 
 
+def _check_settings(max_iter: int, tol: float, check_every: int) -> None:
+    """The Lloyd loop's settings, as ``kmeans`` and ``kmeans_many`` take them."""
+    if max_iter < 1:
+        raise ValueError(f"`max_iter` has to be at least 1 but is {max_iter}")
+    if tol < 0:
+        raise ValueError(f"`tol` has to be >= 0 but is {tol}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"`check_every` has to be an integer of at least 1 but is {check_every!r}")
+
+
 def kmeans(
     x: Tensor,
     k: int,
@@ -415,14 +425,9 @@ def kmeans(
     b, n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"`k` has to lie in [1, N] = [1, {n}] but is {k}")
-    if max_iter < 1:
-        raise ValueError(f"`max_iter` has to be at least 1 but is {max_iter}")
+    _check_settings(max_iter, tol, check_every)
     if n_init < 1:
         raise ValueError(f"`n_init` has to be at least 1 but is {n_init}")
-    if tol < 0:
-        raise ValueError(f"`tol` has to be >= 0 but is {tol}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"`check_every` has to be an integer of at least 1 but is {check_every!r}")
     if init is not None:
         check_tensor(init, "init", 3, floating=True, batch=b)
         if tuple(init.shape[1:]) != (k, d) or n_init != 1 or backend == "cuml":
@@ -499,12 +504,7 @@ def kmeans_many(
     if impl != "torch" or len(ks) == 1:
         return [kmeans(x, k, max_iter=max_iter, tol=tol, generator=g, seed=seed, backend=backend,
                        prepared=prepared, cache=cache, check_every=check_every)[0] for k, g in zip(ks, gens)]
-    if max_iter < 1:
-        raise ValueError(f"`max_iter` has to be at least 1 but is {max_iter}")
-    if tol < 0:
-        raise ValueError(f"`tol` has to be >= 0 but is {tol}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"`check_every` has to be an integer of at least 1 but is {check_every!r}")
+    _check_settings(max_iter, tol, check_every)
     work = x if x.dtype == torch.float64 else x.float()
     if (prepared is None or prepared.x.shape != work.shape or prepared.x.dtype != work.dtype
             or prepared.xt is None or prepared.x_sq is None):
