@@ -36,7 +36,7 @@ __all__ = [
     "IMAGES", "MASKS", "BLOCKY", "MASKS_PCC", "MASKS_DD", "LABELER_MASKS", "CAPTURES", "SPLIT", "MANIFEST", "LABELSET", "RUN_FILE", "SHARDS", "IMAGE_EXTS",
     "CAPTURE_EXT", "sample_paths", "shard_manifest", "shard_plan", "parse_shard_file",
     "output_dirs", "FORMATS", "TARS", "TAR_INDEX", "PARQUETS", "TAR_EXT", "PARQUET_EXT", "MEMBERS", "LOCATION_KEYS",
-    "file_prefix", "numbered_name", "parse_numbered_name", "detect_layout",
+    "file_prefix", "numbered_name", "parse_numbered_name", "detect_layout", "VOC_NESTING", "TRAIN_RUN_FILES",
 ]
 
 IMAGES = "JPEGImages"
@@ -51,6 +51,9 @@ MANIFEST = "manifest.jsonl"
 LABELSET = "labelset.json"
 RUN_FILE = "run.json"  # provenance: the settings that define the dataset's samples
 SHARDS = "manifests"
+VOC_NESTING = os.path.join("VOCdevkit", "VOC2012")  # torchvision's VOCSegmentation looks for ROOT/<this>
+# a training run folder (python -m pccfast.train --out RUN_DIR)
+TRAIN_RUN_FILES = {"last": "last.pt", "best": "best.pt", "log": "log.jsonl", "plot": "curves.png", "info": "train.json"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")  # input images are looked up in this order, case-insensitively
 CAPTURE_EXT = ".safetensors"
 FORMATS = ("voc", "webdataset", "parquet")  # dataset layouts (generate writes the first two)

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from pccfast.data.fileio import load_image, load_mask
-from pccfast.data.layout import IMAGE_EXTS, IMAGES, LABELSET, MASKS, detect_layout
+from pccfast.data.layout import IMAGE_EXTS, IMAGES, LABELSET, MASKS, SPLIT, VOC_NESTING, detect_layout
 
 __all__ = ["Pair", "dataset_root", "find_pairs", "dataset_label_set", "normalize", "augment", "TrainSamples", "EvalSamples",
            "MEAN", "STD", "sample_seed"]
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics (torchvision's backbones were trained with them)
 STD = (0.229, 0.224, 0.225)
-_NESTINGS = ("", os.path.join("VOCdevkit", "VOC2012"), "VOC2012")
+_NESTINGS = ("", VOC_NESTING, os.path.basename(VOC_NESTING))
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def find_pairs(path: str, split: str, option: str = "DATASET") -> list[Pair]:
     root = dataset_root(path, option)
     images = _by_stem(os.path.join(root, IMAGES), IMAGE_EXTS)
     masks = _by_stem(os.path.join(root, MASKS), (".png",))
-    split_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+    split_file = os.path.join(root, os.path.dirname(SPLIT), f"{split}.txt")
     if os.path.isfile(split_file):
         with open(split_file, encoding="utf-8") as f:
             ids = list(dict.fromkeys(s.split()[0] for s in f if s.strip()))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from pccfast.core.labelset import label_set_from_dict
 from pccfast.data.fileio import append_line, atomic_write, atomic_write_bytes, check_writable, read_jsonl
+from pccfast.data.layout import TRAIN_RUN_FILES
 from pccfast.runs.progress import Progress
 from pccfast.tools.evaluate import EvalReport, confusion_matrix
 from pccfast.training.datasets import EvalSamples, TrainSamples, find_pairs
@@ -46,7 +47,7 @@ from pccfast.training.recipe import RUN_DEFINING, TrainConfig
 __all__ = ["RUN_FILES", "TrainResult", "train", "segmentation_loss", "evaluate_model", "load_checkpoint_model",
            "Distributed"]
 
-RUN_FILES = {"last": "last.pt", "best": "best.pt", "log": "log.jsonl", "plot": "curves.png", "info": "train.json"}
+RUN_FILES = TRAIN_RUN_FILES  # names of the run folder's files (data.layout)
 CHECKPOINT_FORMAT = 1
 
 
