@@ -223,3 +223,14 @@ def test_webdataset_layout_trains_like_its_voc_folder(planted, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ev = [[r["val_miou"] for r in _log(run) if "val_miou" in r] for run in runs]
     assert ev[0] == ev[1] and len(ev[0]) == 1
+
+
+def test_max_pairs_takes_the_first_ids(tmp_path, capsys):
+    """--max-pairs (syntagen: 10,000) trains on the first N pairs by id and says so."""
+    data = write_planted(str(tmp_path / "d"), range(6), size=32)
+    out = str(tmp_path / "run")
+    assert main([data, "--out", out, *SMALL, "--iters", "1", "--batch", "2", "--crop", "32", "--max-pairs", "4",
+                 "--workers", "0"]) == 0
+    assert "using the first 4 of 6 pairs" in capsys.readouterr().err
+    with open(os.path.join(out, "train.json")) as f:
+        assert json.load(f)["pairs"] == 4
