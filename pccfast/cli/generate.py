@@ -21,7 +21,8 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pccfast.generate",
-        description="Generate a labelled segmentation dataset (VOC layout) from text prompts with Stable Diffusion "
+        description="Generate a labelled segmentation dataset (VOC layout, or WebDataset tar shards with --format "
+        "webdataset) from text prompts with Stable Diffusion "
         "and PCC segmentation. Re-running the same command resumes where it stopped. A batch that fails is run "
         "again prompt by prompt; prompts that still fail are listed at the end (exit status 1).",
     )

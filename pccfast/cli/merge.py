@@ -12,6 +12,11 @@ are printed one per line on stdout (``missing <id> shard I/N``) and make the exi
 re-running the unfinished shards with the same command fills them (they resume), after which
 the merge is run again.
 
+WebDataset outputs (``generate --format webdataset --shard I/N``, tars
+``shards/train-shard-I-of-N-NNNNNN.tar``) merge the same way: ``manifest.jsonl`` and the shard
+index ``shards.json`` are rebuilt (tars are linked into ``--out``, or copied without the samples
+the merge dropped); a record whose tar lacks its sample is ``incomplete``.
+
 Nothing is written before every check has passed: a folder that is not a dataset, an
 ``--out`` that is a file or one of several inputs, inputs with other label sets or other run
 settings (``run.json``), and ids that have different records in two inputs (timings aside)
