@@ -14,7 +14,7 @@ import torch
 
 from pccfast.cli.generate import main as generate_main
 from pccfast.cli.relabel import main as relabel_main
-from pccfast.data.captures import read_capture, write_capture
+from pccfast.data.captures import FORMAT_VERSION, read_capture, write_capture
 from pccfast.data.fileio import load_image, load_mask
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.layout import BLOCKY, IMAGES, MANIFEST, MASKS, SPLIT
@@ -47,7 +47,7 @@ def test_relabel_from_captures_alone_reproduces_generate(voc_run, tmp_path):
     """No --images: every capture holds its decoded image, and the masks and blocky masks
     are generate's, bit for bit."""
     cap = read_capture(os.path.join(voc_run, "captures", "0.safetensors"))
-    assert cap.metadata["format_version"] == "2" and cap.image.shape == (3, 64, 64) and cap.image.dtype == torch.uint8
+    assert cap.metadata["format_version"] == FORMAT_VERSION == "3" and cap.image.shape == (3, 64, 64) and cap.image.dtype == torch.uint8
     rel = str(tmp_path / "R")
     assert relabel_main(["--captures", os.path.join(voc_run, "captures"), "--out", rel, "--save-blocky",
                          "--no-progress", "--device", "cpu"]) == 0
