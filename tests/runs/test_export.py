@@ -147,3 +147,24 @@ def test_refusals_are_one_line(tmp_path):
     write_planted_voc(str(other), 3, size=32, seed=5)
     with pytest.raises(ValueError, match=r"was made with seed .0 \+ index. but this run has .5 \+ index."):
         run_export(str(other), "webdataset", str(tmp_path / "w"), progress=False)
+
+
+@pytest.mark.slow
+def test_export_memory_does_not_grow_with_the_images(tmp_path, monkeypatch):
+    """Streaming: the peak of Python allocations exporting 450 samples exceeds that of 150 by
+    far less than the 300 extra images would take (their locators and records only: measured
+    about 3 KB per sample, against some 40 KB per image here)."""
+    import tracemalloc
+
+    peaks, image_bytes = {}, {}
+    for n in (150, 450):
+        src = tmp_path / f"voc{n}"
+        _planted(src, n, monkeypatch, size=256)
+        image_bytes[n] = sum(f.stat().st_size for f in (src / "JPEGImages").iterdir())
+        tracemalloc.start()
+        run_export(str(src), "webdataset", str(tmp_path / f"wds{n}"), batch=16, progress=False)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    extra_images = image_bytes[450] - image_bytes[150]
+    assert extra_images > 8_000_000  # the test means something: the images are large
+    assert peaks[450] - peaks[150] < 0.25 * extra_images, (peaks, extra_images)
