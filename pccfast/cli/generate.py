@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from pccfast.data.prompt_bank import builtin_prompts
     from pccfast.data.prompts import PromptError, read_prompts
     from pccfast.data.provenance import file_digest
+    from pccfast.diffusion.dit_adapters import check_family_options, declared_family
 
     def warn(line: str) -> None:
         print(f"warning: {line}", file=sys.stderr)
@@ -149,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         entries = select_shard(entries, shard)
         if not entries:
             raise ValueError(f"`--shard` {args.shard} holds none of the {chosen} prompts chosen (--start, --limit)")
+        family = declared_family(args.model)
+        if family is not None:  # known without loading (tiny names, local folders, cached hub models): before any output
+            check_family_options(family, feature_blocks=args.feature_blocks, needs_dd=labeling.needs_dd,
+                                 labeler=labeling.labeler, save_all=labeling.save_all, scheduler=args.scheduler,
+                                 negative_prompt=any(getattr(e, "negative_prompt", None) is not None for e in entries)
+                                 or args.negative_prompt is not None)
     except (ValueError, PromptError, OSError) as exc:
         fail(exc)
     return run_and_report(lambda: run_generation(

@@ -18,11 +18,15 @@ They fill in :class:`pccfast.diffusion.adapters.ModelAdapter` for a transformer 
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import os
+from typing import ClassVar, Optional
 
 from pccfast.diffusion.adapters import ModelAdapter, register_adapter
 
-__all__ = ["DiTAdapter", "SD3Adapter", "FluxAdapter", "DIT_PIPELINE_CLASSES"]
+__all__ = ["DiTAdapter", "SD3Adapter", "FluxAdapter", "DIT_PIPELINE_CLASSES", "DIT_FAMILIES", "declared_family",
+           "check_family_options"]
+
+DIT_FAMILIES = ("sd3", "flux")  # the families with the joint-attention capture
 
 
 class DiTAdapter(ModelAdapter):
@@ -75,12 +79,15 @@ class DiTAdapter(ModelAdapter):
         return dit_halves(self.pipe, guidance)
 
     def generate(self, prompts, class_names, label_set, seeds, *, steps, guidance, height, width, cfg=None,
-                 generator_device=None, progress=False, **unused):
+                 generator_device=None, progress=False, negative_prompt=None, compile=False, **unused):
         """One batch through :func:`dit_generation.generate_with_capture_dit` with this
-        adapter's blocks. Options of the UNet path that have no DiT meaning (``compile``,
-        ``dd``, ``scheduler``, ``negative_prompt``) have to be left at their defaults."""
+        adapter's blocks. ``negative_prompt``: SD3 only (:func:`check_family_options`);
+        ``compile``: a compiled transformer. Options of the UNet path that have no DiT meaning
+        (``dd``, ``scheduler``) have to be left at their defaults."""
         from pccfast.diffusion.dit_generation import generate_with_capture_dit
 
+        check_family_options(self.family, needs_dd=unused.get("dd") is not None, scheduler=unused.get("scheduler"),
+                             negative_prompt=negative_prompt is not None)
         given = sorted(k for k, v in unused.items() if v not in (None, False))
         if given:
             raise ValueError(f"`{given[0]}` is not supported for a {self.family} model (joint-attention capture) "
@@ -88,7 +95,7 @@ class DiTAdapter(ModelAdapter):
         return generate_with_capture_dit(self.pipe, prompts, class_names, label_set, seeds, steps=steps,
                                          guidance=guidance, height=height, width=width, cfg=cfg,
                                          feature_blocks=self.feature_blocks, generator_device=generator_device,
-                                         progress=progress)
+                                         progress=progress, negative_prompt=negative_prompt, compile=compile)
 
 
 @register_adapter
@@ -110,3 +117,71 @@ class FluxAdapter(DiTAdapter):
 
 
 DIT_PIPELINE_CLASSES = SD3Adapter.pipeline_classes + FluxAdapter.pipeline_classes
+
+
+def declared_family(model: str) -> Optional[str]:
+    """The family ("sd", "sdxl", "sd3", "flux") of ``model`` where it is known without loading
+    it: the built-in tiny names, and a local folder's or an already cached hub model's
+    ``model_index.json``; None otherwise (a hub model not cached yet, an unsupported class:
+    loading it says why)."""
+    from pccfast.diffusion.tiny_dit import TINY_DIT_MODELS
+    from pccfast.diffusion.tiny_variants import TINY_MODELS
+
+    if model in TINY_DIT_MODELS:
+        return "flux" if model.startswith("tiny-flux") else "sd3"
+    if model in TINY_MODELS:
+        return "sdxl" if model == "tiny-sdxl" else "sd"
+    from pccfast.diffusion.adapters import UnsupportedPipelineError, adapter_class
+    from pccfast.diffusion.pipeline import _declared_class
+
+    path = os.path.expanduser(model)
+    local = os.path.isdir(path)
+    declared = _declared_class(path if local else model, local)
+    if declared is None:
+        return None
+    try:
+        return adapter_class(declared).family
+    except UnsupportedPipelineError:
+        return None
+
+
+def check_family_options(family: str, *, feature_blocks=None, needs_dd: bool = False, labeler: str = "dd",
+                         save_all: bool = False,
+                         scheduler: Optional[str] = None, negative_prompt: bool = False, transformer=None) -> None:
+    """Refuse, in one line naming the option, its value and what is valid, the run options that
+    a model family cannot run; ``generate`` checks them before the first batch.
+
+    Args:
+        family: the adapter's family ("sd", "sdxl", "sd3", "flux").
+        feature_blocks: ``--feature-blocks`` (DiT families only; with ``transformer`` its
+            indexes are checked against the loaded model's blocks).
+        needs_dd, labeler, save_all: whether the labeller needs Dataset Diffusion's UNet
+            capture, the labeller's name (``dd`` or ``fused``) and ``--save-all-labelers``.
+        scheduler: ``--scheduler`` (UNet families only: the DiTs run their own flow-matching sampler).
+        negative_prompt: whether a negative prompt is given (SD3: the unconditional half's
+            text; FLUX.1 has no unconditional half).
+        transformer: the loaded DiT's transformer, or None before loading.
+
+    Raises:
+        ValueError: one line.
+    """
+    if family not in DIT_FAMILIES:
+        if feature_blocks not in (None, "default"):
+            raise ValueError(f"`feature_blocks` chooses blocks of a diffusion transformer ({', '.join(DIT_FAMILIES)} "
+                             f"models) but is {feature_blocks!r} for a {family} model")
+        return
+    if needs_dd:
+        what = f"`labeler` {labeler!r}" if labeler != "pcc" or not save_all else "`save_all_labelers` (PCC and DD masks)"
+        raise ValueError(f"{what} needs Dataset Diffusion's UNet self-attention (sd and sdxl models) "
+                         f"but the model is of family {family!r} (joint attention): use labeler 'pcc'")
+    if scheduler is not None:
+        raise ValueError(f"`scheduler` rebuilds a UNet model's sampler (sd and sdxl models) but is {scheduler!r} for "
+                         f"a {family} model (it runs its own flow-matching sampler): leave it unset")
+    if negative_prompt and family == "flux":
+        raise ValueError("`negative_prompt` is the text of the unconditional half, which flux models (FLUX.1 dev and "
+                         "schnell) do not have (dev embeds the guidance scale, schnell is guidance-distilled) but one "
+                         "is given: remove it (sd, sdxl and sd3 models take one)")
+    if feature_blocks is not None and transformer is not None:
+        from pccfast.diffusion.joint_capture import parse_feature_blocks
+
+        parse_feature_blocks(feature_blocks, transformer)

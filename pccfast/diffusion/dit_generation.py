@@ -7,8 +7,9 @@ and the class maps, on the image-token grid (image side / 16), ready for the lab
 
 Guidance halves: SD3 runs classifier-free guidance when ``guidance > 1`` (transformer batch
 [unconditional; conditional]: features from both halves, class maps from the unconditional
-one) and none otherwise; FLUX.1 never has a guidance batch (dev embeds the guidance scale,
-schnell ignores it), so features and class maps come from the only half.
+one) and none otherwise; a negative prompt is the unconditional half's text (as for the UNet
+families). FLUX.1 never has a guidance batch (dev embeds the guidance scale, schnell ignores
+it), so features and class maps come from the only half, and it takes no negative prompt.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import as_label_set
 from pccfast.diffusion.capture import assemble_class_attention
 from pccfast.diffusion.dit_text import encode_dit_class_texts
-from pccfast.diffusion.generation import CaptureOutput
+from pccfast.diffusion.generation import CaptureOutput, compiled_unet
 from pccfast.diffusion.joint_capture import JointAttentionCapture, dit_family, parse_feature_blocks
 
 __all__ = ["generate_with_capture_dit", "dit_halves", "DIT_GRID_FACTOR"]
@@ -55,6 +56,8 @@ def generate_with_capture_dit(
     generator_device=None,
     progress: bool = False,
     max_sequence_length: Optional[int] = None,
+    negative_prompt=None,
+    compile=False,
 ) -> CaptureOutput:
     """Generate a batch of images with the joint-attention capture (one pipeline call).
 
@@ -72,6 +75,15 @@ def generate_with_capture_dit(
         generator_device: device of the seed generators (default: the pipeline's device).
         progress: show the pipeline's per-step progress bar.
         max_sequence_length: T5 tokens of the prompts (the pipeline's default when None).
+        negative_prompt: SD3 only: a text, or one per prompt, encoded by the pipeline for the
+            unconditional half (with guidance > 1 only, as the pipeline does; None: the empty
+            prompt). FLUX.1 has no unconditional half and refuses it.
+        compile: run a ``torch.compile``-d transformer: True for "inductor" or a backend name
+            ("eager", ...); made once per transformer and backend and kept
+            (``generation.compiled_unet``). The capture compiles a graph for the first call,
+            one for the calls that add into the class maps and one for the recording last
+            call, whatever the number of steps; the per-head outputs are then reduced after
+            the last call (all chosen blocks' outputs alive at once, instead of one block's).
 
     Returns:
         ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 with
@@ -89,25 +101,42 @@ def generate_with_capture_dit(
         raise ValueError(f"`height` and `width` have to be positive multiples of {factor} but are {height} and {width}")
     if steps < 1:
         raise ValueError(f"`steps` has to be at least 1 but is {steps}")
+    if compile is not False and compile is not True and not isinstance(compile, str):
+        raise TypeError(f"`compile` has to be a bool or a torch.compile backend name but is {type(compile).__name__}")
+    transformer = pipe.transformer
+    family = dit_family(transformer)
+    kwargs = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
+    if negative_prompt is not None:
+        if family == "flux":
+            raise ValueError(f"`negative_prompt` is the text of the unconditional half, which a flux model does not "
+                             f"have (no classifier-free guidance batch) but is {negative_prompt!r}")
+        texts = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(texts) != b or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"`negative_prompt` has to be a text or {b} texts (one per prompt) but is {negative_prompt!r}")
+        kwargs["negative_prompt"] = texts
     ls = as_label_set(label_set)
     device = pipe._execution_device
     grid_hw = (height // factor, width // factor)
-    blocks = parse_feature_blocks(feature_blocks, pipe.transformer)
+    blocks = parse_feature_blocks(feature_blocks, transformer)
     embeds, mask, tok = encode_dit_class_texts(pipe, class_names, ls)
     halves = dit_halves(pipe, guidance)
     seed_device = torch.device(generator_device) if generator_device is not None else device
     generators = [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
-    capture = JointAttentionCapture(pipe.transformer, embeds, mask, steps, grid_hw, halves, blocks, cfg)
-    kwargs = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
+    capture = JointAttentionCapture(transformer, embeds, mask, steps, grid_hw, halves, blocks, cfg,
+                                    reduce_after_step=bool(compile))
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
     try:
+        if compile:
+            pipe.transformer = compiled_unet(transformer, "inductor" if compile is True else compile)
         with capture:
             out = pipe(prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
                        guidance_scale=guidance, generator=generators, output_type="pt",
                        callback_on_step_end=capture.on_step_end, **kwargs)
     finally:
         pipe._progress_bar_config = saved_bar
+        if pipe.transformer is not transformer:
+            pipe.transformer = transformer
     if capture.step != capture.num_steps:
         raise RuntimeError(f"the pipeline made {capture.step} denoising steps but {capture.num_steps} were expected")
     images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)

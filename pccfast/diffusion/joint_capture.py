@@ -34,8 +34,12 @@ same. (b) carries the class tokens through every block's text-side attention, ML
 modulation for every call (the whole text-stream cost again, per block) and needs the outputs
 of every block up to the chosen ones; it is not shipped.
 
-Steps: ``on_step_end`` is the pipeline's ``callback_on_step_end``; the processors read the
-step counter (eager only: no ``torch.compile`` path here). The block's ``temb`` (the adaptive
+Steps: ``on_step_end`` is the pipeline's ``callback_on_step_end``. The step counter is never
+read inside the transformer (a ``torch.compile``-d one would recompile every step on it): the
+processors that record the per-head outputs are installed by the callback before the last
+call. Eager, each chosen block's outputs are reduced as the block runs; with
+``reduce_after_step`` (the compiled path: the PCA's host syncs stay out of the graph) they are
+kept and reduced by the callback after the last call. The block's ``temb`` (the adaptive
 norms' conditioning) is read by a forward pre-hook on the transformer's first block (a
 documented ``nn.Module`` hook, removed on exit; ``forward`` is not replaced).
 """
@@ -128,7 +132,7 @@ def parse_feature_blocks(spec, transformer) -> list[str]:
         if not (lo.isdigit() and (not hi or hi.isdigit())) or int(hi or lo) < int(lo) or int(hi or lo) >= len(blocks):
             raise ValueError(
                 f"`feature_blocks` has to name blocks ({blocks[0]}, ...), indexes or ranges a-b in "
-                f"[0, {len(blocks) - 1}] but holds {p!r}"
+                f"[0, {len(blocks) - 1}] of this {dit_family(transformer)} transformer but holds {p!r}"
             )
         chosen.update(blocks[int(lo): int(hi or lo) + 1])
     if not chosen:
@@ -270,11 +274,13 @@ class JointCaptureProcessor:
     queries (and at the last call the per-head image outputs) to ``capture.observe``.
 
     ``kind``: "sd3", "flux" or "flux-single"; ``backend``: the replaced FLUX processor's
-    attention backend (diffusers' dispatch), kept so the output stays the default's.
+    attention backend (diffusers' dispatch), kept so the output stays the default's;
+    ``record``: hand over the per-head outputs too (installed so for the last call).
     """
 
-    def __init__(self, capture: "JointAttentionCapture", name: str, kind: str, backend=None):
+    def __init__(self, capture: "JointAttentionCapture", name: str, kind: str, backend=None, record: bool = False):
         self.capture, self.name, self.kind, self._attention_backend = capture, name, kind, backend
+        self.record = bool(record)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  *args, **kwargs):
@@ -283,7 +289,7 @@ class JointCaptureProcessor:
         else:
             out, query, per_head = _flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask,
                                                    image_rotary_emb, self.capture.n_image, self._attention_backend)
-        self.capture.observe(self.name, attn, query, per_head, image_rotary_emb)
+        self.capture.observe(self.name, attn, query, per_head, image_rotary_emb, record=self.record)
         return out
 
 
@@ -300,12 +306,14 @@ class JointAttentionCapture:
             guidance > 1), 1 when it is the B images alone (FLUX, or no guidance).
         blocks: chosen block names (``parse_feature_blocks``).
         cfg: PCA settings.
+        reduce_after_step: keep the last call's per-head outputs of every chosen block and
+            reduce them after the call (a compiled transformer), instead of each block's as it runs.
 
     Use as ``with capture: pipe(..., callback_on_step_end=capture.on_step_end)``.
     """
 
     def __init__(self, transformer, class_embeds: Tensor, class_mask: Tensor, num_steps: int, grid_hw, halves: int,
-                 blocks: list, cfg: Optional[PCCConfig] = None):
+                 blocks: list, cfg: Optional[PCCConfig] = None, reduce_after_step: bool = False):
         if class_embeds.ndim != 3 or tuple(class_mask.shape) != tuple(class_embeds.shape[:2]):
             raise ValueError(
                 f"`class_embeds` (B, T, C) and `class_mask` (B, T) have to agree but have shapes "
@@ -330,6 +338,8 @@ class JointAttentionCapture:
         self.temb: Optional[Tensor] = None  # (N_b, C) of the current call, from the pre-hook
         self.class_maps: dict[str, Tensor] = {}  # block -> (B, T, h, w), summed over calls and heads
         self.head_features: dict[str, Tensor] = {}  # block -> (B, halves*heads*c, h, w), last call
+        self.reduce_after_step = bool(reduce_after_step)
+        self.head_inputs: dict[str, Tensor] = {}  # block -> (N_b, heads, N, d), last call, until reduced (reduce_after_step)
         self._saved, self._hook = None, None
 
     @property
@@ -337,8 +347,15 @@ class JointAttentionCapture:
         return self.step == self.num_steps - 1
 
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
-        """``callback_on_step_end``: call i is done, the next one is i + 1."""
+        """``callback_on_step_end``: call i is done, the next one is i + 1. Before the last call
+        it installs the recording processors; after it, it reduces what they kept (``reduce_after_step``)."""
         self.step = i + 1
+        if self.is_last_step and self._saved is not None:
+            self.transformer.set_attn_processor(self.processors(record=True))
+        elif self.step == self.num_steps and self.head_inputs:
+            for name in self.blocks:
+                if name in self.head_inputs:
+                    self.reduce_block(name, self.head_inputs.pop(name))
         return callback_kwargs
 
     # --- installation
@@ -351,13 +368,14 @@ class JointAttentionCapture:
             return "sd3"
         return "flux-single" if name.startswith("single_") else "flux"
 
-    def processors(self) -> dict:
-        """Every processor of the transformer, the chosen blocks' joint attention replaced."""
-        procs = dict(self.transformer.attn_processors)
+    def processors(self, record: bool = False) -> dict:
+        """Every processor of the transformer, the chosen blocks' joint attention replaced
+        (recording the per-head outputs if ``record``)."""
+        procs = dict(self.transformer.attn_processors if self._saved is None else self._saved)
         for name in self.blocks:
             key = f"{name}.attn.processor"
             backend = getattr(procs[key], "_attention_backend", None)
-            procs[key] = JointCaptureProcessor(self, name, self._kind(name), backend)
+            procs[key] = JointCaptureProcessor(self, name, self._kind(name), backend, record=record)
         return procs
 
     def _read_temb(self, module, args, kwargs):
@@ -365,7 +383,7 @@ class JointAttentionCapture:
 
     def __enter__(self) -> "JointAttentionCapture":
         self._saved = dict(self.transformer.attn_processors)
-        self.transformer.set_attn_processor(self.processors())
+        self.transformer.set_attn_processor(self.processors(record=self.is_last_step))
         self._hook = self.transformer.transformer_blocks[0].register_forward_pre_hook(self._read_temb, with_kwargs=True)
         return self
 
@@ -383,11 +401,12 @@ class JointAttentionCapture:
             )
         return x[: self.batch]
 
-    def observe(self, name: str, attn, query: Tensor, per_head: Tensor, rotary=None) -> None:
+    def observe(self, name: str, attn, query: Tensor, per_head: Tensor, rotary=None, record: bool = False) -> None:
         """query, per_head: (N_b, heads, N, d) of the image tokens of block ``name``.
 
         Adds the class-token probabilities, summed over heads, to ``class_maps[name]``
-        (B, T, h, w); at the last call reduces ``per_head`` (``reduce_block``)."""
+        (B, T, h, w); if ``record`` (the last call) reduces ``per_head`` (``reduce_block``),
+        or keeps it for the callback with ``reduce_after_step``."""
         q = self._first_half(query)  # (B, heads, N, d)
         if self.temb is None:
             raise RuntimeError("the block conditioning (temb) was not seen before the attention")
@@ -398,7 +417,9 @@ class JointAttentionCapture:
             self.class_maps[name] += maps
         else:
             self.class_maps[name] = maps
-        if self.is_last_step:
+        if record and self.reduce_after_step:
+            self.head_inputs[name] = per_head
+        elif record:
             self.reduce_block(name, per_head)
 
     def _halves_side_by_side(self, per_head: Tensor) -> Tensor:

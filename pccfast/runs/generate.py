@@ -104,10 +104,17 @@ class GenerateStep:
         self.cache = SeedingCache()  # k-means++ draws kept across the run's batches (same results, less work)
         self.pipe = pipe if pipe is not None else load_pipeline(settings.model, device=settings.device,
                                                                 dtype=settings.torch_dtype, label_set=label_set)
-        if pipe is None:  # the family's size rule (SDXL: multiples of 16) once, not per batch
-            from pccfast.diffusion.adapters import adapter_for
+        from pccfast.diffusion.adapters import adapter_for
+        from pccfast.diffusion.dit_adapters import DIT_FAMILIES, check_family_options
 
-            adapter_for(self.pipe).check_size(settings.height, settings.width)
+        adapter = adapter_for(self.pipe)
+        if pipe is None:  # the family's size rule (SDXL: multiples of 16) once, not per batch
+            adapter.check_size(settings.height, settings.width)
+        # what the family cannot run (DD on a DiT, --feature-blocks out of range, ...): one line, not per batch
+        check_family_options(adapter.family, feature_blocks=settings.feature_blocks, needs_dd=self.labeling.needs_dd,
+                             labeler=self.labeling.labeler, save_all=self.labeling.save_all,
+                             scheduler=settings.scheduler, negative_prompt=settings.negative_prompt is not None,
+                             transformer=adapter.denoiser if adapter.family in DIT_FAMILIES else None)
 
     @classmethod
     def factory(cls, settings: GenerationConfig, cfg: PCCConfig, label_set: LabelSet, writer: SampleWriter,

@@ -66,7 +66,13 @@ def test_generate_with_capture_routes_by_family(tiny_pipe):
     b = generate_with_capture_dit(flux, *args, feature_blocks="all", **kw)
     assert torch.equal(a.images, b.images) and torch.equal(a.features, b.features)
     assert torch.equal(a.class_attention, b.class_attention) and a.halves == 1
-    with pytest.raises(ValueError, match="`scheduler` is not supported for a flux model .* but is 'ddim'"):
+    with pytest.raises(ValueError, match="`scheduler` rebuilds a UNet model's sampler .* but is 'ddim' for a flux model"):
         generate_with_capture(flux, *args, scheduler="ddim", **kw)
+    with pytest.raises(ValueError, match="`negative_prompt` is the text of the unconditional half, which flux models"):
+        generate_with_capture(flux, *args, negative_prompt="blurry", **kw)
+    with pytest.raises(ValueError, match="`labeler` 'dd' needs Dataset Diffusion's UNet self-attention .* family 'flux'"):
+        from pccfast.core.dd import DDConfig
+
+        generate_with_capture(flux, *args, dd=DDConfig(), **kw)
     with pytest.raises(ValueError, match="`feature_blocks` chooses blocks of a diffusion transformer .* for a sd model"):
         generate_with_capture(tiny_pipe, *args, feature_blocks="all", steps=1, guidance=7.5, height=64, width=64)

@@ -130,3 +130,91 @@ def test_non_square_end_to_end(tmp_path, model):
     assert mask.shape == (SIZE, 192)
     cap = read_capture(str(out / "captures" / f"{ids[0]}.safetensors"), label_set=get_label_set("voc"))
     assert cap.class_attention.shape == (21, SIZE // 16, 192 // 16) and cap.features.shape[-2:] == (8, 12)
+
+
+# --- options a family cannot run: one line before the first batch ------------------------------
+
+
+def _one_error(capsys, exc):
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("model, extra, words", [
+    ("tiny-sd3", ["--labeler", "dd"], ["`labeler` 'dd'", "family 'sd3'", "sd and sdxl models"]),
+    ("tiny-flux", ["--labeler", "fused"], ["`labeler` 'fused'", "family 'flux'", "sd and sdxl models"]),
+    ("tiny-flux-schnell", ["--save-all-labelers"], ["`save_all_labelers`", "family 'flux'"]),
+    ("tiny-flux", ["--negative-prompt", "blurry"], ["`negative_prompt`", "flux models", "sd3 models take one"]),
+    ("tiny-sd3", ["--scheduler", "ddim"], ["`scheduler`", "'ddim'", "sd3 model"]),
+    ("tiny", ["--feature-blocks", "0-1"], ["`feature_blocks`", "'0-1'", "for a sd model", "sd3, flux"]),
+])
+def test_unsupported_option_is_one_line_before_any_output(tmp_path, capsys, model, extra, words):
+    """Known from the model name: refused before the output folder is made (the run.json of a
+    refused run would make the corrected run a different dataset)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat | cat\n")
+    with pytest.raises(SystemExit) as exc:
+        generate_main(_args(model, tmp_path / "o", prompts, *extra))
+    line = _one_error(capsys, exc)
+    for w in words:
+        assert w in line, (w, line)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_file_negative_prompt_on_flux_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat", "classes": ["cat"], "negative_prompt": "blurry"}) + "\n")
+    with pytest.raises(SystemExit) as exc:
+        generate_main(_args("tiny-flux", tmp_path / "o", prompts))
+    assert "`negative_prompt`" in _one_error(capsys, exc) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model, spec, last", [("tiny-sd3", "99", "[0, 3] of this sd3"),  # 4 joint blocks
+                                               ("tiny-flux", "2-9", "[0, 3] of this flux")])  # 2 dual + 2 single
+def test_feature_blocks_out_of_range_is_one_line_before_the_first_batch(tmp_path, capsys, model, spec, last):
+    """The indexes are checked against the loaded transformer, once, when the run starts."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat | cat\na dog | dog\n")
+    with pytest.raises(SystemExit) as exc:
+        generate_main(_args(model, tmp_path / "o", prompts, "--feature-blocks", spec))
+    line = _one_error(capsys, exc)
+    assert "`feature_blocks` has to name blocks" in line and repr(spec) in line and last in line, line
+    assert not (tmp_path / "o" / "JPEGImages").exists() or not list((tmp_path / "o" / "JPEGImages").iterdir())
+
+
+def test_run_with_a_given_pipeline_refuses_dd_before_the_first_batch(tmp_path):
+    """The family checks also run where only the loaded pipeline tells the family (a hub model
+    not yet cached, a pipeline handed over): a RunError line, no batch made."""
+    from pccfast.core.config import PCCConfig
+    from pccfast.core.dd import LabelerChoice
+    from pccfast.data.prompts import PromptEntry
+    from pccfast.diffusion.settings import GenerationConfig
+    from pccfast.diffusion.tiny_dit import build_tiny_dit_pipeline
+    from pccfast.runs.engine import RunError
+    from pccfast.runs.generate import run_generation
+
+    pipe = build_tiny_dit_pipeline("tiny-sd3")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    settings = GenerationConfig(model="tiny-sd3", steps=1, height=SIZE, width=SIZE, guidance=3.0)
+    entries = [PromptEntry(id="0", prompt="a cat", classes=("cat",), index=0, source="test")]
+    with pytest.raises(RunError, match="`labeler` 'dd' needs .* family 'sd3'"):
+        run_generation(entries, settings, PCCConfig(), get_label_set("voc"), str(tmp_path / "o"), pipe=pipe,
+                       progress=False, labeling=LabelerChoice(labeler="dd"))
+    assert calls == []
+
+
+def test_declared_family_without_loading(tmp_path):
+    from pccfast.diffusion.dit_adapters import declared_family
+
+    assert [declared_family(n) for n in ("tiny-sd3", "tiny-flux", "tiny-flux-schnell", "tiny", "tiny-sdxl")] == \
+        ["sd3", "flux", "flux", "sd", "sdxl"]
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert declared_family(str(folder)) == "flux"
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    assert declared_family(str(folder)) is None
+    assert declared_family(str(tmp_path / "missing")) is None
