@@ -346,6 +346,8 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
     # counts images; those of the iterations done before a resume show as "already done"
     bar = Progress((cfg.iters - start) * cfg.batch, "train", enabled=progress and dist.main, skipped=start * cfg.batch)
     net.train()
+    if ema is not None:
+        ema_state, model_state = list(ema.state_dict().values()), list(model.state_dict().values())
     running = torch.zeros((), device=device)
     t_log, n_log = time.perf_counter(), 0
     it, between_steps = start, False
@@ -384,12 +386,14 @@ def train(dataset: str, out: str, cfg: TrainConfig, label_set, *, val: str | Non
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 scaler.step(opt)
                 scaler.update()
-                if ema is not None:
+                if ema is not None:  # weights and batch-norm statistics averaged alike (counters copied)
                     with torch.no_grad():
-                        e, m = list(ema.parameters()), list(model.parameters())
+                        e = [t for t in ema_state if t.is_floating_point()]
+                        m = [t for t in model_state if t.is_floating_point()]
                         torch._foreach_lerp_(e, m, 1.0 - cfg.ema_decay)
-                        for eb, mb in zip(ema.buffers(), model.buffers()):
-                            eb.copy_(mb)
+                        for et, mt in zip(ema_state, model_state):
+                            if not et.is_floating_point():
+                                et.copy_(mt)
                 running += loss.detach()
                 n_log += 1
                 done = it + 1

@@ -14,16 +14,17 @@ COLOURS = {1: (220, 40, 40), 2: (40, 200, 60), 3: (50, 70, 230)}
 
 
 def planted_sample(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(size, size, 3) uint8 image and (size, size) uint8 mask: 1-3 axis-aligned ellipses and
-    rectangles of classes 1-3 (their colour plus noise) on a noisy background (class 0)."""
+    """(size, size, 3) uint8 image and (size, size) uint8 mask: 1-2 axis-aligned ellipses and
+    rectangles (sides 1/3 to 2/3 of the image) of classes 1-3 (their colour plus noise) on a noisy
+    background (class 0)."""
     rng = np.random.default_rng(seed)
     img = np.empty((size, size, 3), np.float64)
     img[:] = rng.uniform(90, 150, 3)
     mask = np.zeros((size, size), np.uint8)
     yy, xx = np.mgrid[0:size, 0:size]
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(1, 3)):
         c = int(rng.integers(1, 4))
-        h, w = rng.integers(size // 4, size // 2 + 1, 2)
+        h, w = rng.integers(size // 3, 2 * size // 3 + 1, 2)
         y0, x0 = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         if rng.random() < 0.5:
             inside = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
