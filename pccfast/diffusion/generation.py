@@ -112,8 +112,8 @@ def generate_with_capture(
         feature_blocks: SD3/FLUX only: the transformer blocks whose image tokens give the
             features and class maps (``joint_capture.parse_feature_blocks``; None: the family's
             default). SD3 and FLUX pipelines run the joint-attention capture
-            (``dit_generation.generate_with_capture_dit``), which takes no ``compile``, ``dd``,
-            ``scheduler`` or ``negative_prompt``.
+            (``dit_generation.generate_with_capture_dit``), which takes ``compile`` and (SD3
+            only) ``negative_prompt``, but no ``dd`` or ``scheduler``.
 
     Returns:
         ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 and

@@ -298,3 +298,38 @@ def test_capture_memory_flat_in_steps():
         sizes.append(sum(t.numel() * t.element_size() for t in held))
         assert len(cap.head_features) == len(dit_blocks(pipe.transformer))
     assert sizes[0] == sizes[1] > 0
+
+
+def test_sd3_negative_prompt_is_the_unconditional_half():
+    """SD3 with guidance: the images equal StableDiffusion3Pipeline's own with the same negative
+    prompts (per prompt), and differ from the empty negative prompt's; the class maps (from the
+    unconditional half) change with it too."""
+    name, pipe = "tiny-sd3", build_tiny_dit_pipeline("tiny-sd3")
+    negative = ["blurry, low quality", "a dog"]
+    kw = dict(steps=STEPS, guidance=GUIDANCE[name], height=SIZE, width=SIZE)
+    got = generate_with_capture_dit(pipe, PROMPTS[:2], CLASSES[:2], "voc", SEEDS[:2], negative_prompt=negative, **kw)
+    own = _pipe_call(pipe, name, PROMPTS[:2], SEEDS[:2], negative_prompt=negative)
+    plain = generate_with_capture_dit(pipe, PROMPTS[:2], CLASSES[:2], "voc", SEEDS[:2], **kw)
+    own_u8 = (own * 255).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(got.images, own_u8)
+    embeds, mask, _ = encode_dit_class_texts(pipe, CLASSES[:2], "voc")
+    cap = JointAttentionCapture(pipe.transformer, embeds, mask, STEPS, (SIZE // 16, SIZE // 16), 2,
+                                default_feature_blocks(pipe.transformer))
+    with cap:  # the float images under the capture: the pipeline's own to 1e-5
+        captured = _pipe_call(pipe, name, PROMPTS[:2], SEEDS[:2], negative_prompt=negative,
+                              callback_on_step_end=cap.on_step_end)
+    assert (captured - own).abs().max() <= 1e-5
+    assert (got.images.int() - plain.images.int()).abs().max() > 8
+    assert not torch.allclose(got.class_attention, plain.class_attention, atol=1e-4)
+    one = generate_with_capture_dit(pipe, PROMPTS[:2], CLASSES[:2], "voc", SEEDS[:2], negative_prompt="a dog", **kw)
+    both = generate_with_capture_dit(pipe, PROMPTS[:2], CLASSES[:2], "voc", SEEDS[:2], negative_prompt=["a dog"] * 2, **kw)
+    assert torch.equal(one.images, both.images)
+    with pytest.raises(ValueError, match="`negative_prompt` has to be a text or 2 texts"):
+        generate_with_capture_dit(pipe, PROMPTS[:2], CLASSES[:2], "voc", SEEDS[:2], negative_prompt=["x"], **kw)
+
+
+def test_flux_refuses_a_negative_prompt():
+    pipe = build_tiny_dit_pipeline("tiny-flux")
+    with pytest.raises(ValueError, match="`negative_prompt` is the text of the unconditional half, which a flux model"):
+        generate_with_capture_dit(pipe, PROMPTS[:1], CLASSES[:1], "voc", SEEDS[:1], steps=1, guidance=3.5,
+                                  height=SIZE, width=SIZE, negative_prompt="blurry")

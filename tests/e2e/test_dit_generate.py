@@ -218,3 +218,20 @@ def test_declared_family_without_loading(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     assert declared_family(str(folder)) is None
     assert declared_family(str(tmp_path / "missing")) is None
+
+
+def test_sd3_negative_prompt_end_to_end(tmp_path):
+    """--negative-prompt on SD3 (guidance > 1): recorded per sample and in run.json; it is the
+    unconditional half, so the class maps (read from that half) differ from the empty prompt's."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat on a sofa | cat, sofa\na dog | dog\n")
+    with_neg, without = tmp_path / "neg", tmp_path / "plain"
+    assert generate_main(_args("tiny-sd3", with_neg, prompts, "--negative-prompt", "blurry", guidance="4")) == 0
+    assert generate_main(_args("tiny-sd3", without, prompts, guidance="4")) == 0
+    ids = _check_dataset(with_neg, 2, 21)
+    records = [json.loads(line) for line in (with_neg / "manifest.jsonl").read_text().splitlines()]
+    assert [r["negative_prompt"] for r in records] == ["blurry", "blurry"]
+    assert json.loads((with_neg / "run.json").read_text())["defining"]["negative_prompt"] == "blurry"
+    a, b = (read_capture(str(d / "captures" / f"{ids[0]}.safetensors"), label_set=get_label_set("voc"))
+            for d in (with_neg, without))
+    assert not np.allclose(a.class_attention.numpy(), b.class_attention.numpy(), atol=1e-4)
