@@ -1,9 +1,11 @@
 """Look at a generated dataset: a contact sheet (PNG) or an HTML page, stats and suspicious images.
 
 ``python -m pccfast.inspect DATASET [--out sheet.png|page.html] [--limit N]`` (the command is
-:mod:`pccfast.cli.inspect`) reads the VOC
-layout written by ``generate`` (``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``,
-optional ``SegmentationClassBlocky/<id>.png``, ``manifest.jsonl``, ``labelset.json``) and
+:mod:`pccfast.cli.inspect`) reads a dataset in any layout: the VOC layout written by
+``generate`` (``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``, optional
+``SegmentationClassBlocky/<id>.png``, ``manifest.jsonl``, ``labelset.json``) file by file, and
+WebDataset tars or Parquet files through :mod:`pccfast.data.readers` (their committed samples,
+a batch at a time: see :mod:`pccfast.tools.packed`), and
 
 - prints stats over all masks: each class's share of the mask pixels and of the images, the
   uncertain (255) share per image (distribution and the most uncertain images), missing files;
@@ -13,11 +15,14 @@ optional ``SegmentationClassBlocky/<id>.png``, ``manifest.jsonl``, ``labelset.js
 - draws the first ``--limit`` images (or only the suspicious ones) as rows
   image | blocky mask overlay (when the dataset has blocky masks) | refined mask overlay, with
   a legend of the classes shown (PNG), or writes an HTML page whose table refers to the
-  dataset's own files by relative path (only files that exist).
+  dataset's own files by relative path (only files that exist; a tar or parquet sample's
+  images are embedded in the page as ``data:`` URIs of their stored bytes).
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import math
 import os
 import re
@@ -30,14 +35,17 @@ from PIL.PngImagePlugin import PngInfo
 
 from pccfast.data.fileio import atomic_write_bytes, load_mask, read_jsonl
 from pccfast.data.labelsets import get_label_set
-from pccfast.data.layout import BLOCKY, IMAGE_EXTS, IMAGES, LABELSET, MANIFEST, MASKS
+from pccfast.data.layout import BLOCKY, IMAGE_EXTS, IMAGES, LABELSET, MANIFEST, MASKS, MEMBERS
+from pccfast.data.readers import committed_records
 from pccfast.core.labelset import LabelSet
+from pccfast.tools.packed import location, open_packed, read_packed, stored_label_set
 
 __all__ = [
     "Sample",
     "ImageStats",
     "DatasetStats",
     "find_samples",
+    "sample_files",
     "image_stats",
     "suspicious_reasons",
     "dataset_stats",
@@ -54,7 +62,13 @@ _IMAGE_EXTS = IMAGE_EXTS
 
 @dataclass
 class Sample:
-    """The files and manifest record of one image id (paths are None where the file is absent)."""
+    """The files and manifest record of one image id (paths are None where the file is absent).
+
+    A tar or parquet sample has its ``source`` and ``locator`` (:mod:`pccfast.data.readers`),
+    and ``image``, ``mask`` and ``blocky`` say where it is stored
+    (:func:`~pccfast.tools.packed.location`); a parquet sample's ``blocky`` is known once it is
+    read, and so are the prompt and classes of a sample that no manifest records
+    (``record_known`` False): they come from its stored record then."""
 
     id: str
     image: str | None
@@ -62,6 +76,9 @@ class Sample:
     blocky: str | None
     prompt: str = ""
     classes: tuple[str, ...] = ()  # prompt classes from the manifest
+    source: object = field(default=None, repr=False, compare=False)  # readers.Source of a tar/parquet sample
+    locator: object = field(default=None, repr=False, compare=False)  # readers.Locator of a tar/parquet sample
+    record_known: bool = True  # False: a tar/parquet sample whose prompt and classes are read with its files
 
 
 def _natural(s: str):
@@ -79,8 +96,33 @@ def _stems(d: str, exts) -> dict[str, str]:
     return out
 
 
+def _classes(record: dict) -> tuple[str, ...]:
+    cls = record.get("classes") or ()
+    return tuple(str(c) for c in cls) if isinstance(cls, list) else ()
+
+
+def _packed_samples(source) -> list[Sample]:
+    records = committed_records(source.path) or {}
+    out = []
+    for it in source.items:
+        r = records.get(it.id)
+        if source.layout == "webdataset":
+            exts = {ext for ext, _, _ in it.where[1]}
+            blocky = location(source, it, MEMBERS["blocky"]) if MEMBERS["blocky"] in exts else None
+        else:
+            blocky = None  # known once read
+        out.append(Sample(it.id, location(source, it, MEMBERS["image"]), location(source, it, MEMBERS["mask"]), blocky,
+                          str((r or {}).get("prompt", "")), _classes(r or {}), source=source, locator=it,
+                          record_known=r is not None))
+    return out
+
+
 def find_samples(root: str) -> list[Sample]:
-    """Every id of the dataset: manifest order first, then ids that only have files (natural order)."""
+    """Every id of the dataset. VOC layout: manifest order first, then ids that only have files
+    (natural order); WebDataset tars and Parquet files: their committed samples in file order."""
+    source = open_packed(root)
+    if source is not None:
+        return _packed_samples(source)
     if not os.path.isdir(root):
         raise ValueError(f"{root}: not a folder")
     images = _stems(os.path.join(root, IMAGES), _IMAGE_EXTS)
@@ -96,10 +138,33 @@ def find_samples(root: str) -> list[Sample]:
     out = []
     for i in ids:
         r = records.get(i, {})
-        cls = r.get("classes") or ()
-        out.append(Sample(i, images.get(i), masks.get(i), blocky.get(i), str(r.get("prompt", "")),
-                          tuple(str(c) for c in cls) if isinstance(cls, list) else ()))
+        out.append(Sample(i, images.get(i), masks.get(i), blocky.get(i), str(r.get("prompt", "")), _classes(r)))
     return out
+
+
+def sample_files(samples: list[Sample], kinds=("image", "mask", "blocky")):
+    """Yield ``(sample, files)`` for each of ``samples`` in order: ``files`` maps each of ``kinds``
+    the sample has to what ``PIL.Image.open`` and ``load_mask`` take: its path (VOC files) or a
+    ``BytesIO`` of its stored bytes (tar and parquet samples, read a batch at a time)."""
+    i = 0
+    while i < len(samples):
+        source = samples[i].source
+        if source is None:
+            s = samples[i]
+            yield s, {k: getattr(s, k) for k in kinds if getattr(s, k)}
+            i += 1
+            continue
+        j = i + 1
+        while j < len(samples) and samples[j].source is source:
+            j += 1
+        run = samples[i:j]
+        for s, enc in zip(run, read_packed(source, [x.locator for x in run])):
+            if source.layout == "parquet":
+                s.blocky = location(source, s.locator, MEMBERS["blocky"]) if "blocky" in enc.files else None
+            if not s.record_known:
+                s.prompt, s.classes, s.record_known = str(enc.record.get("prompt", "")), _classes(enc.record), True
+            yield s, {k: io.BytesIO(enc.files[k]) for k in kinds if k in enc.files}
+        i = j
 
 
 # ------------------------------------------------------------------------------------------
@@ -141,13 +206,17 @@ def suspicious_reasons(counts: np.ndarray, label_set: LabelSet, prompt_classes=(
     return reasons
 
 
-def image_stats(sample: Sample, label_set: LabelSet, uncertain_max: float = 0.9) -> ImageStats:
-    if sample.mask is None:
-        return ImageStats(sample.id, None, math.nan, ["no mask file"] + ([] if sample.image else ["no image file"]))
-    mask = load_mask(sample.mask)
+def image_stats(sample: Sample, label_set: LabelSet, uncertain_max: float = 0.9, files: dict | None = None) -> ImageStats:
+    """The label counts and reasons of one sample; ``files``: its :func:`sample_files` entry
+    (default: read here)."""
+    if files is None:
+        _, files = next(sample_files([sample], ("image", "mask")))
+    if "mask" not in files:
+        return ImageStats(sample.id, None, math.nan, ["no mask file"] + ([] if "image" in files else ["no image file"]))
+    mask = load_mask(files["mask"])
     counts = np.bincount(mask.ravel(), minlength=256)  # (256,)
     reasons = suspicious_reasons(counts, label_set, sample.classes, uncertain_max)
-    if sample.image is None:
+    if "image" not in files:
         reasons.insert(0, "no image file")
     return ImageStats(sample.id, counts, float(counts[label_set.ignore_index] / max(mask.size, 1)), reasons)
 
@@ -202,7 +271,7 @@ class DatasetStats:
 def dataset_stats(samples: list[Sample], label_set: LabelSet, uncertain_max: float = 0.9) -> DatasetStats:
     """Decode every mask once and gather :class:`DatasetStats`."""
     c = label_set.num_classes
-    per = [image_stats(s, label_set, uncertain_max) for s in samples]
+    per = [image_stats(s, label_set, uncertain_max, f) for s, f in sample_files(samples, ("image", "mask"))]
     counts = [s.counts for s in per if s.counts is not None]
     if counts:
         stack = np.stack(counts)  # (N, 256)
@@ -255,8 +324,8 @@ def _fit(draw, text: str, font, width: float) -> str:
     return text + "..."
 
 
-def _thumb(path: str | None, size: int) -> Image.Image | None:
-    """The image scaled to fit a size x size box."""
+def _thumb(path, size: int) -> Image.Image | None:
+    """The image (a path or a file object) scaled to fit a size x size box."""
     if path is None:
         return None
     with Image.open(path) as im:
@@ -271,7 +340,8 @@ def contact_sheet(samples: list[Sample], label_set: LabelSet, *, size: int = 160
                   blocky: bool | None = None, title: str = "") -> ContactSheet:
     """Rows image | blocky overlay (if ``blocky``) | refined overlay, a caption above each row,
     a legend of the classes shown at the bottom. ``stats``: id -> ImageStats (for captions)."""
-    blocky = any(s.blocky for s in samples) if blocky is None else blocky
+    files = [f for _, f in sample_files(samples)]
+    blocky = any("blocky" in f for f in files) if blocky is None else blocky
     heads = ["image"] + (["blocky mask"] if blocky else []) + ["refined mask"]
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -282,10 +352,10 @@ def contact_sheet(samples: list[Sample], label_set: LabelSet, *, size: int = 160
     top = pad + 2 * line  # title + column heads
     present: set[int] = set()
     cells = []
-    for s in samples:
-        img = _thumb(s.image, size)
+    for f in files:
+        img = _thumb(f.get("image"), size)
         row = [img]
-        for path in ([s.blocky] if blocky else []) + [s.mask]:
+        for path in ([f.get("blocky")] if blocky else []) + [f.get("mask")]:
             m = None
             if path is not None:
                 m = load_mask(path)
@@ -368,6 +438,15 @@ def _href(path: str, base: str) -> str:
     return quote(rel.replace(os.sep, "/"))
 
 
+def _src(f, base: str) -> str:
+    """An HTML ``src``: a file's path relative to the page, or the stored bytes as a data URI."""
+    if isinstance(f, str):
+        return _href(f, base)
+    data = f.getvalue()
+    kind = "png" if data.startswith(b"\x89PNG") else "jpeg"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 def _rgb(c) -> str:
     return "#%02x%02x%02x" % tuple(c)
 
@@ -404,26 +483,33 @@ def write_html(path: str, samples: list[Sample], stats: DatasetStats, *, size: i
         name = f"<a href='#{quote(s.id)}'>{e(s.id)}</a>" if s.id in shown else e(s.id)
         out.append(f"<li>{name}: {e('; '.join(s.reasons))}</li>")
     out.append("</ul>")
-    has_blocky = any(s.blocky for s in samples)
+    files = [f for _, f in sample_files(samples)]
+    has_blocky = any("blocky" in f for f in files)
     out.append("<h2>Images</h2><table><tr><th>id</th><th>prompt / classes</th><th>uncertain</th><th>image</th>"
                + ("<th>blocky mask</th>" if has_blocky else "") + "<th>refined mask</th></tr>")
-    for s in samples:
+    for s, f in zip(samples, files):
         st = by_id.get(s.id)
-        img = f"<a href='{_href(s.image, base)}'><img src='{_href(s.image, base)}' width='{size}'></a>" if s.image else "no image"
+        image = f.get("image")
+        if image is None:
+            img = "no image"
+        elif isinstance(image, str):
+            img = f"<a href='{_src(image, base)}'><img src='{_src(image, base)}' width='{size}'></a>"
+        else:  # stored bytes: no link (browsers do not open data URIs as pages)
+            img = f"<img src='{_src(image, base)}' width='{size}'>"
 
         def masked(p):
             if p is None:
                 return "<td>no file</td>"
-            m = f"<img class='m' src='{_href(p, base)}'>"
-            if s.image is None:
-                return f"<td><img src='{_href(p, base)}' width='{size}'></td>"
-            return f"<td><div class='ov'><img src='{_href(s.image, base)}' width='{size}'>{m}</div></td>"
+            m = f"<img class='m' src='{_src(p, base)}'>"
+            if image is None:
+                return f"<td><img src='{_src(p, base)}' width='{size}'></td>"
+            return f"<td><div class='ov'><img src='{_src(image, base)}' width='{size}'>{m}</div></td>"
 
         unc = "-" if st is None or math.isnan(st.uncertain) else f"{100 * st.uncertain:.1f}%"
         reasons = f"<div class='bad'>{e('; '.join(st.reasons))}</div>" if st and st.reasons else ""
         out.append(f"<tr id='{e(s.id)}'><td>{e(s.id)}</td><td>{e(s.prompt)}<br><i>{e(', '.join(s.classes))}</i>"
-                   f"{reasons}</td><td>{unc}</td><td>{img}</td>" + (masked(s.blocky) if has_blocky else "")
-                   + masked(s.mask) + "</tr>")
+                   f"{reasons}</td><td>{unc}</td><td>{img}</td>" + (masked(f.get("blocky")) if has_blocky else "")
+                   + masked(f.get("mask")) + "</tr>")
     out.append("</table></body></html>\n")
     atomic_write_bytes(path, "\n".join(out).encode("utf-8"))
 
@@ -434,6 +520,7 @@ def write_html(path: str, samples: list[Sample], stats: DatasetStats, *, size: i
 
 
 def dataset_label_set(dataset: str, name: str | None = None) -> LabelSet:
-    """``name`` (a label set name or file), else the dataset's own labelset.json, else voc."""
+    """``name`` (a label set name or file), else the dataset's own labelset.json, else the one
+    its parquet files record, else voc."""
     own = os.path.join(dataset, LABELSET)
-    return get_label_set(name or (own if os.path.isfile(own) else "voc"))
+    return get_label_set(name or (own if os.path.isfile(own) else stored_label_set(dataset) or "voc"))
