@@ -123,7 +123,7 @@ def test_capture_equals_float64_recomputation(tiny_pipe, recorded, cfg):
     assert torch.equal(present, want)  # the classes of the prompt, and no background map
 
 
-def _captured_run(pipe, prompts, classes, seeds, chunk=1 << 24, watch=None, steps=STEPS):
+def _captured_run(pipe, prompts, classes, seeds, chunk=None, watch=None, steps=STEPS):
     """One run with the PCC capture and the DD capture installed; float images, the DD capture."""
     from pccfast.diffusion.adapters import adapter_for
     from pccfast.diffusion.capture import AttentionCapture
