@@ -49,10 +49,10 @@ def _learn(planted, out, iters, lr, *extra):
 @pytest.mark.skipif(LONG, reason="the long version runs instead")
 def test_short_run_learns(planted, tmp_path):
     """60 steps: the loss falls to under half and val mIoU is well above predicting background everywhere
-    (about 0.19 here; this run measured 0.41)."""
+    (about 0.19 here; this run measured 0.64)."""
     losses, mious = _learn(planted, str(tmp_path / "run"), 60, 0.02)
     assert losses[-1] < 0.5 * losses[0], losses
-    assert mious[-1] >= 0.3, mious
+    assert mious[-1] >= 0.45, mious
 
 
 @pytest.mark.skipif(not LONG, reason="set PCCFAST_LONG_TRAINING=1 (a few minutes on 2 CPU cores)")
