@@ -66,16 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(scheduler_names())}; the capture counts the UNet calls from it (default: the "
                    "checkpoint's own scheduler)")
     m.add_argument("--negative-prompt", default=None, metavar="TEXT",
-                   help="negative prompt of every image (the unconditional half, with guidance only); a prompt "
-                   "file's 'negative_prompt' field overrides it per prompt (default: none, the empty prompt)")
+                   help="negative prompt of every image (the unconditional half, with guidance only; SD 1.x/2.x, "
+                   "SDXL and SD3, not FLUX.1, which has no unconditional half); a prompt file's 'negative_prompt' "
+                   "field overrides it per prompt (default: none, the empty prompt)")
     m.add_argument("--seed", type=int, default=2024, help="prompt i gets seed + i, whatever the batch (default: %(default)s)")
     m.add_argument("--batch", type=int, default=8, help="prompts per UNet call (default: %(default)s)")
     m.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     m.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="model precision (default: float16 on CUDA, float32 on the CPU)")
     m.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the UNet (default backend: inductor; 'eager' checks the graphs without "
-                   "code generation); the capture compiles three graphs once, not one per step")
+                   help="torch.compile the UNet (SD3/FLUX: the transformer) (default backend: inductor; 'eager' "
+                   "checks the graphs without code generation); the capture compiles three graphs once, not one per "
+                   "step")
     m.add_argument("--feature-blocks", default=None, metavar="BLOCKS",
                    help="SD3/FLUX only: the transformer blocks whose image tokens give the head-wise features and the "
                    "class maps: 'default' (the later half of the joint (SD3) or dual-stream (FLUX) blocks), 'all', or "
