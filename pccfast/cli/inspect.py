@@ -16,12 +16,16 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pccfast.inspect",
-        description="Inspect a generated dataset (VOC layout): print class shares, uncertain shares and suspicious "
-        "images; draw a contact sheet (PNG) or write an HTML page.",
+        description="Inspect a generated dataset in any layout (voc, webdataset, parquet): print class shares, "
+        "uncertain shares and suspicious images; draw a contact sheet (PNG) or write an HTML page.",
     )
-    p.add_argument("dataset", metavar="DATASET", help="dataset folder written by python -m pccfast.generate")
+    p.add_argument("dataset", metavar="DATASET",
+                   help="dataset folder written by python -m pccfast.generate or export: the VOC layout "
+                   "(SegmentationClass/, JPEGImages/), WebDataset tars (shards/*.tar) or Parquet files (data/*.parquet, "
+                   "needs pyarrow); tar and parquet datasets show their committed samples")
     p.add_argument("--out", default=None, metavar="FILE.png|FILE.html",
-                   help="contact sheet (.png) or HTML page (.html); default: stats only")
+                   help="contact sheet (.png) or HTML page (.html; it links a VOC dataset's files and embeds a tar or "
+                   "parquet dataset's images); default: stats only")
     p.add_argument("--limit", type=int, default=24, metavar="N",
                    help="rows on the sheet / page (default: %(default)s; stats always cover every mask)")
     p.add_argument("--suspicious", action="store_true", help="show only suspicious images on the sheet / page")
@@ -29,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertain-max", type=float, default=0.9, metavar="SHARE",
                    help="a mask with a larger uncertain share is suspicious (default: %(default)s)")
     p.add_argument("--label-set", default=None, metavar="NAME|FILE",
-                   help="label set (default: the dataset's labelset.json, else voc)")
+                   help="label set (default: the dataset's labelset.json, else the one its parquet files record, "
+                   "else voc)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the stats (per class, per image) as JSON")
     return p
 
@@ -37,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     """Stats on stdout; exit status 2 with one ``error:`` line for bad options, a folder that is
-    not a dataset, or an output that cannot be written (checked before the masks are read)."""
+    not a dataset, an empty tar or parquet dataset, parquet files without pyarrow, or an output
+    that cannot be written (checked before the masks are read)."""
     args = build_parser().parse_args(argv)
     try:
         if args.limit < 0 or args.size < 8:
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         ls = dataset_label_set(args.dataset, args.label_set)
         samples = find_samples(args.dataset)
         stats = dataset_stats(samples, ls, args.uncertain_max)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         return report_error(e)
     print(stats.summary(args.dataset))
     if args.json:

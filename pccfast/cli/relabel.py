@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("input and output")
     g.add_argument("--captures", required=True, metavar="DIR",
-                   help="folder of <id>.safetensors captures (written by python -m pccfast.generate --save-captures)")
+                   help="folder of <id>.safetensors captures (written by python -m pccfast.generate --save-captures); "
+                   "a webdataset or parquet dataset keeps them inside its tars or parquet files: export it with "
+                   "python -m pccfast.export SRC --to voc OUT first and pass OUT/captures")
     g.add_argument("--images", default=None, metavar="DIR",
                    help="folder of the images <id>.jpg, <id>.jpeg or <id>.png (sides multiples of the capture grid), "
                    "or a dataset folder holding JPEGImages/; used for captures that hold no image of their own "
@@ -65,6 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _has_files(folder: str, exts: tuple, any_case: bool = False) -> bool:
+    return any((n.lower() if any_case else n).endswith(exts) and not n.startswith(".") for n in os.listdir(folder))
+
+
+def _refuse_packed(option: str, folder: str, what: str) -> None:
+    """ValueError if ``folder`` (or the dataset holding it, for its shards/ or data/ folder) is a
+    webdataset or parquet dataset: relabel reads files, which those layouts keep inside tars or
+    parquet files."""
+    from pccfast.data.layout import IMAGES, PARQUETS, TARS, detect_layout
+
+    parent = os.path.dirname(os.path.abspath(folder))
+    for root in (folder,) + ((parent,) if os.path.basename(os.path.abspath(folder)) in (TARS, PARQUETS) else ()):
+        try:
+            layout = detect_layout(root)
+        except ValueError:
+            continue
+        if layout != "voc" and not (option == "images" and os.path.isdir(os.path.join(root, IMAGES))):
+            kind = "tars" if layout == "webdataset" else "parquet files"
+            raise ValueError(f"`--{option}` {folder!r} {'is' if root == folder else 'is in'} a {layout} dataset, whose {what} are inside its {kind}, and "
+                             f"relabel reads files: run `python -m pccfast.export {root} --to voc OUT` first, then "
+                             f"relabel with `--{option} OUT{'/captures' if option == 'captures' else ''}`")
+
+
 @one_line_errors(resumable=build_parser)
 def main(argv: list[str] | None = None) -> int:
     from pccfast.runs.plan import parse_shard
@@ -87,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             d = getattr(args, name)
             if d is not None and not os.path.isdir(d):
                 raise ValueError(f"`--{name}` has to be a directory but {d!r} is not one")
-        if not any(n.endswith(".safetensors") and not n.startswith(".") for n in os.listdir(args.captures)):
+        if args.images is not None and not _has_files(args.images, (".jpg", ".jpeg", ".png"), any_case=True):
+            _refuse_packed("images", args.images, "images")
+        if not _has_files(args.captures, (".safetensors",)):
+            _refuse_packed("captures", args.captures, "captures")
             hint = os.path.join(args.captures, "captures")
             hint = f" (did you mean {hint}?)" if os.path.isdir(hint) else ""
             raise ValueError(f"`--captures` {args.captures!r} holds no .safetensors files{hint}")

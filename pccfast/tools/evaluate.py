@@ -8,10 +8,16 @@
   out of the mean (mIoU = mean over the other classes).
 - Pixel accuracy = correct pixels / counted pixels.
 
+Either side is a folder of PNG masks, a VOC dataset root (its ``SegmentationClass`` folder) or
+a WebDataset / Parquet dataset, whose masks are read through :mod:`pccfast.data.readers` a batch
+at a time (:mod:`pccfast.tools.packed`). Masks are paired by id (a file's name without
+``.png``, a sample's id).
+
 Command line: ``python -m pccfast.evaluate PRED_DIR GT_DIR`` prints a table (see ``--help``).
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,8 +28,11 @@ import torch
 from pccfast.data.fileio import load_mask
 from pccfast.data.labelsets import get_label_set
 from pccfast.data.layout import LABELSET, MASKS
+from pccfast.data.readers import Source
+from pccfast.tools.packed import location, open_packed, packed_layout, read_packed, stored_label_set
 
-__all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "default_label_set"]
+__all__ = ["confusion_matrix", "scores", "EvalReport", "evaluate_dirs", "mask_dir", "MaskSet", "open_masks",
+           "masks_name", "default_label_set"]
 
 
 def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255):
@@ -192,47 +201,93 @@ def _stems(d: str) -> dict[str, str]:
     return {os.path.splitext(n)[0]: os.path.join(d, n) for n in sorted(os.listdir(d)) if n.lower().endswith(".png")}
 
 
-def evaluate_dirs(pred_dir: str, gt_dir: str, label_set="voc", *, ids=None) -> EvalReport:
+@dataclass
+class MaskSet:
+    """One side of an evaluation: ``masks`` maps each id to its PNG file's path (a folder of
+    masks) or to its locator in ``source`` (a tar or parquet dataset)."""
+
+    name: str  # the folder of PNGs, or the dataset and its layout (for messages)
+    masks: dict
+    source: Source | None = None
+
+    def where(self, sample_id: str) -> str:
+        """The file, or the tar member / parquet row, holding ``sample_id``'s mask."""
+        m = self.masks[sample_id]
+        return m if self.source is None else location(self.source, m)
+
+    def read(self, ids: list[str]) -> dict:
+        """id -> (H, W) uint8 labels of ``ids`` (all in ``masks``); a dataset's in file order."""
+        if self.source is None:
+            return {i: load_mask(self.masks[i]) for i in ids}
+        items = sorted((self.masks[i] for i in ids), key=lambda it: it.index)
+        return {e.id: load_mask(io.BytesIO(e.files["mask"])) for e in read_packed(self.source, items)}
+
+
+def masks_name(path: str) -> str:
+    """How messages name the masks of ``path``: its mask folder, or ``PATH (webdataset dataset)``."""
+    layout = packed_layout(path)
+    return mask_dir(path) if layout is None else f"{path} ({layout} dataset)"
+
+
+def open_masks(path: str) -> MaskSet:
+    """The masks of ``path``: a tar or parquet dataset's committed samples, else the PNG files of
+    :func:`mask_dir` ``(path)``. ValueError (one line) for a missing folder or an empty dataset."""
+    source = open_packed(path)
+    if source is not None:
+        return MaskSet(masks_name(path), {it.id: it for it in source.items}, source)
+    folder = mask_dir(path)
+    return MaskSet(folder, _stems(folder))
+
+
+def evaluate_dirs(pred_dir: str, gt_dir: str, label_set="voc", *, ids=None, batch: int = 64) -> EvalReport:
     """Score every ``<id>.png`` of ``pred_dir`` against ``gt_dir/<id>.png``.
 
     Args:
-        pred_dir, gt_dir: folders of palette/greyscale PNG masks (a dataset root is taken as
-            its ``SegmentationClass`` folder).
+        pred_dir, gt_dir: folders of palette/greyscale PNG masks (a VOC dataset root is taken
+            as its ``SegmentationClass`` folder), or WebDataset / Parquet datasets (their
+            committed samples' masks, paired by id).
         label_set: the classes (its ``ignore_index`` is the ignored ground-truth label).
         ids: score only these ids (e.g. the lines of VOC's ``val.txt``); default: all.
+        batch: pairs decoded at a time (a dataset's masks are read in file order within a batch).
 
     Ids in only one folder are listed in the report, not scored. Raises ValueError if a pair
     of masks differs in size or the ground truth holds a label outside the set.
     """
+    if batch < 1:
+        raise ValueError(f"`batch` has to be >= 1 but is {batch}")
     ls = get_label_set(label_set)
-    pred_dir, gt_dir = mask_dir(pred_dir), mask_dir(gt_dir)
-    preds, gts = _stems(pred_dir), _stems(gt_dir)
-    wanted = sorted(set(preds) | set(gts)) if ids is None else list(dict.fromkeys(str(i) for i in ids))
+    pred, gt = open_masks(pred_dir), open_masks(gt_dir)
+    wanted = sorted(set(pred.masks) | set(gt.masks)) if ids is None else list(dict.fromkeys(str(i) for i in ids))
     c = ls.num_classes
     cm = np.zeros((c, c + 1), np.int64)
-    n = 0
-    only_pred, only_gt, missing = [], [], []
+    only_pred, only_gt, missing, pairs = [], [], [], []
     for i in wanted:
-        p, g = preds.get(i), gts.get(i)
-        if p is None or g is None:
+        p, g = i in pred.masks, i in gt.masks
+        if p and g:
+            pairs.append(i)
+        else:
             (only_pred if p else only_gt if g else missing).append(i)
-            continue
-        pm, gm = load_mask(p), load_mask(g)
-        if pm.shape != gm.shape:
-            raise ValueError(f"{p}: the prediction is {pm.shape[0]}x{pm.shape[1]} but the ground truth {g} is "
-                             f"{gm.shape[0]}x{gm.shape[1]} (height x width)")
-        try:
-            cm += confusion_matrix(pm, gm, c, ls.ignore_index)
-        except ValueError as e:
-            raise ValueError(f"{g}: {e} (label set {ls.name!r} has {c} classes)") from None
-        n += 1
+    for k in range(0, len(pairs), batch):
+        chunk = pairs[k : k + batch]
+        pms, gms = pred.read(chunk), gt.read(chunk)
+        for i in chunk:
+            pm, gm = pms[i], gms[i]
+            if pm.shape != gm.shape:
+                raise ValueError(f"{pred.where(i)}: the prediction is {pm.shape[0]}x{pm.shape[1]} but the ground truth "
+                                 f"{gt.where(i)} is {gm.shape[0]}x{gm.shape[1]} (height x width)")
+            try:
+                cm += confusion_matrix(pm, gm, c, ls.ignore_index)
+            except ValueError as e:
+                raise ValueError(f"{gt.where(i)}: {e} (label set {ls.name!r} has {c} classes)") from None
+    n = len(pairs)
     return EvalReport.from_confusion(cm, ls.classes, n, only_in_pred=only_pred, only_in_gt=only_gt, missing=missing)
 
 
-def default_label_set(pred_dir: str) -> str:
-    """The prediction dataset's labelset.json if there is one, else voc."""
+def default_label_set(pred_dir: str) -> "str | dict":
+    """The prediction dataset's labelset.json if there is one, else the label set its parquet
+    files record, else voc."""
     for root in (pred_dir, os.path.dirname(os.path.normpath(pred_dir))):
         f = os.path.join(root, LABELSET)
         if os.path.isfile(f):
             return f
-    return "voc"
+    return stored_label_set(pred_dir) or "voc"
