@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from pccfast.data.prompt_bank import builtin_prompts
     from pccfast.data.prompts import PromptError, read_prompts
     from pccfast.data.provenance import file_digest
+    from pccfast.diffusion.adapters import check_family_size
     from pccfast.diffusion.dit_adapters import check_family_options, declared_family
 
     def warn(line: str) -> None:
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"`--shard` {args.shard} holds none of the {chosen} prompts chosen (--start, --limit)")
         family = declared_family(args.model)
         if family is not None:  # known without loading (tiny names, local folders, cached hub models): before any output
+            check_family_size(family, args.height, args.width)  # SDXL: multiples of 16
             check_family_options(family, feature_blocks=args.feature_blocks, needs_dd=labeling.needs_dd,
                                  labeler=labeling.labeler, save_all=labeling.save_all, scheduler=args.scheduler,
                                  negative_prompt=any(getattr(e, "negative_prompt", None) is not None for e in entries)

@@ -40,6 +40,7 @@ __all__ = [
     "UnsupportedPipelineError",
     "adapter_for",
     "adapter_class",
+    "check_family_size",
     "register_adapter",
     "supported_families",
 ]
@@ -62,6 +63,7 @@ class ModelAdapter:
     family: ClassVar[str] = ""  # short name shown to users ("sd", "sdxl", ...)
     description: ClassVar[str] = ""  # which models, for the supported-family line
     pipeline_classes: ClassVar[tuple] = ()  # diffusers pipeline class names (model_index.json `_class_name`)
+    size_multiple: ClassVar[Optional[int]] = None  # image sides' multiple known before loading (None: checked once loaded)
 
     def __init__(self, pipe, denoiser=None):
         self.pipe = pipe
@@ -185,6 +187,7 @@ class StableDiffusionAdapter(UNetAdapter):
     family = "sd"
     description = "Stable Diffusion 1.x/2.x, SD-Turbo"
     pipeline_classes = ("StableDiffusionPipeline",)
+    size_multiple = 8
 
     def encode_class_texts(self, class_names: list, label_set):
         from pccfast.diffusion.tokens import encode_class_texts
@@ -203,6 +206,7 @@ class StableDiffusionXLAdapter(UNetAdapter):
     family = "sdxl"
     description = "SDXL, SDXL-Turbo"
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    size_multiple = 16
 
     def encode_class_texts(self, class_names: list, label_set):
         from pccfast.diffusion.tokens import encode_class_texts_sdxl
@@ -227,6 +231,20 @@ def _load_families() -> None:
     """Registers the families defined in other modules of this package (imported in a function:
     they import this module): SD3 and FLUX (:mod:`pccfast.diffusion.dit_adapters`)."""
     import pccfast.diffusion.dit_adapters  # noqa: F401
+
+
+def check_family_size(family: str, height: int, width: int) -> None:
+    """The size rule of ``family`` (a registered adapter's ``family``) before its model loads:
+    ValueError unless ``height`` and ``width`` are multiples of its ``size_multiple`` (SD 8,
+    SDXL 16); no check for a family that states none (the loaded adapter checks its own)."""
+    _load_families()
+    for cls in _ADAPTERS:
+        if cls.family == family and cls.size_multiple:
+            f = cls.size_multiple
+            if height % f or width % f or height < f or width < f:
+                raise ValueError(f"`height` and `width` have to be positive multiples of {f} for a {family} model "
+                                 f"but are {height} and {width}")
+            return
 
 
 def supported_families() -> str:

@@ -118,3 +118,15 @@ def test_negative_prompt_is_the_unconditional_half(tiny):
     assert torch.equal(with_neg.images, (plain * 255).round().clamp(0, 255).to(torch.uint8))
     assert not torch.equal(with_neg.images, without.images)
     assert not torch.equal(with_neg.class_attention, without.class_attention)  # its queries give the class maps
+
+
+def test_sdxl_size_rule_before_any_output(tmp_path, capsys):
+    """SDXL's sides are multiples of 16 (its grid is half the latent): refused in one line
+    before anything is written when the family is known without loading (here: tiny-sdxl)."""
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny-sdxl", "--steps", "1", "--height", "64", "--width", "72", "--limit", "1",
+              "--no-progress", "--out", str(out)])
+    assert exc.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: `height` and `width` have to be positive multiples of 16 for a sdxl model but are 64 and 72"
