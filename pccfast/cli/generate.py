@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from pccfast.data.prompts import PromptError, read_prompts
     from pccfast.data.provenance import file_digest
     from pccfast.diffusion.adapters import check_family_size
-    from pccfast.diffusion.dit_adapters import check_family_options, declared_family
+    from pccfast.diffusion.dit_adapters import check_family_options, declared_blocks, declared_family
 
     def warn(line: str) -> None:
         print(f"warning: {line}", file=sys.stderr)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             check_family_options(family, feature_blocks=args.feature_blocks, needs_dd=labeling.needs_dd,
                                  labeler=labeling.labeler, save_all=labeling.save_all, scheduler=args.scheduler,
                                  negative_prompt=any(getattr(e, "negative_prompt", None) is not None for e in entries)
-                                 or args.negative_prompt is not None)
+                                 or args.negative_prompt is not None, blocks=declared_blocks(args.model, family))
     except (ValueError, PromptError, OSError) as exc:
         fail(exc)
     return run_and_report(lambda: run_generation(

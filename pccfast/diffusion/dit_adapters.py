@@ -18,13 +18,14 @@ They fill in :class:`pccfast.diffusion.adapters.ModelAdapter` for a transformer 
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import ClassVar, Optional
 
 from pccfast.diffusion.adapters import ModelAdapter, register_adapter
 
 __all__ = ["DiTAdapter", "SD3Adapter", "FluxAdapter", "DIT_PIPELINE_CLASSES", "DIT_FAMILIES", "declared_family",
-           "check_family_options"]
+           "declared_blocks", "check_family_options"]
 
 DIT_FAMILIES = ("sd3", "flux")  # the families with the joint-attention capture
 
@@ -145,9 +146,41 @@ def declared_family(model: str) -> Optional[str]:
         return None
 
 
+def declared_blocks(model: str, family: Optional[str]) -> Optional[list]:
+    """The joint-attention block names (``joint_capture.dit_blocks`` order) of a DiT ``model``
+    of ``family`` where they are known without loading it: the tiny models' configurations,
+    and a local folder's or a cached hub model's ``transformer/config.json``; None otherwise."""
+    from pccfast.diffusion.joint_capture import block_names
+
+    if family not in DIT_FAMILIES:
+        return None
+    from pccfast.diffusion import tiny_dit
+
+    if model in tiny_dit.TINY_DIT_MODELS:
+        config = tiny_dit.TINY_SD3_TRANSFORMER if family == "sd3" else tiny_dit.TINY_FLUX_TRANSFORMER
+    else:
+        path = os.path.join(os.path.expanduser(model), "transformer", "config.json")
+        try:
+            if not os.path.isfile(path):
+                from huggingface_hub import try_to_load_from_cache
+
+                path = try_to_load_from_cache(model, "transformer/config.json")  # no network
+            if not isinstance(path, str) or not os.path.isfile(path):
+                return None
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except Exception:  # an invalid hub id, a broken file: loading the model says why
+            return None
+    try:
+        return block_names(int(config["num_layers"]), int(config.get("num_single_layers", 0) if family == "flux" else 0))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def check_family_options(family: str, *, feature_blocks=None, needs_dd: bool = False, labeler: str = "dd",
                          save_all: bool = False,
-                         scheduler: Optional[str] = None, negative_prompt: bool = False, transformer=None) -> None:
+                         scheduler: Optional[str] = None, negative_prompt: bool = False, transformer=None,
+                         blocks: Optional[list] = None) -> None:
     """Refuse, in one line naming the option, its value and what is valid, the run options that
     a model family cannot run; ``generate`` checks them before the first batch.
 
@@ -161,6 +194,7 @@ def check_family_options(family: str, *, feature_blocks=None, needs_dd: bool = F
         negative_prompt: whether a negative prompt is given (SD3: the unconditional half's
             text; FLUX.1 has no unconditional half).
         transformer: the loaded DiT's transformer, or None before loading.
+        blocks: before loading, the DiT's block names where known (``declared_blocks``).
 
     Raises:
         ValueError: one line.
@@ -185,3 +219,7 @@ def check_family_options(family: str, *, feature_blocks=None, needs_dd: bool = F
         from pccfast.diffusion.joint_capture import parse_feature_blocks
 
         parse_feature_blocks(feature_blocks, transformer)
+    elif feature_blocks is not None and blocks:
+        from pccfast.diffusion.joint_capture import choose_blocks
+
+        choose_blocks(feature_blocks, blocks, family)

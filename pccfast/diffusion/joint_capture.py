@@ -62,6 +62,8 @@ __all__ = [
     "dit_blocks",
     "default_feature_blocks",
     "parse_feature_blocks",
+    "choose_blocks",
+    "block_names",
     "check_feature_blocks",
     "class_keys",
     "class_scores",
@@ -89,7 +91,12 @@ def dit_blocks(transformer) -> list[str]:
 def default_feature_blocks(transformer) -> list[str]:
     """The documented default: the later half of the joint (SD3) or dual-stream (FLUX) blocks
     (SD 3.5 large: blocks 19-37 of 38; FLUX.1: 9-18 of 19)."""
-    n = len(transformer.transformer_blocks)
+    return _later_half(dit_blocks(transformer))
+
+
+def _later_half(blocks: list) -> list[str]:
+    """The later half of the joint (dual-stream) blocks among ``blocks`` (``dit_blocks`` order)."""
+    n = sum(1 for b in blocks if b.startswith("transformer_blocks."))
     return [f"transformer_blocks.{i}" for i in range(n // 2, n)]
 
 
@@ -117,11 +124,23 @@ def parse_feature_blocks(spec, transformer) -> list[str]:
     "all", or commas of block names, indexes and ranges ``a-b`` (inclusive) into
     ``dit_blocks`` (FLUX: dual-stream blocks first, so 19-37 are FLUX.1's single-stream ones).
     Returned in forward order, without repeats."""
-    blocks = dit_blocks(transformer)
+    return choose_blocks(spec, dit_blocks(transformer), dit_family(transformer))
+
+
+def block_names(num_joint: int, num_single: int = 0) -> list[str]:
+    """``dit_blocks`` of a transformer with ``num_joint`` joint (dual-stream) and ``num_single``
+    single-stream blocks (from its config, without building it)."""
+    return [f"transformer_blocks.{i}" for i in range(num_joint)] + \
+        [f"single_transformer_blocks.{j}" for j in range(num_single)]
+
+
+def choose_blocks(spec, blocks: list, family: str) -> list[str]:
+    """``parse_feature_blocks`` against the block names ``blocks`` (``dit_blocks`` order) of a
+    ``family`` ("sd3", "flux") transformer."""
     if spec is None or (isinstance(spec, str) and spec.strip() == "default"):
-        return default_feature_blocks(transformer)
+        return _later_half(blocks)
     if isinstance(spec, str) and spec.strip() == "all":
-        return blocks
+        return list(blocks)
     parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p) for p in spec]
     chosen = set()
     for p in parts:
@@ -132,7 +151,7 @@ def parse_feature_blocks(spec, transformer) -> list[str]:
         if not (lo.isdigit() and (not hi or hi.isdigit())) or int(hi or lo) < int(lo) or int(hi or lo) >= len(blocks):
             raise ValueError(
                 f"`feature_blocks` has to name blocks ({blocks[0]}, ...), indexes or ranges a-b in "
-                f"[0, {len(blocks) - 1}] of this {dit_family(transformer)} transformer but holds {p!r}"
+                f"[0, {len(blocks) - 1}] of this {family} transformer but holds {p!r}"
             )
         chosen.update(blocks[int(lo): int(hi or lo) + 1])
     if not chosen:

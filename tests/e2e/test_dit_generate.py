@@ -173,15 +173,57 @@ def test_prompt_file_negative_prompt_on_flux_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("model, spec, last", [("tiny-sd3", "99", "[0, 3] of this sd3"),  # 4 joint blocks
                                                ("tiny-flux", "2-9", "[0, 3] of this flux")])  # 2 dual + 2 single
-def test_feature_blocks_out_of_range_is_one_line_before_the_first_batch(tmp_path, capsys, model, spec, last):
-    """The indexes are checked against the loaded transformer, once, when the run starts."""
+def test_feature_blocks_out_of_range_is_one_line_before_any_output(tmp_path, capsys, model, spec, last):
+    """The indexes are checked against the transformer's configuration (here the tiny models'),
+    before the output folder is made."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat | cat\na dog | dog\n")
     with pytest.raises(SystemExit) as exc:
         generate_main(_args(model, tmp_path / "o", prompts, "--feature-blocks", spec))
     line = _one_error(capsys, exc)
     assert "`feature_blocks` has to name blocks" in line and repr(spec) in line and last in line, line
-    assert not (tmp_path / "o" / "JPEGImages").exists() or not list((tmp_path / "o" / "JPEGImages").iterdir())
+    assert not (tmp_path / "o").exists()
+
+
+def test_local_folder_checked_from_its_files_before_loading(tmp_path, capsys):
+    """A local folder's model_index.json and transformer/config.json tell the family and the
+    blocks without loading (here a folder holding those two files only)."""
+    folder = tmp_path / "flux"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"num_layers": 19, "num_single_layers": 38}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat | cat\n")
+    for extra, words in ((["--feature-blocks", "50-57"], ["'50-57'", "[0, 56] of this flux"]),
+                         (["--labeler", "dd"], ["`labeler` 'dd'", "family 'flux'"])):
+        with pytest.raises(SystemExit) as exc:
+            generate_main(_args(str(folder), tmp_path / "o", prompts, *extra))
+        line = _one_error(capsys, exc)
+        assert all(w in line for w in words), line
+        assert not (tmp_path / "o").exists()
+
+
+def test_feature_blocks_out_of_range_checked_against_the_loaded_transformer(tmp_path):
+    """Where only the loaded model tells its blocks (a hub model not cached yet, a pipeline
+    handed over): a RunError line when the run starts, before the first batch."""
+    from pccfast.core.config import PCCConfig
+    from pccfast.data.prompts import PromptEntry
+    from pccfast.diffusion.settings import GenerationConfig
+    from pccfast.diffusion.tiny_dit import build_tiny_dit_pipeline
+    from pccfast.runs.engine import RunError
+    from pccfast.runs.generate import run_generation
+
+    pipe = build_tiny_dit_pipeline("tiny-flux-schnell")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    settings = GenerationConfig(model="tiny-flux-schnell", steps=1, height=SIZE, width=SIZE, guidance=0.0,
+                                feature_blocks="1,4")
+    entries = [PromptEntry(id="0", prompt="a cat", classes=("cat",), index=0, source="test")]
+    with pytest.raises(RunError, match=r"`feature_blocks` has to name blocks .* in \[0, 3\] of this flux transformer "
+                                       r"but holds '4'"):
+        run_generation(entries, settings, PCCConfig(), get_label_set("voc"), str(tmp_path / "o"), pipe=pipe,
+                       progress=False)
+    assert calls == []
 
 
 def test_run_with_a_given_pipeline_refuses_dd_before_the_first_batch(tmp_path):
@@ -218,6 +260,14 @@ def test_declared_family_without_loading(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     assert declared_family(str(folder)) is None
     assert declared_family(str(tmp_path / "missing")) is None
+    from pccfast.diffusion.dit_adapters import declared_blocks
+    from pccfast.diffusion.joint_capture import dit_blocks
+    from pccfast.diffusion.tiny_dit import build_tiny_dit_pipeline
+
+    for name in ("tiny-sd3", "tiny-flux"):
+        assert declared_blocks(name, declared_family(name)) == dit_blocks(build_tiny_dit_pipeline(name).transformer)
+    assert declared_blocks(str(folder), "flux") is None  # no transformer/config.json
+    assert declared_blocks("tiny", "sd") is None
 
 
 def test_sd3_negative_prompt_end_to_end(tmp_path):
