@@ -14,7 +14,12 @@ They fill in :class:`pccfast.diffusion.adapters.ModelAdapter` for a transformer 
   never has one (dev embeds the guidance scale, schnell is guidance-distilled);
 * the run: the joint attention needs its own capture (:mod:`pccfast.diffusion.joint_capture`:
   class keys through each block's text side, image tokens in the joint sequence), so
-  ``generate`` runs :func:`pccfast.diffusion.dit_generation.generate_with_capture_dit`.
+  ``generate`` runs :func:`pccfast.diffusion.dit_generation.generate_with_capture_dit`;
+* run options: SD3 takes a negative prompt, FLUX.1 does not; both take ``compile``; neither
+  Dataset Diffusion's labeller nor ``scheduler``. :func:`check_family_options` refuses what a
+  family cannot run in one line, before any output where :func:`declared_family` and
+  :func:`declared_blocks` tell the family and blocks from the name or files, else when the
+  model has loaded.
 """
 from __future__ import annotations
 
