@@ -271,3 +271,26 @@ def test_sdxl_class_texts_encoded_as_prompts():
         torch.testing.assert_close(embeds[i, :n], prompt_embeds[0, :n], rtol=1e-5, atol=1e-6)
         assert torch.equal(embeds[i, n:], torch.zeros_like(embeds[i, n:]))
         assert tok.ids[i, 0] == pipe.tokenizer.bos_token_id and tok.ids[i, n - 1] == pipe.tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("model, guidance", [("tiny-sdxl", 7.5), ("tiny-turbo", 0.0)])
+def test_capture_memory_flat_in_steps(model, guidance):
+    """The capture's buffers (class maps summed over steps, last-step features) do not grow
+    with the number of UNet calls."""
+    from pccfast.diffusion.capture import AttentionCapture
+    from pccfast.diffusion.schedulers import unet_calls
+
+    pipe = _pipe(model)
+    adapter = adapter_for(pipe)
+    embeds, mask, _ = adapter.encode_class_texts([["cat"]], VOC)
+    held = []
+    for steps in (1, 3):
+        cap = AttentionCapture(adapter.denoiser, embeds, mask, unet_calls(pipe.scheduler, steps), adapter.latent_hw(64, 64),
+                               adapter=adapter, halves=adapter.halves(guidance), grid_hw=adapter.grid_hw(64, 64))
+        with cap:
+            pipe(["a cat"], height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
+                 generator=[torch.Generator().manual_seed(1)], output_type="pt", callback_on_step_end=cap.on_step_end)
+        cap.features()
+        held.append(sum(t.numel() * t.element_size() for t in [*cap.class_maps.values(), *cap.head_features.values()]))
+        assert not cap.head_inputs  # the per-head outputs are released after the PCA
+    assert held[0] == held[1] > 0
