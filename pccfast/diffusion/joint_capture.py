@@ -308,7 +308,7 @@ class JointCaptureProcessor:
         else:
             out, query, per_head = _flux_attention(attn, hidden_states, encoder_hidden_states, attention_mask,
                                                    image_rotary_emb, self.capture.n_image, self._attention_backend)
-        self.capture.observe(self.name, attn, query, per_head, image_rotary_emb, record=self.record)
+        self.capture.observe(self.name, attn, query, per_head, image_rotary_emb, self.record)
         return out
 
 
