@@ -158,26 +158,35 @@ def _clean(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in LOCATION_KEYS}
 
 
-def read_encoded(source: Source, items: list[Locator]) -> list[Encoded]:
-    """The stored bytes and records of ``items`` (of ``source``), in their order."""
+_FILES = ("image", "mask", "blocky", "capture")
+
+
+def read_encoded(source: Source, items: list[Locator], kinds: tuple | None = None) -> list[Encoded]:
+    """The stored bytes and records of ``items`` (of ``source``), in their order; ``kinds``: only
+    these of its files (of ``image``, ``mask``, ``blocky``, ``capture``; default all), so that,
+    for example, counting mask labels reads no capture (parquet: not even its column)."""
+    kinds = _FILES if kinds is None else tuple(kinds)
+    bad = [k for k in kinds if k not in _FILES]
+    if bad:
+        raise ValueError(f"`kinds` has to name files of {list(_FILES)} but names {bad}")
     if source.layout == "voc":
-        return [_read_voc(source, it) for it in items]
+        return [_read_voc(source, it, kinds) for it in items]
     if source.layout == "webdataset":
-        return _read_tars(source, items)
-    return _read_parquet(source, items)
+        return _read_tars(source, items, kinds)
+    return _read_parquet(source, items, kinds)
 
 
-def _read_voc(source: Source, item: Locator) -> Encoded:
+def _read_voc(source: Source, item: Locator, kinds: tuple = _FILES) -> Encoded:
     p = sample_paths(source.path, item.id)
     files = {}
-    for key in ("image", "mask", "blocky", "capture"):
+    for key in kinds:
         if key in ("image", "mask") or os.path.exists(p[key]):
             with open(p[key], "rb") as f:
                 files[key] = f.read()
     return Encoded(item.id, _clean(source.records.get(item.id, {"id": item.id})), files)
 
 
-def _read_tars(source: Source, items: list[Locator]) -> list[Encoded]:
+def _read_tars(source: Source, items: list[Locator], kinds: tuple = _FILES) -> list[Encoded]:
     out, handles = [], {}
     try:
         for it in items:
@@ -186,6 +195,8 @@ def _read_tars(source: Source, items: list[Locator]) -> list[Encoded]:
                 handles[name] = open(os.path.join(source.path, TARS, name), "rb")
             f, files, record = handles[name], {}, None
             for ext, start, size in spans:
+                if ext != "json" and _KIND.get(ext) not in kinds:
+                    continue
                 f.seek(start)
                 data = f.read(size)
                 if ext == "json":
@@ -199,7 +210,7 @@ def _read_tars(source: Source, items: list[Locator]) -> list[Encoded]:
     return out
 
 
-def _read_parquet(source: Source, items: list[Locator]) -> list[Encoded]:
+def _read_parquet(source: Source, items: list[Locator], kinds: tuple = _FILES) -> list[Encoded]:
     from pccfast.data.parquet import import_pyarrow
 
     _, pq = import_pyarrow()
@@ -209,7 +220,9 @@ def _read_parquet(source: Source, items: list[Locator]) -> list[Encoded]:
         name, g, row = it.where
         if (name, g) not in groups:
             groups.clear()  # one row group in memory at a time (items come in file order)
-            groups[(name, g)] = pq.ParquetFile(os.path.join(source.path, PARQUETS, name)).read_row_group(g).to_pylist()
+            pf = pq.ParquetFile(os.path.join(source.path, PARQUETS, name))
+            columns = None if kinds == _FILES else [c for c in pf.schema_arrow.names if c not in _FILES or c in kinds]
+            groups[(name, g)] = pf.read_row_group(g, columns=columns).to_pylist()
         r = groups[(name, g)][row]
         files = {k: r[k]["bytes"] for k in ("image", "mask", "blocky") if r.get(k) and r[k].get("bytes") is not None}
         if r.get("capture") is not None:

@@ -220,7 +220,7 @@ class MaskSet:
         if self.source is None:
             return {i: load_mask(self.masks[i]) for i in ids}
         items = sorted((self.masks[i] for i in ids), key=lambda it: it.index)
-        return {e.id: load_mask(io.BytesIO(e.files["mask"])) for e in read_packed(self.source, items)}
+        return {e.id: load_mask(io.BytesIO(e.files["mask"])) for e in read_packed(self.source, items, kinds=("mask",))}
 
 
 def masks_name(path: str) -> str:

@@ -158,8 +158,8 @@ def sample_files(samples: list[Sample], kinds=("image", "mask", "blocky")):
         while j < len(samples) and samples[j].source is source:
             j += 1
         run = samples[i:j]
-        for s, enc in zip(run, read_packed(source, [x.locator for x in run])):
-            if source.layout == "parquet":
+        for s, enc in zip(run, read_packed(source, [x.locator for x in run], kinds=tuple(kinds))):
+            if source.layout == "parquet" and "blocky" in kinds:
                 s.blocky = location(source, s.locator, MEMBERS["blocky"]) if "blocky" in enc.files else None
             if not s.record_known:
                 s.prompt, s.classes, s.record_known = str(enc.record.get("prompt", "")), _classes(enc.record), True
@@ -210,13 +210,13 @@ def image_stats(sample: Sample, label_set: LabelSet, uncertain_max: float = 0.9,
     """The label counts and reasons of one sample; ``files``: its :func:`sample_files` entry
     (default: read here)."""
     if files is None:
-        _, files = next(sample_files([sample], ("image", "mask")))
+        _, files = next(sample_files([sample], ("mask",)))
     if "mask" not in files:
-        return ImageStats(sample.id, None, math.nan, ["no mask file"] + ([] if "image" in files else ["no image file"]))
+        return ImageStats(sample.id, None, math.nan, ["no mask file"] + ([] if sample.image else ["no image file"]))
     mask = load_mask(files["mask"])
     counts = np.bincount(mask.ravel(), minlength=256)  # (256,)
     reasons = suspicious_reasons(counts, label_set, sample.classes, uncertain_max)
-    if "image" not in files:
+    if sample.image is None:
         reasons.insert(0, "no image file")
     return ImageStats(sample.id, counts, float(counts[label_set.ignore_index] / max(mask.size, 1)), reasons)
 
@@ -271,7 +271,7 @@ class DatasetStats:
 def dataset_stats(samples: list[Sample], label_set: LabelSet, uncertain_max: float = 0.9) -> DatasetStats:
     """Decode every mask once and gather :class:`DatasetStats`."""
     c = label_set.num_classes
-    per = [image_stats(s, label_set, uncertain_max, f) for s, f in sample_files(samples, ("image", "mask"))]
+    per = [image_stats(s, label_set, uncertain_max, f) for s, f in sample_files(samples, ("mask",))]
     counts = [s.counts for s in per if s.counts is not None]
     if counts:
         stack = np.stack(counts)  # (N, 256)

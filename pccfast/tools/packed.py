@@ -44,20 +44,22 @@ def open_packed(path: str) -> Source | None:
     return source
 
 
-def read_packed(source: Source, items: Iterable[Locator], batch: int = DEFAULT_READ_BATCH) -> Iterator[Encoded]:
+def read_packed(source: Source, items: Iterable[Locator], batch: int = DEFAULT_READ_BATCH,
+                kinds: tuple | None = None) -> Iterator[Encoded]:
     """``items``' stored samples in the given order: tar samples ``batch`` at a time, parquet
     samples one row group at a time (consecutive items of one row group in one call: the reader
-    reads the whole group, so give the items in file order)."""
+    reads the whole group, so give the items in file order). ``kinds``: only these files
+    (:func:`~pccfast.data.readers.read_encoded`; default all)."""
     if batch < 1:
         raise ValueError(f"`batch` has to be >= 1 but is {batch}")
     chunk: list[Locator] = []
     for it in items:
         if chunk and (it.where[:2] != chunk[-1].where[:2] if source.layout == "parquet" else len(chunk) >= batch):
-            yield from read_encoded(source, chunk)
+            yield from read_encoded(source, chunk, kinds)
             chunk = []
         chunk.append(it)
     if chunk:
-        yield from read_encoded(source, chunk)
+        yield from read_encoded(source, chunk, kinds)
 
 
 def location(source: Source, item: Locator, member: str = "png") -> str:

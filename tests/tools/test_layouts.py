@@ -214,3 +214,23 @@ def test_one_line_errors_for_folders_that_are_no_dataset(data, tmp_path, capsys)
     assert evaluate_main([str(tmp_path / "nope"), data["gt"]["parquet"]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a folder" in err and err.count("\n") == 1
+
+
+def test_read_encoded_kinds_reads_only_the_files_asked_for(data):
+    """What inspect's statistics and evaluate read: the masks (and records) only, the same bytes;
+    every file by default."""
+    from pccfast.data.readers import open_source, read_encoded
+
+    full = {}
+    for lay, p in data["gt"].items():
+        source = open_source(p)
+        every = read_encoded(source, source.items)
+        masks = read_encoded(source, source.items, kinds=("mask",))
+        assert [set(e.files) for e in masks] == [{"mask"}] * N_GT, lay
+        assert {"image", "mask"} <= set(every[0].files) and "blocky" in every[0].files, lay
+        assert [e.files["mask"] for e in masks] == [e.files["mask"] for e in every], lay
+        assert [e.record for e in masks] == [e.record for e in every], lay
+        full[lay] = [e.files for e in every]
+        with pytest.raises(ValueError, match=r"`kinds` has to name files of .* but names \['png'\]"):
+            read_encoded(source, source.items[:1], kinds=("png",))
+    assert full["webdataset"] == full["voc"] == full["parquet"]
