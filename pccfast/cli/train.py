@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--crop", type=positive_int, default=None, metavar="PX",
                    help="square training crop side (default: the preset's)")
     r.add_argument("--lr", type=_positive_float, default=None, metavar="X",
-                   help="base learning rate of the poly schedule (default: the preset's)")
+                   help="base learning rate of the poly schedule, which ends at the preset's floor (syntagen 1e-4; 0 for "
+                   "a smaller --lr) (default: the preset's)")
     r.add_argument("--max-pairs", type=positive_int, default=None, metavar="N",
                    help="train on at most the first N pairs by id (default: the preset's; syntagen 10,000)")
     r.add_argument("--ema-decay", type=_fraction, default=None, metavar="D",
@@ -126,15 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace):
-    cfg = preset(args.preset, arch=args.arch, iters=args.iters, batch=args.batch, crop=args.crop, lr=args.lr,
+    base = PRESETS[args.preset]
+    # the schedule's floor stays the preset's (as mmsegmentation's eta_min), or 0 under a smaller --lr
+    min_lr = 0.0 if args.lr is not None and args.lr < base.min_lr else None
+    cfg = preset(args.preset, min_lr=min_lr, arch=args.arch, iters=args.iters, batch=args.batch, crop=args.crop, lr=args.lr,
                  max_pairs=args.max_pairs, ema_decay=args.ema_decay, bn_momentum=args.bn_momentum, seed=args.seed, eval_every=args.eval_every,
                  checkpoint_every=args.checkpoint_every, log_every=args.log_every)
     if args.scale_range is not None:
         cfg = cfg.replace(scale_min=args.scale_range[0], scale_max=args.scale_range[1])
     if args.no_amp:
         cfg = cfg.replace(amp=False)
-    if args.lr is not None and cfg.min_lr > cfg.lr:
-        cfg = cfg.replace(min_lr=0.0)
     return cfg
 
 

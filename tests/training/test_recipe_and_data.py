@@ -88,3 +88,13 @@ def test_samples_are_a_function_of_seed_and_position(tmp_path):
     assert first_pass == list(range(6)) and not torch.equal(a.order(0), a.order(1))
     c = TrainSamples(pairs, 21, crop=32, scale=(0.5, 2.0), flip=True, seed=6)
     assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_cli_lr_below_the_presets_floor_ends_at_zero():
+    """Regression: --lr under the syntagen floor (1e-4) was refused by the recipe's check."""
+    from pccfast.cli.train import _recipe, build_parser
+
+    cfg = _recipe(build_parser().parse_args(["d", "--out", "o", "--lr", "5e-5"]))
+    assert (cfg.lr, cfg.min_lr) == (5e-5, 0.0)
+    cfg = _recipe(build_parser().parse_args(["d", "--out", "o", "--lr", "0.05", "--scale-range", "1,2"]))
+    assert (cfg.lr, cfg.min_lr, cfg.scale_min, cfg.scale_max) == (0.05, 1e-4, 1.0, 2.0)
