@@ -223,16 +223,26 @@ class MaskSet:
         return {e.id: load_mask(io.BytesIO(e.files["mask"])) for e in read_packed(self.source, items, kinds=("mask",))}
 
 
+def _has_pngs(path: str) -> bool:
+    return os.path.isdir(path) and any(n.lower().endswith(".png") for n in os.listdir(path))
+
+
+def _packed(path: str) -> str | None:
+    """The packed layout of ``path``; None for a folder holding PNG masks itself (whatever else it holds)."""
+    return None if _has_pngs(path) else packed_layout(path)
+
+
 def masks_name(path: str) -> str:
     """How messages name the masks of ``path``: its mask folder, or ``PATH (webdataset dataset)``."""
-    layout = packed_layout(path)
+    layout = _packed(path)
     return mask_dir(path) if layout is None else f"{path} ({layout} dataset)"
 
 
 def open_masks(path: str) -> MaskSet:
     """The masks of ``path``: a tar or parquet dataset's committed samples, else the PNG files of
-    :func:`mask_dir` ``(path)``. ValueError (one line) for a missing folder or an empty dataset."""
-    source = open_packed(path)
+    :func:`mask_dir` ``(path)`` (always for a folder that holds PNG files itself). ValueError
+    (one line) for a missing folder or an empty dataset."""
+    source = None if _packed(path) is None else open_packed(path)
     if source is not None:
         return MaskSet(masks_name(path), {it.id: it for it in source.items}, source)
     folder = mask_dir(path)

@@ -234,3 +234,14 @@ def test_read_encoded_kinds_reads_only_the_files_asked_for(data):
         with pytest.raises(ValueError, match=r"`kinds` has to name files of .* but names \['png'\]"):
             read_encoded(source, source.items[:1], kinds=("png",))
     assert full["webdataset"] == full["voc"] == full["parquet"]
+
+
+def test_a_folder_of_pngs_stays_a_folder_of_pngs(data, tmp_path):
+    """PNG masks in a folder that also has a data/ or shards/ folder (which would make it look
+    like a parquet or webdataset dataset) are scored as the PNG folder they are."""
+    plain = tmp_path / "masks"
+    shutil.copytree(os.path.join(data["pred"]["voc"], MASKS), plain)
+    (plain / "data").mkdir()
+    (plain / "shards").mkdir()
+    rep = evaluate_dirs(str(plain), data["gt"]["parquet"], VOC)
+    assert rep.n_images == N_GT and np.array_equal(rep.confusion, _reference(1, 0, range(N_GT)))
