@@ -5,6 +5,10 @@ Three ways to run the same UNet step (same inputs, same run):
 * ``plain``: diffusers' ``AttnProcessor2_0`` everywhere (no capture);
 * ``pccfast``: pccfast's fused capture processors (``pccfast.diffusion.capture.AttentionCapture``): class
   scores accumulated in place every step, head-wise PCA at the last step only;
+* ``pccfast + Dataset Diffusion``: the same capture with Dataset Diffusion's listener and
+  processors as well (``pccfast.diffusion.dd_capture.DDCapture``: the half-grid self-attention
+  probabilities summed into one (N2, N2) buffer per image, the quarter-grid class-prompt
+  scores), i.e. both labellers' inputs (``--labeler fused``);
 * ``reference-style``: hooks the way the reference does it: every attention layer's
   probabilities recomputed explicitly (softmax(QK^T) materialised), the unconditional queries
   of every cross-attention and the per-head outputs of every up-block self-attention copied to
@@ -139,6 +143,25 @@ def main(argv=None) -> int:
                 cap.on_step_end(None, i, None, {})
         return cap
 
+    dd_embeds = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to(device)  # padded class prompt
+    dd_classes = torch.full((1, 77), -1, dtype=torch.long)
+    dd_classes[0, 1:args.tokens - 1] = torch.arange(1, args.tokens - 1)  # one token per class, SoT/EoT/padding dropped
+
+    def run_both(steps=args.steps, total=None):
+        from pccfast.core.dd import DDConfig
+        from pccfast.diffusion.dd_capture import DDCapture, DDClassPrompt
+
+        prompt = DDClassPrompt(dd_embeds, dd_classes.to(device), [""])
+        dd = DDCapture(unet, prompt, 21, total or steps, (args.latent, args.latent), DDConfig(),
+                       listened_layers=self_attention_layers(unet))
+        cap = AttentionCapture(unet, class_embeds, class_mask, total or steps, (args.latent, args.latent),
+                               listeners=(dd,))
+        with cap, dd:
+            for i in range(steps):
+                unet(lat, ts[i % len(ts)].to(device), encoder_hidden_states=ctx)
+                cap.on_step_end(None, i, None, {})
+        return cap, dd
+
     def run_reference(steps=args.steps):
         store: dict = {}
         procs = dict(unet.attn_processors)
@@ -175,6 +198,8 @@ def main(argv=None) -> int:
         "plain": run_plain,
         "pccfast (steps before the last)": lambda: run_pccfast(args.steps, args.steps + 1),
         "pccfast (whole run, last step included)": run_pccfast,
+        "pccfast + Dataset Diffusion (steps before the last)": lambda: run_both(args.steps, args.steps + 1),
+        "pccfast + Dataset Diffusion (whole run)": run_both,
         "reference-style": run_reference,
     }
     times = {k: [] for k in variants}
@@ -188,28 +213,36 @@ def main(argv=None) -> int:
                 fn()
                 sync(device)
                 times[name].append((time.perf_counter() - t0) / args.steps)
-        memory = {"steps": [], "pccfast": [], "reference-style": []}
+        memory = {"steps": [], "pccfast": [], "pccfast + Dataset Diffusion": [], "reference-style": []}
         for s in [int(x) for x in args.memory_steps.split(",")]:
             cap = run_pccfast(s)
             ref = run_reference(s)
             memory["steps"].append(s)
             memory["pccfast"].append(_nbytes(cap.class_maps) + _nbytes(cap.head_features))
+            both, dd = run_both(s)
+            memory["pccfast + Dataset Diffusion"].append(
+                _nbytes(both.class_maps) + _nbytes(both.head_features)
+                + _nbytes([dd.affinity_sum, dd.affinity_count, dd.class_sum, dd.class_count]))
             memory["reference-style"].append(_nbytes(ref))
     med = {k: statistics.median(v) for k, v in times.items()}
     # the last step's extra cost (PCA), amortised over the reference's 80 steps
     mid = med["pccfast (steps before the last)"]
     last_extra = (med["pccfast (whole run, last step included)"] - mid) * args.steps
     med["pccfast (80-step run, projected)"] = mid + last_extra / 80
+    mid_dd = med["pccfast + Dataset Diffusion (steps before the last)"]
+    last_dd = (med["pccfast + Dataset Diffusion (whole run)"] - mid_dd) * args.steps
+    med["pccfast + Dataset Diffusion (80-step run, projected)"] = mid_dd + last_dd / 80
     print(f"UNet: tiny SD 2.1 topology, latent {args.latent}x{args.latent}, {args.steps} steps, device {device}, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeats}\n")
     print("| variant | s / step | ratio to plain |")
     print("| --- | --- | --- |")
     for k in med:
         print(f"| {k} | {med[k]:.4f} | {med[k] / med['plain']:.3f}x |")
-    print("\n| steps | pccfast capture MiB | reference-style MiB |")
-    print("| --- | --- | --- |")
-    for s, a, b in zip(memory["steps"], memory["pccfast"], memory["reference-style"]):
-        print(f"| {s} | {a / 2**20:.2f} | {b / 2**20:.2f} |")
+    print("\n| steps | pccfast capture MiB | pccfast + Dataset Diffusion MiB | reference-style MiB |")
+    print("| --- | --- | --- | --- |")
+    for s, a, d, b in zip(memory["steps"], memory["pccfast"], memory["pccfast + Dataset Diffusion"],
+                          memory["reference-style"]):
+        print(f"| {s} | {a / 2**20:.2f} | {d / 2**20:.2f} | {b / 2**20:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seconds_per_step": med, "all": times, "memory_bytes": memory, "latent": args.latent,
