@@ -376,13 +376,14 @@ def dd_capture_for(adapter, class_names: list, label_set, num_steps: int, grid_h
     pipeline, the layers the adapter's PCC capture hooks listened to, own processors elsewhere.
 
     Raises:
-        ValueError: the model family has no UNet self-attention layers (``attn1``) to read.
+        ValueError: the model is not Stable Diffusion 1.x/2.x (SDXL's two text encoders, SD3's
+            and FLUX's joint attention are not covered).
     """
-    from pccfast.diffusion.adapters import UNetAdapter
+    from pccfast.diffusion.adapters import StableDiffusionAdapter
 
-    if not isinstance(adapter, UNetAdapter):
-        raise ValueError(f"the Dataset Diffusion labeller (`--labeler dd` or `fused`) needs a UNet model (Stable "
-                         f"Diffusion 1.x/2.x) but the model is of family {adapter.family!r}")
+    if not isinstance(adapter, StableDiffusionAdapter):  # one CLIP text encoder: the class prompt's keys
+        raise ValueError(f"the Dataset Diffusion labeller (`--labeler dd` or `fused`) needs a Stable Diffusion "
+                         f"1.x/2.x model but the model is of family {adapter.family!r}")
     ls = as_label_set(label_set)
     prompt = encode_dd_class_prompt(adapter.pipe, class_names, ls)
     return DDCapture(adapter.denoiser, prompt, ls.num_classes, num_steps, grid_hw, cfg, halves=halves,

@@ -259,3 +259,12 @@ def test_exceptions(tiny_pipe):
     dd = DDCapture(tiny_pipe.unet, prompt, 21, 3, (16, 16))
     with pytest.raises(RuntimeError, match=r"no self-attention layer at the half grid 8x8 was captured"):
         dd.affinity()
+
+
+def test_other_families_refused_in_one_line(tiny_pipe):
+    from pccfast.diffusion.adapters import StableDiffusionXLAdapter
+    from pccfast.diffusion.dd_capture import dd_capture_for
+
+    adapter = StableDiffusionXLAdapter(None, denoiser=tiny_pipe.unet)
+    with pytest.raises(ValueError, match=r"needs a Stable Diffusion 1.x/2.x model but the model is of family 'sdxl'"):
+        dd_capture_for(adapter, CLASSES, VOC, 3, (16, 16), DDConfig(), 2)
