@@ -37,7 +37,7 @@ from pccfast.core.resize import resize
 from pccfast.diffusion.processors import class_token_probs
 from pccfast.diffusion.tokens import tokens_to_classes
 
-__all__ = ["AttentionCapture", "assemble_class_attention", "unconditional_half", "cfg_heads"]
+__all__ = ["AttentionCapture", "assemble_class_attention", "check_capture_args", "unconditional_half", "cfg_heads"]
 
 
 def _check_batch(x: Tensor, batch: int, halves: int) -> None:
@@ -62,6 +62,20 @@ def cfg_heads(per_head: Tensor, batch: int, halves: int = 2) -> Tensor:
     _, heads, n, d = per_head.shape
     x = per_head.view(halves, batch, heads, n, d).transpose(0, 1)  # (B, halves, heads, N, d)
     return x.reshape(batch, halves * heads, n, d)  # (B, halves*heads, N, d)
+
+
+def check_capture_args(class_embeds: Tensor, class_mask: Tensor, num_steps: int, halves: int) -> None:
+    """What every capture takes: class_embeds (B, T, C) with class_mask (B, T), ``num_steps``
+    >= 1 denoiser calls, ``halves`` 1 or 2."""
+    if class_embeds.ndim != 3 or tuple(class_mask.shape) != tuple(class_embeds.shape[:2]):
+        raise ValueError(
+            f"`class_embeds` (B, T, C) and `class_mask` (B, T) have to agree but have shapes "
+            f"{tuple(class_embeds.shape)} and {tuple(class_mask.shape)}"
+        )
+    if num_steps < 1:
+        raise ValueError(f"`num_steps` has to be at least 1 but is {num_steps}")
+    if halves not in (1, 2):
+        raise ValueError(f"`halves` has to be 1 or 2 but is {halves}")
 
 
 class AttentionCapture:
@@ -91,15 +105,7 @@ class AttentionCapture:
 
     def __init__(self, unet, class_embeds: Tensor, class_mask: Tensor, num_steps: int, latent_hw,
                  cfg: Optional[PCCConfig] = None, *, adapter=None, halves: int = 2, grid_hw=None, listeners=()):
-        if class_embeds.ndim != 3 or class_mask.shape != class_embeds.shape[:2]:
-            raise ValueError(
-                f"`class_embeds` (B, T, C) and `class_mask` (B, T) have to agree but have shapes "
-                f"{tuple(class_embeds.shape)} and {tuple(class_mask.shape)}"
-            )
-        if num_steps < 1:
-            raise ValueError(f"`num_steps` has to be at least 1 but is {num_steps}")
-        if halves not in (1, 2):
-            raise ValueError(f"`halves` has to be 1 or 2 but is {halves}")
+        check_capture_args(class_embeds, class_mask, num_steps, halves)
         if adapter is None:
             from pccfast.diffusion.adapters import StableDiffusionAdapter
 

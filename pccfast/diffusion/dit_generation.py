@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import as_label_set
 from pccfast.diffusion.capture import assemble_class_attention
 from pccfast.diffusion.dit_text import encode_dit_class_texts
-from pccfast.diffusion.generation import CaptureOutput, compiled_unet
+from pccfast.diffusion.generation import (CaptureOutput, captured_images, check_batch, check_run, negative_texts,
+                                         running, seed_generators)
 from pccfast.diffusion.joint_capture import JointAttentionCapture, dit_family, parse_feature_blocks
 
 __all__ = ["generate_with_capture_dit", "dit_halves", "DIT_GRID_FACTOR"]
@@ -89,20 +88,11 @@ def generate_with_capture_dit(
         ``CaptureOutput``: images (B, 3, H, W) uint8, features (B, D, h, w) float32 with
         D = 3 * halves * heads * blocks, class_attention (B, K, h, w) float32, (h, w) = (H/16, W/16).
     """
-    b = len(prompts)
-    if b == 0:
-        raise ValueError("`prompts` has to hold at least one prompt but is empty")
-    if len(class_names) != b or len(seeds) != b:
-        raise ValueError(
-            f"`prompts`, `class_names` and `seeds` have to have the same length but have {b}, {len(class_names)} and {len(seeds)}"
-        )
+    b = check_batch(prompts, class_names, seeds)
     factor = _grid_factor(pipe)
     if height % factor or width % factor or height < factor or width < factor:
         raise ValueError(f"`height` and `width` have to be positive multiples of {factor} but are {height} and {width}")
-    if steps < 1:
-        raise ValueError(f"`steps` has to be at least 1 but is {steps}")
-    if compile is not False and compile is not True and not isinstance(compile, str):
-        raise TypeError(f"`compile` has to be a bool or a torch.compile backend name but is {type(compile).__name__}")
+    check_run(steps, compile)
     transformer = pipe.transformer
     family = dit_family(transformer)
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
@@ -110,36 +100,21 @@ def generate_with_capture_dit(
         if family == "flux":
             raise ValueError(f"`negative_prompt` is the text of the unconditional half, which a flux model does not "
                              f"have (no classifier-free guidance batch) but is {negative_prompt!r}")
-        texts = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(texts) != b or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"`negative_prompt` has to be a text or {b} texts (one per prompt) but is {negative_prompt!r}")
-        kwargs["negative_prompt"] = texts
+        kwargs["negative_prompt"] = negative_texts(negative_prompt, b)
     ls = as_label_set(label_set)
     device = pipe._execution_device
     grid_hw = (height // factor, width // factor)
     blocks = parse_feature_blocks(feature_blocks, transformer)
     embeds, mask, tok = encode_dit_class_texts(pipe, class_names, ls)
     halves = dit_halves(pipe, guidance)
-    seed_device = torch.device(generator_device) if generator_device is not None else device
-    generators = [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
+    generators = seed_generators(seeds, generator_device, device)
     capture = JointAttentionCapture(transformer, embeds, mask, steps, grid_hw, halves, blocks, cfg,
                                     reduce_after_step=bool(compile))
-    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
-    try:
-        if compile:
-            pipe.transformer = compiled_unet(transformer, "inductor" if compile is True else compile)
-        with capture:
-            out = pipe(prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
-                       guidance_scale=guidance, generator=generators, output_type="pt",
-                       callback_on_step_end=capture.on_step_end, **kwargs)
-    finally:
-        pipe._progress_bar_config = saved_bar
-        if pipe.transformer is not transformer:
-            pipe.transformer = transformer
-    if capture.step != capture.num_steps:
-        raise RuntimeError(f"the pipeline made {capture.step} denoising steps but {capture.num_steps} were expected")
-    images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
+    with running(pipe, "transformer", transformer, compile, progress), capture:
+        out = pipe(prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance, generator=generators, output_type="pt",
+                   callback_on_step_end=capture.on_step_end, **kwargs)
+    images = captured_images(capture, out.images)  # (B, 3, H, W) uint8
     features = capture.features()
     class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, grid_hw, (height, width))
     return CaptureOutput(images=images, features=features, class_attention=class_attention, halves=halves)

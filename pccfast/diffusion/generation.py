@@ -23,7 +23,8 @@ from pccfast.diffusion.adapters import adapter_for
 from pccfast.diffusion.capture import AttentionCapture, assemble_class_attention
 from pccfast.diffusion.schedulers import check_scheduler, make_scheduler, unet_calls
 
-__all__ = ["CaptureOutput", "generate_with_capture", "compiled_unet"]
+__all__ = ["CaptureOutput", "generate_with_capture", "compiled_unet", "check_batch", "check_run", "negative_texts",
+           "seed_generators", "running", "captured_images"]
 
 
 @dataclass
@@ -59,6 +60,67 @@ def compiled_unet(unet, backend: str = "inductor"):
     if backend not in per_backend:
         per_backend[backend] = torch.compile(unet, backend=backend)
     return per_backend[backend]
+
+
+def check_batch(prompts: list, class_names: list, seeds: list) -> int:
+    """The batch's size B; ``prompts``, ``class_names`` and ``seeds`` have to hold B >= 1 each."""
+    b = len(prompts)
+    if b == 0:
+        raise ValueError("`prompts` has to hold at least one prompt but is empty")
+    if len(class_names) != b or len(seeds) != b:
+        raise ValueError(
+            f"`prompts`, `class_names` and `seeds` have to have the same length but have {b}, {len(class_names)} and {len(seeds)}"
+        )
+    return b
+
+
+def check_run(steps: int, compile) -> None:
+    """``steps`` >= 1 and ``compile`` a bool or a torch.compile backend name."""
+    if steps < 1:
+        raise ValueError(f"`steps` has to be at least 1 but is {steps}")
+    if compile is not False and compile is not True and not isinstance(compile, str):
+        raise TypeError(f"`compile` has to be a bool or a torch.compile backend name but is {type(compile).__name__}")
+
+
+def negative_texts(negative_prompt, b: int) -> Optional[list]:
+    """``negative_prompt`` (None, one text, or B texts) as B texts, or None."""
+    if negative_prompt is None:
+        return None
+    texts = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(texts) != b or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"`negative_prompt` has to be a text or {b} texts (one per prompt) but is {negative_prompt!r}")
+    return texts
+
+
+def seed_generators(seeds: list, generator_device, device) -> list:
+    """One generator per image, seeded with its seed, on ``generator_device`` (default ``device``)."""
+    seed_device = torch.device(generator_device) if generator_device is not None else device
+    return [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
+
+
+@contextlib.contextmanager
+def running(pipe, attr: str, model, compile, progress: bool):
+    """The pipeline call's surroundings: its progress bar shown or not, and ``pipe.<attr>``
+    (the UNet or transformer ``model``) replaced by its compiled version with ``compile``;
+    both restored afterwards."""
+    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
+    try:
+        if compile:
+            setattr(pipe, attr, compiled_unet(model, "inductor" if compile is True else compile))
+        yield
+    finally:
+        pipe._progress_bar_config = saved_bar
+        if getattr(pipe, attr) is not model:
+            setattr(pipe, attr, model)
+
+
+def captured_images(capture, images: Tensor) -> Tensor:
+    """The pipeline's float images (B, 3, H, W) in [0, 1] as uint8, once the capture saw every
+    denoiser call it expected."""
+    if capture.step != capture.num_steps:
+        raise RuntimeError(f"the pipeline made {capture.step} denoising steps but {capture.num_steps} were expected")
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
 
 
 def generate_with_capture(
@@ -120,20 +182,11 @@ def generate_with_capture(
         class_attention (B, K, h, w) float32, with (h, w) = the adapter's labelling grid (the
         latent size H/8 x W/8 for SD 1/2, half of it for SDXL), and the guidance ``halves``.
     """
-    b = len(prompts)
-    if b == 0:
-        raise ValueError("`prompts` has to hold at least one prompt but is empty")
-    if len(class_names) != b or len(seeds) != b:
-        raise ValueError(
-            f"`prompts`, `class_names` and `seeds` have to have the same length but have {b}, {len(class_names)} and {len(seeds)}"
-        )
+    b = check_batch(prompts, class_names, seeds)
     if not guidance >= 0.0:
         raise ValueError(f"`guidance` has to be at least 0 but is {guidance}")
     check_scheduler(scheduler)
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        negative_prompt = list(negative_prompt)
-        if len(negative_prompt) != b or not all(isinstance(n, str) for n in negative_prompt):
-            raise ValueError(f"`negative_prompt` has to be a text or {b} texts (one per prompt) but is {negative_prompt!r}")
+    texts = negative_texts(negative_prompt, b)
     adapter = adapter_for(pipe)
     adapter.check_size(height, width)
     if getattr(adapter, "has_own_capture", False):  # SD3, FLUX: the joint-attention capture (dit_adapters)
@@ -144,24 +197,20 @@ def generate_with_capture(
     if feature_blocks not in (None, "default"):
         raise ValueError(f"`feature_blocks` chooses blocks of a diffusion transformer (SD3, FLUX) but is "
                          f"{feature_blocks!r} for a {adapter.family} model")
-    if steps < 1:
-        raise ValueError(f"`steps` has to be at least 1 but is {steps}")
-    if compile is not False and compile is not True and not isinstance(compile, str):
-        raise TypeError(f"`compile` has to be a bool or a torch.compile backend name but is {type(compile).__name__}")
+    check_run(steps, compile)
     ls = as_label_set(label_set)
     device = pipe._execution_device
     unet = adapter.denoiser
     adapter = type(adapter)(pipe, denoiser=unet)  # the eager UNet, also while a compiled one runs
     latent_hw, grid_hw = adapter.latent_hw(height, width), adapter.grid_hw(height, width)
     embeds, mask, tok = adapter.encode_class_texts(class_names, ls)
-    seed_device = torch.device(generator_device) if generator_device is not None else device
-    generators = [torch.Generator(device=seed_device).manual_seed(int(s)) for s in seeds]
+    generators = seed_generators(seeds, generator_device, device)
     sampler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, pipe.scheduler)
     num_calls = _count_unet_calls(sampler, steps, device)  # from the scheduler: some call more than once per step
     halves = adapter.halves(guidance)
     extra = dict(adapter.call_kwargs(height, width))
-    if negative_prompt is not None:
-        extra["negative_prompt"] = [negative_prompt] * b if isinstance(negative_prompt, str) else negative_prompt
+    if texts is not None:
+        extra["negative_prompt"] = texts
     dd_capture = None
     if dd is not None:
         from pccfast.diffusion.dd_capture import dd_capture_for
@@ -170,14 +219,11 @@ def generate_with_capture(
     capture = AttentionCapture(unet, embeds, mask, num_calls, latent_hw, cfg,
                                adapter=adapter, halves=halves, grid_hw=grid_hw,
                                listeners=() if dd_capture is None else (dd_capture,))
-    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(**{**saved_bar, "disable": not progress})
     own_scheduler = pipe.scheduler
     try:
         pipe.scheduler = sampler
-        if compile:
-            pipe.unet = compiled_unet(unet, "inductor" if compile is True else compile)
-        with capture, (dd_capture if dd_capture is not None else contextlib.nullcontext()):
+        with running(pipe, "unet", unet, compile, progress), capture, (
+                dd_capture if dd_capture is not None else contextlib.nullcontext()):
             out = pipe(
                 prompt=list(prompts),
                 height=height,
@@ -191,12 +237,7 @@ def generate_with_capture(
             )
     finally:
         pipe.scheduler = own_scheduler
-        pipe._progress_bar_config = saved_bar
-        if pipe.unet is not unet:
-            pipe.unet = unet
-    if capture.step != capture.num_steps:
-        raise RuntimeError(f"the pipeline made {capture.step} denoising steps but {capture.num_steps} were expected")
-    images = (out.images * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
+    images = captured_images(capture, out.images)  # (B, 3, H, W) uint8
     features = capture.features()
     class_attention = assemble_class_attention(capture.token_maps(), tok.classes, ls.num_classes, grid_hw, (height, width))
     if dd_capture is None:

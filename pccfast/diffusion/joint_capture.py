@@ -54,6 +54,7 @@ from torch import Tensor
 
 from pccfast.core.config import PCCConfig
 from pccfast.core.pca import grouped_headwise_features
+from pccfast.diffusion.capture import check_capture_args
 
 __all__ = [
     "JointAttentionCapture",
@@ -333,15 +334,7 @@ class JointAttentionCapture:
 
     def __init__(self, transformer, class_embeds: Tensor, class_mask: Tensor, num_steps: int, grid_hw, halves: int,
                  blocks: list, cfg: Optional[PCCConfig] = None, reduce_after_step: bool = False):
-        if class_embeds.ndim != 3 or tuple(class_mask.shape) != tuple(class_embeds.shape[:2]):
-            raise ValueError(
-                f"`class_embeds` (B, T, C) and `class_mask` (B, T) have to agree but have shapes "
-                f"{tuple(class_embeds.shape)} and {tuple(class_mask.shape)}"
-            )
-        if num_steps < 1:
-            raise ValueError(f"`num_steps` has to be at least 1 but is {num_steps}")
-        if halves not in (1, 2):
-            raise ValueError(f"`halves` has to be 1 or 2 but is {halves}")
+        check_capture_args(class_embeds, class_mask, num_steps, halves)
         self.transformer, self.family = transformer, dit_family(transformer)
         self.class_embeds, self.class_mask = class_embeds, class_mask.bool()
         self.batch, self.halves = class_embeds.shape[0], int(halves)
