@@ -7,12 +7,13 @@ tensors through it, so the messages read the same everywhere.
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_tensor", "local_generator", "cpu_tuned", "device_code_paths"]
+__all__ = ["check_tensor", "check_pair", "local_generator", "cpu_tuned", "device_code_paths"]
 
 _DEVICE_PATHS = False  # device_code_paths() in force
 
@@ -96,6 +97,19 @@ def check_tensor(
         if bad:
             raise ValueError(f"`{name}` has to be finite but holds {bad} NaN or inf values")
     return x
+
+
+def check_pair(value: object, name: str) -> tuple[int, int]:
+    """``value`` as an (h, w) pair of positive ints (not bools), else a ValueError naming ``name``."""
+    try:
+        if isinstance(value, bool) or len(value) != 2 or any(isinstance(v, bool) for v in value):
+            raise TypeError
+        h, w = operator.index(value[0]), operator.index(value[1])
+    except TypeError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ValueError(f"`{name}` has to be a pair of positive ints (h, w) but is {value!r}")
+    return h, w
 
 
 def local_generator(

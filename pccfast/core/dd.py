@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pccfast.core.checks import check_tensor
+from pccfast.core.checks import check_pair, check_tensor
 from pccfast.core.config import PCCConfig
 from pccfast.core.labelset import LabelSet
 from pccfast.core.resize import resize
@@ -113,18 +113,6 @@ class DDConfig:
         return half, quarter
 
 
-def _pair(value: object, name: str) -> tuple[int, int]:
-    try:
-        if isinstance(value, bool) or len(value) != 2 or any(isinstance(v, bool) for v in value):
-            raise TypeError
-        h, w = operator.index(value[0]), operator.index(value[1])
-    except TypeError:
-        h = w = 0
-    if h < 1 or w < 1:
-        raise ValueError(f"`{name}` has to be a pair of positive ints (h, w) but is {value!r}")
-    return h, w
-
-
 def propagate(affinity: Tensor, maps: Tensor, power: int) -> Tensor:
     """``A^power @ maps``, as ``power`` batched products (A is never raised to the power).
 
@@ -157,7 +145,7 @@ def _check(affinity: Tensor, class_maps: Tensor, cfg: DDConfig, affinity_hw) -> 
     if affinity_hw is None:
         f = cfg.class_scale // cfg.affinity_scale
         affinity_hw = (h4 * f, w4 * f)
-    h2, w2 = _pair(affinity_hw, "affinity_hw")
+    h2, w2 = check_pair(affinity_hw, "affinity_hw")
     if tuple(affinity.shape[1:]) != (h2 * w2, h2 * w2):
         raise ValueError(f"`affinity` has to be (B, N2, N2) with N2 = {h2}*{w2} = {h2 * w2} (the half grid of "
                          f"`class_maps` {h4}x{w4}) but has shape {tuple(affinity.shape)}")
@@ -221,7 +209,7 @@ def dd_masks(
     """
     cfg = cfg or DDConfig()
     h2, w2 = _check(affinity, class_maps, cfg, affinity_hw)
-    big_h, big_w = _pair(image_hw, "image_hw")
+    big_h, big_w = check_pair(image_hw, "image_hw")
     b, k = class_maps.shape[:2]
     check_tensor(present, "present", 2, batch=b)
     if present.dtype != torch.bool:

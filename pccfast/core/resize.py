@@ -22,14 +22,13 @@ Two details keep them so:
 """
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
 from kornia.geometry.transform import resize as _kornia_resize
 from torch import Tensor
 
-from pccfast.core.checks import check_tensor
+from pccfast.core.checks import check_pair, check_tensor
 
 __all__ = ["resize", "MODES"]
 
@@ -45,14 +44,9 @@ def _check(x: object, size: object, mode: object) -> tuple[int, int]:
         raise ValueError(f"`x` has to have H and W of at least 1 but has shape {tuple(x.shape)}")
     if mode not in MODES:
         raise ValueError(f"`mode` has to be one of {MODES} but is {mode!r}")
-    try:
-        if not isinstance(size, Sequence) or len(size) != 2 or any(isinstance(s, bool) for s in size):
-            raise TypeError
-        h, w = operator.index(size[0]), operator.index(size[1])
-    except TypeError:
-        h = w = 0
-    if h < 1 or w < 1:
+    if not isinstance(size, Sequence):
         raise ValueError(f"`size` has to be a pair of positive ints (h, w) but is {size!r}")
+    h, w = check_pair(size, "size")
     if x.is_complex():
         raise TypeError(f"`x` has to be a real tensor but has dtype {x.dtype}")
     if mode == "bilinear" and not (x.is_floating_point() or x.dtype == torch.uint8):
