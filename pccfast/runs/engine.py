@@ -24,6 +24,7 @@ A step is built by a factory ``make_step(device) -> Step`` (picklable for Ray, e
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -152,6 +153,18 @@ def _written(step: Step, prepared: Prepared, result) -> tuple[list, list]:
         return step.write(prepared, result)
     except Exception as exc:
         return [], [(e.id, f"{e.id}: cannot write: {one_line(exc)}") for e in prepared.items]
+
+
+@contextlib.contextmanager
+def _device_lost_is_fatal():
+    """A fatal device error raised inside becomes the run's one-line RunError; others pass."""
+    try:
+        yield
+    except Exception as exc:
+        if fatal_device_error(exc):
+            raise RunError(f"{one_line(exc)}; the device cannot be used any more: finished work is kept, "
+                           "run the same command again to resume") from exc
+        raise
 
 
 def _finished(step: Step, prepared: Prepared, result):
@@ -303,29 +316,17 @@ def run_local(
         sink.settle(*_written(step, prepared, result))
         return None
 
-    def device_lost(exc: BaseException) -> RunError:
-        return RunError(f"{one_line(exc)}; the device cannot be used any more: finished work is kept, "
-                        "run the same command again to resume")
-
     def collect(oldest_only: bool) -> None:
         """Wait for the writer's oldest batch (or all of them); retry a batch whose finish failed."""
         while writing:
-            try:
+            with _device_lost_is_fatal():
                 failed = writing.popleft().result()  # (raises what the writer could not handle)
-            except Exception as exc:
-                if fatal_device_error(exc):
-                    raise device_lost(exc) from exc
-                raise
             if failed is not None:  # in line, once the writer has nothing else in hand
                 collect(oldest_only=False)
                 prepared, exc = failed
                 report.retried += len(prepared.items) > 1
-                try:
+                with _device_lost_is_fatal():
                     sink.settle(*_retried(step, prepared, exc)[:2])
-                except Exception as again:
-                    if fatal_device_error(again):
-                        raise device_lost(again) from again
-                    raise
             if oldest_only:
                 return
 
@@ -334,12 +335,8 @@ def run_local(
             sink.failed(prepared.failures)
             if not prepared.items:
                 continue
-            try:
+            with _device_lost_is_fatal():
                 result, retried = _process(step, prepared, finish=writer is None)
-            except Exception as exc:
-                if fatal_device_error(exc):
-                    raise device_lost(exc) from exc
-                raise
             if retried is not None:
                 report.retried += len(prepared.items) > 1
                 sink.settle(*retried[:2])
