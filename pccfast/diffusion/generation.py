@@ -39,11 +39,6 @@ class CaptureOutput:
     dd_class_attention: Optional[Tensor] = None  # (B, K, h4, w4) float32 with ``dd``: its class maps
 
 
-def _count_unet_calls(scheduler, steps: int, device) -> int:
-    """UNet calls of a run with ``steps`` inference steps (PNDM makes one more), on a copy."""
-    return unet_calls(scheduler, steps, device)
-
-
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # unet -> {backend: compiled unet}
 
 
@@ -206,7 +201,7 @@ def generate_with_capture(
     embeds, mask, tok = adapter.encode_class_texts(class_names, ls)
     generators = seed_generators(seeds, generator_device, device)
     sampler = pipe.scheduler if scheduler is None else make_scheduler(scheduler, pipe.scheduler)
-    num_calls = _count_unet_calls(sampler, steps, device)  # from the scheduler: some call more than once per step
+    num_calls = unet_calls(sampler, steps, device)  # from the scheduler: some call more than once per step
     halves = adapter.halves(guidance)
     extra = dict(adapter.call_kwargs(height, width))
     if texts is not None:
